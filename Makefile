@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format typecheck mypy bench clean all
+
+all: lint typecheck test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m phonon_cli.demo
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check phonon_cli tests
+	$(BIN)/ruff format --check phonon_cli tests
+
+format: $(STAMP)
+	$(BIN)/ruff format phonon_cli tests
+	$(BIN)/ruff check --fix phonon_cli tests
+
+typecheck mypy: $(STAMP)
+	$(BIN)/mypy phonon_cli
+
+clean:
+	rm -rf $(VENV) .phonon build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""Every tunable, with its unit. Names carry the unit too."""
+
+from __future__ import annotations
+
+NAMESPACE = "phonon"
+"""Prefix of every Redis key."""
+
+HOME = ".phonon"
+"""Directory of the embedded Redis server (socket, data file), unless PHONON_HOME says."""
+
+HEARTBEAT_INTERVAL_S = 10.0
+"""Seconds between heartbeats. A process silent for three intervals counts as dead."""
+
+DEAD_AFTER_HEARTBEATS = 3
+"""Missed heartbeats after which a process counts as dead."""
+
+LOCK_TTL_MS = 30_000
+"""Milliseconds after which a lock whose owner vanished expires."""
+
+LOCK_TIMEOUT_S = 10.0
+"""Seconds a blocking lock waits before raising ``AlreadyLocked``."""
+
+LOCK_POLL_S = 0.005
+"""First wait between attempts on a contended lock, in seconds (doubles up to 0.1)."""
+
+SOFT_SESSION_S = 15 * 60.0
+"""Seconds a key may stay idle in the cache before its session ends."""
+
+HARD_SESSION_S = 30 * 60.0
+"""Seconds since a key's first event after which its session ends regardless."""
+
+MAX_ENTRIES = 10_000
+"""Keys one worker's LRU cache holds."""
+
+BATCH_MAX_KEYS = 1_000
+"""Keys per batched acquire/release script call."""
+
+BATCH_MAX_AGE_S = 0.05
+"""Seconds a batch may wait before it is sent, even if not full."""
+
+EXECUTE_ATTEMPTS = 3
+"""Attempts at an ``execute`` before its aggregate is cached back in Redis."""
+
+EXECUTE_BACKOFF_S = 0.2
+"""Seconds before the first retry of a failed ``execute``; doubles each attempt."""
+
+RECOVERY_LOCK_TTL_S = 60
+"""Seconds the recovery maintenance lock lives if its holder dies mid-recovery."""
+
+CONNECT_ATTEMPTS = 3
+"""Attempts to reach Redis before giving up with exit code 3."""
+
+EMBEDDED_START_TIMEOUT_S = 10.0
+"""Seconds to wait for the embedded Redis server to accept connections."""

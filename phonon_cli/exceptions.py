@@ -1,0 +1,47 @@
+"""phonon's exceptions. The library raises these; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class PhononError(Exception):
+    """Root of every error phonon raises on purpose."""
+
+
+class ConfigError(PhononError):
+    """A config file is invalid. Carries the file and the key at fault."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        where = ": ".join(p for p in (path, key) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class StoreUnavailable(PhononError):
+    """Redis cannot be reached. The message names the URL without its password."""
+
+
+class LockError(PhononError):
+    def __init__(self, message: str, *, lock_name: str | None = None) -> None:
+        self.lock_name = lock_name
+        super().__init__(message)
+
+
+class AlreadyLocked(LockError):
+    """The lock is held by someone else (and we did not, or could no longer, wait)."""
+
+
+class LockNotOwned(LockError):
+    """Releasing or extending a lock that expired or belongs to someone else."""
+
+
+class SerializationError(PhononError):
+    """State could not be turned into JSON, or JSON back into state."""
+
+
+class SourceError(PhononError):
+    """An event source cannot be opened or read."""
+
+
+class SinkError(PhononError):
+    """A sink cannot write (after its retries)."""

