@@ -150,3 +150,29 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Callable[[Process], object]:
             yield counted
 
     return counting
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """PHONON_TEST_POSTGRES_URL, with a fresh schema per test (dropped afterwards).
+
+    The URL handed to the test sets ``search_path`` to that schema via libpq's
+    ``options``, so tables the test creates never collide with another run's.
+    """
+    url = os.environ.get("PHONON_TEST_POSTGRES_URL")
+    if not url:
+        missing_service("PHONON_TEST_POSTGRES_URL is not set")
+    try:
+        import psycopg
+    except ImportError:
+        missing_service("psycopg is not installed (pip install .[postgres])")
+    schema = f"phonon_test_{secrets.token_hex(4)}"
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:  # type: ignore[arg-type]
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+    except psycopg.OperationalError as e:
+        missing_service(f"PHONON_TEST_POSTGRES_URL unreachable: {e}")
+    sep = "&" if "?" in url else "?"  # type: ignore[operator]
+    yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(url, autocommit=True) as conn:  # type: ignore[arg-type]
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
