@@ -45,3 +45,8 @@ class SourceError(PhononError):
 
 class SinkError(PhononError):
     """A sink cannot write (after its retries)."""
+
+
+class EventError(PhononError):
+    """An event that cannot be routed (a missing field, a doc value that is not a
+    number). Its message is the reason written to the dead-letter file."""

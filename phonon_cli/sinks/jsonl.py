@@ -1,0 +1,92 @@
+"""``Lines``: one JSON object per executed key, to stdout or appended to a file.
+
+For piping aggregates into other tools, or for looking at what a config would
+write before pointing it at a database. The output is data, so it goes to
+stdout (``database = "-"`` or unset); everything else phonon says goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+import orjson
+
+from ..exceptions import SinkError
+from ..update import ConflictFreeUpdate, Failures, Update
+
+_write_lock = threading.Lock()
+"""One writer at a time in this process: the run loop and the heartbeat thread
+(executing recovered partials) must not interleave half-lines."""
+
+
+def line(update: Update) -> bytes:
+    """The JSON line written for an executed update."""
+    try:
+        return orjson.dumps(
+            {"id": update._id, "collection": update.collection, "spec": update.spec,
+             "doc": update.doc},
+            option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE,
+        )
+    except TypeError as e:
+        raise SinkError(f"{update.resource}: not JSON: {e}") from e
+
+
+def _append(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    # Unbuffered, O_APPEND: each write lands at the end even with other worker
+    # processes appending to the same file; loop in case the OS writes part of it.
+    with open(path, "ab", buffering=0) as f:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view) or 0:]
+
+
+class Lines(ConflictFreeUpdate):
+    """Writes ``{"id", "collection", "spec", "doc"}`` per executed key, one per line.
+
+    ``database`` is ``"-"`` or None for stdout, else a file path (parent
+    directories are created). A batch is one write and one flush.
+    """
+
+    def execute(self) -> None:
+        failures = type(self).execute_many([self])
+        if failures:
+            raise failures[0][1]
+
+    @classmethod
+    def execute_many(cls, updates: Sequence[Update]) -> Failures:
+        """Write each target's lines at once; if that write fails, so did its batch."""
+        failures: Failures = []
+        targets: dict[str, list[bytes]] = {}
+        owners: dict[str, list[Update]] = {}
+        for u in updates:
+            target = "-" if u.database in (None, "-") else u.database
+            try:
+                if not isinstance(target, str) or not target:
+                    raise SinkError(f"{u.resource}: database {target!r} is not '-' or a path")
+                data = line(u)
+            except SinkError as e:
+                failures.append((u, e))
+                continue
+            targets.setdefault(target, []).append(data)
+            owners.setdefault(target, []).append(u)
+        for target, lines in targets.items():
+            data = b"".join(lines)
+            try:
+                with _write_lock:
+                    if target == "-":
+                        # Looked up now, not at import: the CLI and tests swap sys.stdout.
+                        sys.stdout.write(data.decode())
+                        sys.stdout.flush()
+                    else:
+                        _append(target, data)
+            except (OSError, ValueError) as e:
+                error = SinkError(f"{'stdout' if target == '-' else target}: cannot write: {e}")
+                error.__cause__ = e
+                failures += [(u, error) for u in owners[target]]
+        return failures

@@ -1,0 +1,408 @@
+"""``Counter``: sums per key, upserted into SQLite or PostgreSQL, a batch per transaction.
+
+Table = ``collection``; the spec keys are its primary key; each doc key is a
+numeric column added on first sight (``NOT NULL DEFAULT 0``). An executed key
+is one ``INSERT ... ON CONFLICT (spec) DO UPDATE SET c = cur.c + excluded.c``,
+so a row only ever grows by what was aggregated, whichever worker writes it.
+
+Doc keys come from event data (``{event_type}``), so every identifier is quoted
+(double quotes, inner quotes doubled) and NUL is refused: data can name a
+column, never write SQL. The schema is read once per connection and cached;
+a batch costs one ``executemany`` per table. After any failure the connection
+and its cache are dropped, since a rolled-back ``ALTER TABLE`` would otherwise
+leave the cache believing in a column that does not exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from ..exceptions import SinkError
+from ..update import ConflictFreeUpdate, Failures, Update
+from . import Database, discard, parse_database, thread_handle
+
+if TYPE_CHECKING:
+    from ..process import Process
+
+INT64 = 2**63
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # int | float | text | bool | other
+    pk: bool = False
+
+
+@dataclass
+class Handle:
+    """One thread's connection to one database, with what it knows of the schema."""
+
+    dialect: Dialect
+    conn: Any
+    tables: dict[str, dict[str, Column]] = field(default_factory=dict)
+    """Table -> folded column name -> column."""
+    commits: int = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Dialect:
+    """What differs between SQLite and PostgreSQL; the SQL itself is shared."""
+
+    types: ClassVar[dict[str, str]]
+    placeholder: ClassVar[str]
+
+    def fold(self, name: str) -> str:
+        """The name as the database compares it (SQLite ignores ASCII case)."""
+        return name
+
+    def quote(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    def check_name(self, name: object, what: str) -> str:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise SinkError(f"{what} {name!r} is not a valid SQL identifier (empty or NUL)")
+        return name
+
+    def open(self, db: Database) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[None]:
+        raise NotImplementedError
+        yield
+
+    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
+        raise NotImplementedError
+
+    def add_columns(self, conn: Any, table: str, cols: list[tuple[str, str]]) -> None:
+        for name, kind in cols:
+            conn.execute(f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
+                         f"{self.types[kind]} NOT NULL DEFAULT 0")
+
+    def widen(self, conn: Any, table: str, name: str) -> None:
+        """Make an integer doc column hold floats."""
+
+    def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
+        conn.executemany(sql, params)
+
+
+class SQLite(Dialect):
+    types: ClassVar[dict[str, str]] = {
+        "int": "INTEGER", "float": "REAL", "text": "TEXT", "bool": "INTEGER"}
+    placeholder: ClassVar[str] = "?"
+
+    def fold(self, name: str) -> str:
+        return name.translate(_ASCII_LOWER)
+
+    def open(self, db: Database) -> Any:
+        if sqlite3.sqlite_version_info < (3, 24, 0):
+            raise SinkError(f"{db.display}: SQLite {sqlite3.sqlite_version} has no UPSERT; "
+                            "3.24 or later is needed")
+        assert db.path is not None
+        parent = os.path.dirname(db.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        # Autocommit mode: transactions are our explicit BEGIN IMMEDIATE, which takes
+        # the write lock up front, so the busy timeout applies (a deferred BEGIN that
+        # upgrades later can fail at once with SQLITE_BUSY). WAL lets readers and
+        # several worker processes share the file. check_same_thread=False only so
+        # close_all() may close it from the main thread; only its owner writes.
+        conn = sqlite3.connect(db.path, timeout=Counter.sqlite_busy_timeout_s,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[None]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
+        cols = {}
+        for _, name, decl, _, _, pk in conn.execute(f"PRAGMA table_info({self.quote(table)})"):
+            decl = decl.upper()
+            kind = ("int" if "INT" in decl else
+                    "text" if any(t in decl for t in ("CHAR", "CLOB", "TEXT")) else
+                    "float" if any(t in decl for t in ("REAL", "FLOA", "DOUB")) else "other")
+            cols[self.fold(name)] = Column(name, kind, pk > 0)
+        return cols or None
+
+
+class PostgreSQL(Dialect):
+    types: ClassVar[dict[str, str]] = {
+        "int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT", "bool": "BOOLEAN"}
+    placeholder: ClassVar[str] = "%s"
+    kinds: ClassVar[dict[str, str]] = {
+        "bigint": "int", "integer": "int", "smallint": "int", "double precision": "float",
+        "real": "float", "numeric": "float", "text": "text", "boolean": "bool"}
+
+    def quote(self, name: str) -> str:
+        # psycopg reads % as a placeholder even inside a quoted identifier.
+        return super().quote(name).replace("%", "%%")
+
+    def check_name(self, name: object, what: str) -> str:
+        name = super().check_name(name, what)
+        if len(name.encode()) > 63:  # PostgreSQL would silently truncate it
+            raise SinkError(f"{what} {name!r} is longer than PostgreSQL's 63 bytes")
+        return name
+
+    def open(self, db: Database) -> Any:
+        try:
+            import psycopg
+        except ImportError as e:
+            raise SinkError(f"{db.display}: PostgreSQL needs psycopg: "
+                            "pip install 'phonon-cli[postgres]'") from e
+        extra = {} if "connect_timeout" in db.url else {"connect_timeout": 10}
+        return psycopg.connect(db.url, autocommit=True, **extra)  # type: ignore[arg-type]
+
+    @contextmanager
+    def transaction(self, conn: Any) -> Iterator[None]:
+        with conn.transaction():
+            yield
+
+    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
+        rows = conn.execute(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod),"
+            " COALESCE(a.attnum = ANY(i.indkey), false)"
+            " FROM pg_attribute a LEFT JOIN pg_index i"
+            " ON i.indrelid = a.attrelid AND i.indisprimary"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+            (Dialect.quote(self, table),)).fetchall()
+        return {name: Column(name, self.kinds.get(t, "other"), pk) for name, t, pk in rows} or None
+
+    def add_columns(self, conn: Any, table: str, cols: list[tuple[str, str]]) -> None:
+        # IF NOT EXISTS: another worker may add the same column between our read and now.
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {self.quote(n)} {self.types[k]} "
+                         "NOT NULL DEFAULT 0" for n, k in cols)
+        conn.execute(f"ALTER TABLE {self.quote(table)} {adds}")
+
+    def widen(self, conn: Any, table: str, name: str) -> None:
+        # Else a float summed into BIGINT would be rounded, silently.
+        conn.execute(f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} "
+                     "TYPE DOUBLE PRECISION")
+
+    def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(sql, params)  # pipelined by psycopg: no round trip per row
+
+
+DIALECTS: dict[str, Dialect] = {"sqlite": SQLite(), "postgresql": PostgreSQL()}
+
+
+def _kind(value: Any) -> str:
+    return ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
+            "float" if isinstance(value, float) else "text")
+
+
+@dataclass
+class Row:
+    """One executed update, checked and ready to write (names as given, not folded)."""
+
+    update: Update
+    table: str
+    spec: dict[str, Any]
+    doc: dict[str, int | float]
+
+
+def prepare(d: Dialect, update: Update) -> Row:
+    """Check an update's names and values before any SQL is sent.
+
+    Raises:
+        SinkError: no collection, no spec, a bad identifier, a null key, a non-number.
+    """
+    table = d.check_name(update.collection, "collection")
+    if not update.spec:
+        raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
+    spec: dict[str, Any] = {}
+    for k, v in update.spec.items():
+        d.check_name(k, f"{table}: spec key")
+        if v is None:
+            raise SinkError(f"{table}: spec {k!r} is null; a primary key cannot be")
+        spec[k] = orjson.dumps(v).decode() if isinstance(v, (dict, list)) else v
+    doc: dict[str, int | float] = {}
+    for k, v in update.doc.items():
+        d.check_name(k, f"{table}: doc key")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                isinstance(v, int) and not -INT64 <= v < INT64) or (
+                isinstance(v, float) and not math.isfinite(v)):
+            raise SinkError(f"{table}: doc {k!r}={v!r} is not a 64-bit integer or finite float")
+        doc[k] = v
+    spec_folded = {d.fold(k) for k in spec}
+    if any(d.fold(k) in spec_folded for k in doc):
+        raise SinkError(f"{table}: a doc key is also a spec key ({sorted(doc)} / {sorted(spec)})")
+    return Row(update, table, spec, doc)
+
+
+def _coerce(col: Column, value: Any, table: str) -> Any:
+    """A spec value as the existing key column stores it, so equal keys stay equal."""
+    if col.kind == "text":
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if col.kind == "int" and isinstance(value, int):
+        return int(value)
+    if col.kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if col.kind == "bool" and isinstance(value, bool) or col.kind == "other":
+        return value
+    raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {col.kind} column")
+
+
+def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
+    """Upsert rows into one table inside the caller's transaction; return rejected rows."""
+    d, conn = h.dialect, h.conn
+    cols = h.tables.get(table) or d.read(conn, table)
+    if cols is None:
+        first = rows[0]
+        defs = [f"{d.quote(k)} {d.types[_kind(v)]} NOT NULL" for k, v in first.spec.items()]
+        pk = ", ".join(d.quote(k) for k in first.spec)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {d.quote(table)} "
+                     f"({', '.join(defs)}, PRIMARY KEY ({pk}))")
+        cols = d.read(conn, table)
+        assert cols is not None
+    h.tables[table] = cols
+    keys = [f for f, c in cols.items() if c.pk]
+    failures: Failures = []
+    params: list[tuple[Any, ...]] = []
+    docs: list[dict[str, int | float]] = []
+    wanted: dict[str, tuple[str, str]] = {}  # folded doc column -> (name, int|float)
+    for row in rows:
+        try:
+            spec = {d.fold(k): v for k, v in row.spec.items()}
+            if set(spec) != set(keys):
+                raise SinkError(f"{table}: spec keys {sorted(row.spec)} do not match the "
+                                f"table's primary key {sorted(cols[k].name for k in keys)}")
+            key = tuple(_coerce(cols[k], spec[k], table) for k in keys)
+            doc: dict[str, int | float] = {}
+            for name, v in row.doc.items():
+                f = d.fold(name)
+                if f in cols and cols[f].kind not in ("int", "float"):
+                    raise SinkError(f"{table}: doc column {name!r} is not numeric")
+                doc[f] = doc.get(f, 0) + v
+                kind = "float" if isinstance(v, float) else "int"
+                if f not in wanted or kind == "float":
+                    wanted[f] = (wanted.get(f, (name, kind))[0], kind)
+        except SinkError as e:
+            failures.append((row.update, e))
+            continue
+        params.append(key)
+        docs.append(doc)
+    missing = [w for f, w in wanted.items() if f not in cols]
+    if missing:
+        cols = d.read(conn, table) or cols  # another worker may have added some meanwhile
+        missing = [w for f, w in wanted.items() if f not in cols]
+        d.add_columns(conn, table, missing)
+    for f, (_, kind) in wanted.items():
+        if kind == "float" and f in cols and cols[f].kind == "int":
+            d.widen(conn, table, cols[f].name)
+    if missing or any(k == "float" for _, k in wanted.values()):
+        cols = h.tables[table] = d.read(conn, table) or cols
+    if not params:
+        return failures
+    sums = list(wanted)
+    names = [cols[k].name for k in keys] + [cols[f].name for f in sums]
+    q = d.quote
+    sets = ", ".join(f"{q(cols[f].name)} = cur.{q(cols[f].name)} + excluded.{q(cols[f].name)}"
+                     for f in sums)
+    sql = (f"INSERT INTO {q(table)} AS cur ({', '.join(q(n) for n in names)}) "
+           f"VALUES ({', '.join([d.placeholder] * len(names))}) "
+           f"ON CONFLICT ({', '.join(q(cols[k].name) for k in keys)}) "
+           + (f"DO UPDATE SET {sets}" if sums else "DO NOTHING"))
+    full = [key + tuple(doc.get(f, 0) for f in sums) for key, doc in zip(params, docs, strict=True)]
+    # The same key order in every worker, so concurrent batches lock rows in one
+    # order and cannot deadlock each other.
+    full.sort(key=lambda p: repr(p[:len(keys)]))
+    d.executemany(conn, sql, full)
+    return failures
+
+
+def write(db: Database, updates: Sequence[Update]) -> Failures:
+    """Write a batch for one database in one transaction: all of it, or none of it."""
+    d = DIALECTS[db.kind]
+    failures: Failures = []
+    by_table: dict[str, list[Row]] = {}
+    for u in updates:
+        try:
+            row = prepare(d, u)
+        except SinkError as e:
+            failures.append((u, e))
+            continue
+        by_table.setdefault(row.table, []).append(row)
+    if not by_table:
+        return failures
+    try:
+        h = thread_handle(db.url, lambda: Handle(d, d.open(db)))
+        rejected: Failures = []
+        with d.transaction(h.conn):
+            for table in sorted(by_table):
+                rejected += write_table(h, table, by_table[table])
+        h.commits += 1
+    except Exception as e:  # noqa: BLE001 - the whole transaction failed: so did every row
+        discard(db.url)
+        error = SinkError(f"{db.display}: {type(e).__name__}: {e}".rstrip())
+        error.__cause__ = e
+        return failures + [(r.update, error) for rows in by_table.values() for r in rows]
+    return failures + rejected
+
+
+class Counter(ConflictFreeUpdate):
+    """Sums per key in a SQL table: ``database`` is ``sqlite:///PATH`` or ``postgresql://...``,
+    ``collection`` the table, ``spec`` its primary key, ``doc`` the numbers to add.
+
+    Raises:
+        SinkError: at construction, when the database URL, collection or spec is unusable
+            (better at the first event than at the first write, half an hour later).
+    """
+
+    sqlite_busy_timeout_s: ClassVar[float] = 5.0
+    """Seconds a SQLite write waits for another worker process's transaction to end."""
+
+    def __init__(self, process: Process, _id: Any, database: Any = None,
+                 collection: str | None = None, spec: dict[str, Any] | None = None,
+                 doc: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> None:
+        d = DIALECTS[parse_database(database).kind]
+        table = d.check_name(collection, "collection")
+        if not spec:
+            raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
+        super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)
+
+    def execute(self) -> None:
+        failures = type(self).execute_many([self])
+        if failures:
+            raise failures[0][1]
+
+    @classmethod
+    def execute_many(cls, updates: Sequence[Update]) -> Failures:
+        """One transaction per database; a failed transaction fails all its updates."""
+        failures: Failures = []
+        groups: dict[str, tuple[Database, list[Update]]] = {}
+        for u in updates:
+            try:
+                db = parse_database(u.database)
+            except SinkError as e:
+                failures.append((u, e))
+                continue
+            groups.setdefault(db.url, (db, []))[1].append(u)
+        for db, group in groups.values():
+            failures += write(db, group)
+        return failures
