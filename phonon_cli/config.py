@@ -31,7 +31,12 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 __all__ = [
-    "CacheConfig", "Config", "StoreConfig", "load_config", "parse_duration", "resolve_update",
+    "CacheConfig",
+    "Config",
+    "StoreConfig",
+    "load_config",
+    "parse_duration",
+    "resolve_update",
 ]
 
 # -- durations ------------------------------------------------------------------------
@@ -161,8 +166,15 @@ _TOP_KEYS = ("store", "cache", "routes")
 _STORE_KEYS = ("url", "namespace")
 _CACHE_KEYS = ("max_entries", "soft_session", "hard_session")
 _ROUTE_KEYS = (
-    "when", "update", "id", "collection", "database", "spec", "doc",
-    "soft_session", "hard_session",
+    "when",
+    "update",
+    "id",
+    "collection",
+    "database",
+    "spec",
+    "doc",
+    "soft_session",
+    "hard_session",
 )
 _URL_SCHEMES = ("redis", "rediss", "unix")
 

@@ -52,3 +52,15 @@ CONNECT_ATTEMPTS = 3
 
 EMBEDDED_START_TIMEOUT_S = 10.0
 """Seconds to wait for the embedded Redis server to accept connections."""
+
+MAX_LINE_BYTES = 1 << 20
+"""Bytes in one event line beyond which it is dead-lettered as too long."""
+
+PURGE_INTERVAL_S = 1.0
+"""Seconds between scans of the cache for expired sessions."""
+
+PROGRESS_INTERVAL_S = 0.5
+"""Seconds between redraws of the progress line (when stderr is a terminal)."""
+
+QUEUE_CHUNKS = 64
+"""Chunks of lines buffered between the source threads and the run loop."""

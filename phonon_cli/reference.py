@@ -57,16 +57,7 @@ def acquire_many(
     now = process.clock()
 
     def build(pipe: Pipeline) -> None:
-        pipe.sadd(process.keys.held(process.id), *resources)
-        for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
-            keys: list[str] = []
-            args: list[Any] = [process.id, now]
-            for resource, flag in zip(resources[start : start + defaults.BATCH_MAX_KEYS],
-                                      flags[start : start + defaults.BATCH_MAX_KEYS]):
-                rk = process.keys.resource(resource)
-                keys += [rk.nodes, rk.meta, rk.partials]
-                args.append("1" if flag else "0")
-            scripts.queue(pipe, scripts.ACQUIRE, keys, args)
+        _queue_acquire(pipe, process, resources, flags, now)
 
     out: list[tuple[str, list[str]] | None] = []
     for result in scripts.run(process.client, build)[1:]:
@@ -74,13 +65,32 @@ def acquire_many(
     return out
 
 
-def release_many(process: Process, releases: Sequence[Release]) -> list[Taken | None]:
-    """Leave many resources in one round trip per ``BATCH_MAX_KEYS``.
+def _queue_acquire(pipe: Pipeline, process: Process, resources: Sequence[str],
+                   absorb: Sequence[bool], now: int) -> None:
+    pipe.sadd(process.keys.held(process.id), *resources)
+    for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
+        keys: list[str] = []
+        args: list[Any] = [process.id, now]
+        for resource, flag in zip(resources[start : start + defaults.BATCH_MAX_KEYS],
+                                  absorb[start : start + defaults.BATCH_MAX_KEYS]):
+            rk = process.keys.resource(resource)
+            keys += [rk.nodes, rk.meta, rk.partials]
+            args.append("1" if flag else "0")
+        scripts.queue(pipe, scripts.ACQUIRE, keys, args)
 
-    Each is left atomically with its deposit (the invariant). Returns, per
-    resource, what was taken when this process was the last holder (or forced).
+
+def release_many(
+    process: Process, releases: Sequence[Release], acquire: Sequence[str] = ()
+) -> list[Taken | None]:
+    """Leave many resources (and take others) in one round trip.
+
+    Each is left atomically with its deposit (the invariant). ``acquire`` names
+    resources to take references on in the same round trip, after the
+    releases, so a key that left the cache and came back within one batch
+    ends up held. Returns, per release, what was taken when this process was
+    the last holder (or forced).
     """
-    if not releases:
+    if not releases and not acquire:
         return []
     now = process.clock()
     for rel in releases:
@@ -99,6 +109,8 @@ def release_many(process: Process, releases: Sequence[Release]) -> list[Taken | 
             scripts.queue(pipe, scripts.RELEASE, keys, args)
         if leaving:
             pipe.srem(process.keys.held(process.id), *leaving)
+        if acquire:
+            _queue_acquire(pipe, process, acquire, [False] * len(acquire), now)
 
     results = scripts.run(process.client, build)
     out: list[Taken | None] = []

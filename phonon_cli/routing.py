@@ -207,8 +207,10 @@ class Template:
     @property
     def is_whole_field(self) -> bool:
         """True for exactly ``"{field}"``: the only form that can yield a non-string."""
-        return isinstance(self.source, str) and len(self.fields) == 1 and (
-            self.source == "{" + self.fields[0] + "}"
+        return (
+            isinstance(self.source, str)
+            and len(self.fields) == 1
+            and (self.source == "{" + self.fields[0] + "}")
         )
 
     def __eq__(self, other: object) -> bool:

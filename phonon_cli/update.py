@@ -245,7 +245,8 @@ def acquire_updates(updates: Sequence[Update], init_cache: bool = False) -> None
             update.absorb(*got)
 
 
-def end_sessions(updates: Sequence[Update], mode: str | None = None) -> list[bool]:
+def end_sessions(updates: Sequence[Update], mode: str | None = None,
+                 acquire: Sequence[Update] = ()) -> list[bool]:
     """End many sessions at once; True where this process executed.
 
     One script call (per ``BATCH_MAX_KEYS``) leaves every resource, each either
@@ -256,28 +257,36 @@ def end_sessions(updates: Sequence[Update], mode: str | None = None) -> list[boo
     Args:
         mode: None to execute as last holder (or when forced), "cache" to deposit
             every partial regardless (fast shutdown).
+        acquire: updates built with ``acquire=False`` whose references to take in
+            the same round trip (all of one process).
     """
+    to_acquire = [u.resource for u in acquire]
     if not updates:
+        if acquire:
+            release_many(acquire[0].process, [], to_acquire)
         return []
     by_process: dict[int, list[int]] = defaultdict(list)
     for i, u in enumerate(updates):
         by_process[id(u.process)].append(i)
+    if acquire and id(acquire[0].process) not in by_process:
+        release_many(acquire[0].process, [], to_acquire)
     executed = [False] * len(updates)
-    for indexes in by_process.values():
+    for key, indexes in by_process.items():
         group = [updates[i] for i in indexes]
-        for i, done in zip(indexes, _end_sessions(group, mode)):
+        mine = to_acquire if acquire and id(acquire[0].process) == key else []
+        for i, done in zip(indexes, _end_sessions(group, mode, mine)):
             executed[i] = done
     return executed
 
 
-def _end_sessions(updates: Sequence[Update], mode: str | None) -> list[bool]:
+def _end_sessions(updates: Sequence[Update], mode: str | None, acquire: Sequence[str]) -> list[bool]:
     process = updates[0].process
     releases = [
         Release(u.resource, mode or ("force" if u._force else "end"), u.kind, u.recipe(),
                 u.payload())
         for u in updates
     ]
-    taken = release_many(process, releases)
+    taken = release_many(process, releases, acquire)
     ready = []
     for update, release, got in zip(updates, releases, taken):
         if got is None:

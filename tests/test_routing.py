@@ -45,8 +45,15 @@ def widget_route() -> Route:
 
 @pytest.mark.parametrize(
     ("value", "expected_type"),
-    [(12, int), (1.5, float), ("x", str), ({"k": [1, 2]}, dict), ([1], list), (True, bool),
-     (None, type(None))],
+    [
+        (12, int),
+        (1.5, float),
+        ("x", str),
+        ({"k": [1, 2]}, dict),
+        ([1], list),
+        (True, bool),
+        (None, type(None)),
+    ],
 )
 def test_whole_field_template_keeps_the_json_type(value: Any, expected_type: type) -> None:
     rendered = Template("{a}").render({"a": value})
@@ -70,8 +77,9 @@ def test_whole_field_template_keeps_the_json_type(value: Any, expected_type: typ
         ("no fields", {}, "no fields"),
     ],
 )
-def test_text_around_placeholders_makes_a_string(source: str, event: dict[str, Any],
-                                                 expected: str) -> None:
+def test_text_around_placeholders_makes_a_string(
+    source: str, event: dict[str, Any], expected: str
+) -> None:
     assert Template(source).render(event) == expected
     assert Template(source).text(event) == expected
 
@@ -109,8 +117,9 @@ def test_non_string_source_is_a_constant() -> None:
         ("{a.b}.{c}", {"a": {"b": 1}}, "c"),
     ],
 )
-def test_missing_field_raises_event_error_naming_it(source: str, event: dict[str, Any],
-                                                    missing: str) -> None:
+def test_missing_field_raises_event_error_naming_it(
+    source: str, event: dict[str, Any], missing: str
+) -> None:
     with pytest.raises(EventError) as info:
         Template(source).render(event)
     assert str(info.value) == f"missing field '{missing}'"
@@ -186,7 +195,9 @@ def test_when_filter(when: dict[str, Any], event: dict[str, Any], expected: bool
 def test_widget_route_builds_id_spec_and_doc() -> None:
     route = widget_route()
     assert route.build(WIDGET_EVENT) == (
-        "12.34", {"parent_post_id": 12, "target_post_id": 34}, {"clicks": 1}
+        "12.34",
+        {"parent_post_id": 12, "target_post_id": 34},
+        {"clicks": 1},
     )
 
 
@@ -203,7 +214,9 @@ def test_doc_value_template_yields_the_number() -> None:
 def test_spec_mixes_fields_and_constants() -> None:
     route = make_route(id="x", spec={"kind": "widget", "n": "{n}", "deep": "{a.b}", "one": 1})
     assert route.build({"n": 5, "a": {"b": "c"}}) == (
-        "x", {"kind": "widget", "n": 5, "deep": "c", "one": 1}, {}
+        "x",
+        {"kind": "widget", "n": 5, "deep": "c", "one": 1},
+        {},
     )
 
 
@@ -236,9 +249,7 @@ def test_missing_field_in_build_names_it(route: Route, missing: str) -> None:
 
 def test_doc_keys_that_render_alike_are_summed() -> None:
     route = make_route(id="x", doc={"{kind}": 1, "total": 2, "{other}": "{n}"})
-    assert route.build({"kind": "total", "other": "o", "n": 4}) == (
-        "x", {}, {"total": 3, "o": 4}
-    )
+    assert route.build({"kind": "total", "other": "o", "n": 4}) == ("x", {}, {"total": 3, "o": 4})
     assert route.build({"kind": "k", "other": "k", "n": 4}) == ("x", {}, {"k": 5, "total": 2})
 
 

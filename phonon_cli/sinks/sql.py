@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ..process import Process
 
 INT64 = 2**63
+MARK = "\x00"
+"""Placeholder in built SQL, swapped for the driver's: NUL is never in a name (``check_name``)."""
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
@@ -51,7 +53,6 @@ class Handle:
     conn: Any
     tables: dict[str, dict[str, Column]] = field(default_factory=dict)
     """Table -> folded column name -> column."""
-    commits: int = 0
 
     def close(self) -> None:
         self.conn.close()
@@ -61,7 +62,6 @@ class Dialect:
     """What differs between SQLite and PostgreSQL; the SQL itself is shared."""
 
     types: ClassVar[dict[str, str]]
-    placeholder: ClassVar[str]
 
     def fold(self, name: str) -> str:
         """The name as the database compares it (SQLite ignores ASCII case)."""
@@ -91,17 +91,20 @@ class Dialect:
             conn.execute(f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
                          f"{self.types[kind]} NOT NULL DEFAULT 0")
 
-    def widen(self, conn: Any, table: str, name: str) -> None:
-        """Make an integer doc column hold floats."""
+    def widen(self, conn: Any, table: str, name: str) -> bool:
+        """Make an integer doc column hold floats; True if the schema changed."""
+        return False  # SQLite's INTEGER affinity keeps a non-integral value as REAL
+
+    def lock_table(self, conn: Any, table: str) -> None:
+        """Serialize creating ``table`` with other workers (SQLite: BEGIN IMMEDIATE did)."""
 
     def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
-        conn.executemany(sql, params)
+        conn.executemany(sql.replace(MARK, "?"), params)
 
 
 class SQLite(Dialect):
     types: ClassVar[dict[str, str]] = {
         "int": "INTEGER", "float": "REAL", "text": "TEXT", "bool": "INTEGER"}
-    placeholder: ClassVar[str] = "?"
 
     def fold(self, name: str) -> str:
         return name.translate(_ASCII_LOWER)
@@ -153,14 +156,9 @@ class SQLite(Dialect):
 class PostgreSQL(Dialect):
     types: ClassVar[dict[str, str]] = {
         "int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT", "bool": "BOOLEAN"}
-    placeholder: ClassVar[str] = "%s"
     kinds: ClassVar[dict[str, str]] = {
         "bigint": "int", "integer": "int", "smallint": "int", "double precision": "float",
         "real": "float", "numeric": "float", "text": "text", "boolean": "bool"}
-
-    def quote(self, name: str) -> str:
-        # psycopg reads % as a placeholder even inside a quoted identifier.
-        return super().quote(name).replace("%", "%%")
 
     def check_name(self, name: object, what: str) -> str:
         name = super().check_name(name, what)
@@ -189,8 +187,14 @@ class PostgreSQL(Dialect):
             " FROM pg_attribute a LEFT JOIN pg_index i"
             " ON i.indrelid = a.attrelid AND i.indisprimary"
             " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-            (Dialect.quote(self, table),)).fetchall()
+            (self.quote(table),)).fetchall()
         return {name: Column(name, self.kinds.get(t, "other"), pk) for name, t, pk in rows} or None
+
+    def lock_table(self, conn: Any, table: str) -> None:
+        # Two CREATE TABLE IF NOT EXISTS at once can both miss the table and one then
+        # fails on pg_type's unique index; a transaction-scoped advisory lock orders them.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))",
+                     (table,))
 
     def add_columns(self, conn: Any, table: str, cols: list[tuple[str, str]]) -> None:
         # IF NOT EXISTS: another worker may add the same column between our read and now.
@@ -198,141 +202,143 @@ class PostgreSQL(Dialect):
                          "NOT NULL DEFAULT 0" for n, k in cols)
         conn.execute(f"ALTER TABLE {self.quote(table)} {adds}")
 
-    def widen(self, conn: Any, table: str, name: str) -> None:
+    def widen(self, conn: Any, table: str, name: str) -> bool:
         # Else a float summed into BIGINT would be rounded, silently.
         conn.execute(f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} "
                      "TYPE DOUBLE PRECISION")
+        return True
 
     def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
-        with conn.cursor() as cur:
-            cur.executemany(sql, params)  # pipelined by psycopg: no round trip per row
+        # psycopg reads % as a placeholder even inside a quoted identifier.
+        with conn.cursor() as cur:  # pipelined by psycopg: no round trip per row
+            cur.executemany(sql.replace("%", "%%").replace(MARK, "%s"), params)
 
 
 DIALECTS: dict[str, Dialect] = {"sqlite": SQLite(), "postgresql": PostgreSQL()}
 
 
 def _kind(value: Any) -> str:
-    return ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
-            "float" if isinstance(value, float) else "text")
+    return {bool: "bool", int: "int", float: "float"}.get(type(value), "text")
 
 
 @dataclass
 class Row:
-    """One executed update, checked and ready to write (names as given, not folded)."""
+    """One executed update, checked: names folded as the database compares them."""
 
     update: Update
     table: str
-    spec: dict[str, Any]
-    doc: dict[str, int | float]
+    spec: dict[str, tuple[str, Any]]  # folded name -> (name, value)
+    doc: dict[str, tuple[str, int | float]]
 
 
-def prepare(d: Dialect, update: Update) -> Row:
+def prepare(d: Dialect, u: Update) -> Row:
     """Check an update's names and values before any SQL is sent.
 
     Raises:
         SinkError: no collection, no spec, a bad identifier, a null key, a non-number.
     """
-    table = d.check_name(update.collection, "collection")
-    if not update.spec:
+    table = d.check_name(u.collection, "collection")
+    if not u.spec:
         raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
-    spec: dict[str, Any] = {}
-    for k, v in update.spec.items():
-        d.check_name(k, f"{table}: spec key")
-        if v is None:
-            raise SinkError(f"{table}: spec {k!r} is null; a primary key cannot be")
-        spec[k] = orjson.dumps(v).decode() if isinstance(v, (dict, list)) else v
-    doc: dict[str, int | float] = {}
-    for k, v in update.doc.items():
-        d.check_name(k, f"{table}: doc key")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+    spec: dict[str, tuple[str, Any]] = {}
+    for k, v in u.spec.items():
+        if v is None or d.fold(d.check_name(k, f"{table}: spec key")) in spec:
+            raise SinkError(f"{table}: spec {k!r} is null or repeated; a primary key cannot be")
+        spec[d.fold(k)] = (k, orjson.dumps(v).decode() if isinstance(v, (dict, list)) else v)
+    doc: dict[str, tuple[str, int | float]] = {}
+    for k, v in u.doc.items():
+        f = d.fold(d.check_name(k, f"{table}: doc key"))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or f in spec or (
                 isinstance(v, int) and not -INT64 <= v < INT64) or (
                 isinstance(v, float) and not math.isfinite(v)):
-            raise SinkError(f"{table}: doc {k!r}={v!r} is not a 64-bit integer or finite float")
-        doc[k] = v
-    spec_folded = {d.fold(k) for k in spec}
-    if any(d.fold(k) in spec_folded for k in doc):
-        raise SinkError(f"{table}: a doc key is also a spec key ({sorted(doc)} / {sorted(spec)})")
-    return Row(update, table, spec, doc)
+            raise SinkError(f"{table}: doc {k!r}={v!r} is a spec key, or not a 64-bit "
+                            "integer or finite float")
+        # SQLite: "Clicks" and "clicks" are one column, so they add up, as it would.
+        doc[f] = (doc[f][0], doc[f][1] + v) if f in doc else (k, v)
+    return Row(u, table, spec, doc)
 
 
 def _coerce(col: Column, value: Any, table: str) -> Any:
     """A spec value as the existing key column stores it, so equal keys stay equal."""
-    if col.kind == "text":
+    kind = col.kind
+    if kind == "text":
         return value if isinstance(value, str) else orjson.dumps(value).decode()
-    if col.kind == "int" and isinstance(value, int):
-        return int(value)
-    if col.kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if (kind == "int" and isinstance(value, int) or kind == "float" and _kind(value) != "text"
+            and not isinstance(value, bool) or kind == "bool" and isinstance(value, bool)):
         return value
-    if col.kind == "bool" and isinstance(value, bool) or col.kind == "other":
+    if kind == "other":
         return value
-    raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {col.kind} column")
+    raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {kind} column")
 
 
-def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
-    """Upsert rows into one table inside the caller's transaction; return rejected rows."""
+def _table(h: Handle, table: str, first: Row) -> dict[str, Column]:
+    """The table's columns: cached, else read, else created from the first row."""
     d, conn = h.dialect, h.conn
     cols = h.tables.get(table) or d.read(conn, table)
     if cols is None:
-        first = rows[0]
-        defs = [f"{d.quote(k)} {d.types[_kind(v)]} NOT NULL" for k, v in first.spec.items()]
-        pk = ", ".join(d.quote(k) for k in first.spec)
+        d.lock_table(conn, table)
+        defs = [f"{d.quote(k)} {d.types[_kind(v)]} NOT NULL" for k, v in first.spec.values()]
+        pk = ", ".join(d.quote(k) for k, _ in first.spec.values())
         conn.execute(f"CREATE TABLE IF NOT EXISTS {d.quote(table)} "
                      f"({', '.join(defs)}, PRIMARY KEY ({pk}))")
         cols = d.read(conn, table)
         assert cols is not None
     h.tables[table] = cols
+    return cols
+
+
+def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
+    """Upsert rows into one table inside the caller's transaction; return rejected rows."""
+    d, conn = h.dialect, h.conn
+    cols = _table(h, table, rows[0])
     keys = [f for f, c in cols.items() if c.pk]
     failures: Failures = []
-    params: list[tuple[Any, ...]] = []
-    docs: list[dict[str, int | float]] = []
+    ready: list[tuple[tuple[Any, ...], Row]] = []
     wanted: dict[str, tuple[str, str]] = {}  # folded doc column -> (name, int|float)
     for row in rows:
         try:
-            spec = {d.fold(k): v for k, v in row.spec.items()}
-            if set(spec) != set(keys):
-                raise SinkError(f"{table}: spec keys {sorted(row.spec)} do not match the "
-                                f"table's primary key {sorted(cols[k].name for k in keys)}")
-            key = tuple(_coerce(cols[k], spec[k], table) for k in keys)
-            doc: dict[str, int | float] = {}
-            for name, v in row.doc.items():
-                f = d.fold(name)
-                if f in cols and cols[f].kind not in ("int", "float"):
-                    raise SinkError(f"{table}: doc column {name!r} is not numeric")
-                doc[f] = doc.get(f, 0) + v
-                kind = "float" if isinstance(v, float) else "int"
-                if f not in wanted or kind == "float":
-                    wanted[f] = (wanted.get(f, (name, kind))[0], kind)
+            if set(row.spec) != set(keys):
+                raise SinkError(f"{table}: spec keys {sorted(k for k, _ in row.spec.values())} "
+                                f"do not match the table's primary key "
+                                f"{sorted(cols[k].name for k in keys)}")
+            key = tuple(_coerce(cols[k], row.spec[k][1], table) for k in keys)
+            bad = [k for f, (k, _) in row.doc.items() if f in cols and f in keys
+                   or f in cols and cols[f].kind not in ("int", "float")]
+            if bad:
+                raise SinkError(f"{table}: doc columns {bad} are not numeric")
         except SinkError as e:
             failures.append((row.update, e))
             continue
-        params.append(key)
-        docs.append(doc)
-    missing = [w for f, w in wanted.items() if f not in cols]
-    if missing:
+        ready.append((key, row))
+        for f, (name, v) in row.doc.items():
+            if f not in wanted or isinstance(v, float):
+                wanted[f] = (wanted.get(f, (name, ""))[0], _kind(v))
+    changed = False
+    if any(f not in cols for f in wanted):
         cols = d.read(conn, table) or cols  # another worker may have added some meanwhile
-        missing = [w for f, w in wanted.items() if f not in cols]
-        d.add_columns(conn, table, missing)
+        d.add_columns(conn, table, [w for f, w in wanted.items() if f not in cols])
+        changed = True
     for f, (_, kind) in wanted.items():
         if kind == "float" and f in cols and cols[f].kind == "int":
-            d.widen(conn, table, cols[f].name)
-    if missing or any(k == "float" for _, k in wanted.values()):
+            changed = d.widen(conn, table, cols[f].name) or changed
+    if changed:
         cols = h.tables[table] = d.read(conn, table) or cols
-    if not params:
+    if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
+        h.tables.pop(table, None)
+    if not ready:
         return failures
-    sums = list(wanted)
-    names = [cols[k].name for k in keys] + [cols[f].name for f in sums]
     q = d.quote
-    sets = ", ".join(f"{q(cols[f].name)} = cur.{q(cols[f].name)} + excluded.{q(cols[f].name)}"
-                     for f in sums)
-    sql = (f"INSERT INTO {q(table)} AS cur ({', '.join(q(n) for n in names)}) "
-           f"VALUES ({', '.join([d.placeholder] * len(names))}) "
-           f"ON CONFLICT ({', '.join(q(cols[k].name) for k in keys)}) "
+    sums = [q(cols[f].name) for f in wanted]
+    names = [q(cols[k].name) for k in keys] + sums
+    sets = ", ".join(f"{c} = cur.{c} + excluded.{c}" for c in sums)
+    sql = (f"INSERT INTO {q(table)} AS cur ({', '.join(names)}) "
+           f"VALUES ({', '.join([MARK] * len(names))}) ON CONFLICT ({', '.join(names[:len(keys)])}) "
            + (f"DO UPDATE SET {sets}" if sums else "DO NOTHING"))
-    full = [key + tuple(doc.get(f, 0) for f in sums) for key, doc in zip(params, docs, strict=True)]
     # The same key order in every worker, so concurrent batches lock rows in one
     # order and cannot deadlock each other.
-    full.sort(key=lambda p: repr(p[:len(keys)]))
-    d.executemany(conn, sql, full)
+    ready.sort(key=lambda kr: repr(kr[0]))
+    d.executemany(conn, sql, [key + tuple(row.doc.get(f, ("", 0))[1] for f in wanted)
+                              for key, row in ready])
     return failures
 
 
@@ -356,7 +362,6 @@ def write(db: Database, updates: Sequence[Update]) -> Failures:
         with d.transaction(h.conn):
             for table in sorted(by_table):
                 rejected += write_table(h, table, by_table[table])
-        h.commits += 1
     except Exception as e:  # noqa: BLE001 - the whole transaction failed: so did every row
         discard(db.url)
         error = SinkError(f"{db.display}: {type(e).__name__}: {e}".rstrip())

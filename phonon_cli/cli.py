@@ -1,0 +1,177 @@
+"""The ``phonon`` command: parses options, calls the library, picks exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import defaults, logs
+from .config import Config, load_config, parse_duration
+from .exceptions import ConfigError, PhononError, StoreUnavailable
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_STORE = 1, 2, 3
+
+
+class Failure(click.ClickException):
+    """A message and an exit code, printed without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail(error: PhononError) -> NoReturn:
+    if isinstance(error, ConfigError):
+        raise Failure(str(error), EXIT_USAGE) from None
+    if isinstance(error, StoreUnavailable):
+        raise Failure(str(error), EXIT_STORE) from None
+    raise Failure(str(error), EXIT_FAILURE) from None
+
+
+@dataclass
+class Context:
+    redis_url: str | None
+    namespace: str | None
+    heartbeat_interval_s: float
+    verbose: int
+    quiet: bool
+
+    def process(self, config: Config | None = None, **kwargs: Any) -> Any:
+        """A ``Process`` on the store the options (then the config, then the default) name."""
+        from .process import Process
+
+        url = self.redis_url or (config.store.url if config else None)
+        namespace = self.namespace or (config.store.namespace if config else None)
+        try:
+            return Process(url, namespace=namespace,
+                           heartbeat_interval=self.heartbeat_interval_s, **kwargs)
+        except PhononError as e:
+            fail(e)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
+
+
+def load(config_path: str) -> Config:
+    """Load a config; modules next to it, or in the working directory, are importable."""
+    for folder in (os.getcwd(), str(Path(config_path).resolve().parent)):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        fail(e)
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("--redis-url", envvar="PHONON_REDIS_URL", metavar="URL",
+              help="Redis to coordinate through (default: an embedded server under PHONON_HOME).")
+@click.option("--namespace", envvar="PHONON_NAMESPACE", metavar="NS",
+              help=f"Prefix of every Redis key (default: {defaults.NAMESPACE}).")
+@click.option("--heartbeat-interval", envvar="PHONON_HEARTBEAT_INTERVAL", type=float,
+              default=defaults.HEARTBEAT_INTERVAL_S, show_default=True, metavar="SECONDS",
+              help="Seconds between heartbeats; silent for three, a worker counts as dead.")
+@click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.version_option(package_name="phonon-cli")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, namespace: str | None,
+         heartbeat_interval: float, verbose: int, quiet: bool) -> None:
+    """Aggregate JSON event streams across many workers: one database write per key per session."""
+    logs.setup(verbose, quiet)
+    ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE",
+              help="TOML or YAML config: store, cache and routes.")
+def check(config_path: str) -> None:
+    """Validate a config and import its classes, without running."""
+    config = load(config_path)
+    click.echo(f"{config_path}: ok, {len(config.routes)} route(s)")
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE",
+              help="TOML or YAML config: store, cache and routes.")
+@click.option("--source", "sources", multiple=True, default=["-"], show_default=True,
+              metavar="SRC", help="'-' for JSON lines on stdin (repeatable).")
+@click.option("--group", default="phonon", show_default=True,
+              help="Consumer group for sources with offsets.")
+@click.option("--follow", is_flag=True, help="Keep reading sources that grow.")
+@click.option("--from", "start_from", type=click.Choice(["earliest", "committed"]),
+              default="committed", show_default=True, help="Where sources with offsets start.")
+@click.option("--max-entries", type=click.IntRange(min=1), metavar="N",
+              help="Keys in the local cache (default: the config's, else 10000).")
+@click.option("--soft-session", callback=duration, metavar="DUR",
+              help="Idle time after which a key's session ends (90, 90s, 15m, 1h).")
+@click.option("--hard-session", callback=duration, metavar="DUR",
+              help="Age after which a key's session ends regardless.")
+@click.option("--dead-letter", metavar="FILE",
+              help="Where malformed events go, with the reason "
+                   "(default: dead-letter.jsonl under PHONON_HOME).")
+@pass_context
+def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, follow: bool,
+        start_from: str, max_entries: int | None, soft_session: float | None,
+        hard_session: float | None, dead_letter: str | None) -> None:
+    """Consume events, aggregate them, and execute each key once per session.
+
+    At end of input, or on SIGINT/SIGTERM, every session ends (executed, or
+    cached in Redis for the workers that still hold the key) and the exit
+    code is 0. A second signal caches every partial in Redis and exits at once.
+    """
+    from . import sinks
+    from .routing import Router
+    from .runner import RunOptions, Runner, progress_printer
+    from .sources import open_source
+
+    config = load(config_path)
+    try:
+        opened = [open_source(s) for s in sources]
+    except PhononError as e:
+        raise click.BadParameter(str(e), param_hint="--source") from None
+    home = os.environ.get("PHONON_HOME") or defaults.HOME
+    options = RunOptions(
+        max_entries=max_entries or config.cache.max_entries,
+        soft_session_s=soft_session if soft_session is not None else config.cache.soft_session_s,
+        hard_session_s=hard_session if hard_session is not None else config.cache.hard_session_s,
+        dead_letter=dead_letter or str(Path(home) / "dead-letter.jsonl"),
+    )
+    process = ctx.process(config)
+    for route in config.routes:
+        process.register(route.update)
+    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
+    runner = Runner(process, Router(config.routes), opened, options, progress=show)
+    runner.install_signal_handlers()
+    try:
+        stats = runner.run()
+    except PhononError as e:
+        fail(e)
+    finally:
+        process.stop()
+        sinks.close_all()
+    if show is not None:
+        sys.stderr.write("\n")
+    if not ctx.quiet:
+        click.echo(f"phonon: {stats.summary()}", err=True)
+        if stats.dead_lettered:
+            click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)
+    if stats.execute_failures:
+        raise Failure(f"{stats.execute_failures} aggregates could not be written; they are kept "
+                      "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')")

@@ -1,0 +1,325 @@
+"""The run loop: read events, route them, merge them in the LRU cache, and take
+and leave references in batches so that no event costs a Redis round trip.
+
+Timeline of one key in one worker::
+
+    event for k, k not cached  -> build Update(acquire=False), cache it, queue "acquire k"
+    more events for k          -> merged into the cached Update in memory (no Redis)
+    k evicted / expired        -> queue "release k"
+    batch full or 50 ms old    -> one pipeline: release what left (deposit or take),
+                                  then acquire what arrived; execute what was taken
+
+Taking a reference up to one batch late is safe: another worker may then find
+itself last and execute without our partial, and we execute ours later. Totals
+stay exact; only the number of writes grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import orjson
+
+from . import defaults
+from .cache import LruCache
+from .exceptions import EventError
+from .process import Process
+from .routing import Route, Router
+from .sources import Chunk, Source
+from .sources.stdin import TOO_LONG
+from .update import ConflictFreeUpdate, Update, end_sessions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    max_entries: int = defaults.MAX_ENTRIES
+    soft_session_s: float | None = defaults.SOFT_SESSION_S
+    hard_session_s: float | None = defaults.HARD_SESSION_S
+    dead_letter: str | None = None
+    batch_max_keys: int = defaults.BATCH_MAX_KEYS
+    batch_max_age_s: float = defaults.BATCH_MAX_AGE_S
+    progress: bool = False
+
+
+@dataclass
+class RunStats:
+    """What a run did; printed as the summary and published for ``phonon status``."""
+
+    events_read: int = 0
+    routed: int = 0
+    unmatched: int = 0
+    dead_lettered: int = 0
+    keys_executed: int = 0
+    keys_cached: int = 0
+    execute_failures: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> str:
+        elapsed = self.elapsed_s
+        rate = self.events_read / elapsed if elapsed > 0 else 0.0
+        text = (
+            f"events read {self.events_read}, routed {self.routed}, unmatched {self.unmatched}, "
+            f"dead-lettered {self.dead_lettered}; keys executed {self.keys_executed}, "
+            f"cached {self.keys_cached}; {elapsed:.2f}s, {rate:,.0f} events/s"
+        )
+        if self.execute_failures:
+            text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
+        return text
+
+
+class DeadLetters:
+    """Lines that could not be aggregated, one JSON object each: the line and the reason."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def write(self, source: str, line: bytes, reason: str) -> None:
+        if self.path is None:
+            log.debug("dead letter from %s: %s", source, reason)
+            return
+        if self._file is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        text = line.decode("utf-8", errors="replace")
+        self._file.write(orjson.dumps({"source": source, "reason": reason, "line": text}) + b"\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Batcher:
+    """Collects references to take and sessions to end; sends them in one round trip."""
+
+    def __init__(self, process: Process, max_keys: int, max_age_s: float) -> None:
+        self.process = process
+        self.max_keys = max_keys
+        self.max_age_s = max_age_s
+        self.acquire: list[Update] = []
+        self.release: list[Update] = []
+        self.first_at: float | None = None
+        self.mode: str | None = None
+        """None: execute as last holder; "cache": deposit everything (fast shutdown)."""
+
+    def __len__(self) -> int:
+        return len(self.acquire) + len(self.release)
+
+    def add_acquire(self, update: Update) -> None:
+        self.acquire.append(update)
+        self._added()
+
+    def add_release(self, updates: Sequence[Update]) -> None:
+        self.release.extend(updates)
+        self._added()
+
+    def _added(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        if len(self) >= self.max_keys:
+            self.flush()
+
+    def due(self, now: float) -> bool:
+        return self.first_at is not None and now - self.first_at >= self.max_age_s
+
+    def flush(self, mode: str | None = None) -> None:
+        """Send the batch. A key acquired and released within it needs no reference."""
+        if not len(self):
+            return
+        leaving = {id(u) for u in self.release}
+        acquire = [u for u in self.acquire if id(u) not in leaving]
+        release = self.release
+        self.acquire, self.release, self.first_at = [], [], None
+        end_sessions(release, mode=mode or self.mode, acquire=acquire)
+
+
+class Runner:
+    """One ``phonon run``: sources in, routed updates through the cache, executes out."""
+
+    def __init__(self, process: Process, router: Router, sources: Sequence[Source],
+                 options: RunOptions, progress: Callable[[str], None] | None = None) -> None:
+        self.process = process
+        self.router = router
+        self.sources = list(sources)
+        self.options = options
+        self.stats = RunStats()
+        self.batcher = Batcher(process, options.batch_max_keys, options.batch_max_age_s)
+        self.cache = LruCache(options.max_entries, end_sessions=self.batcher.add_release)
+        self.dead = DeadLetters(options.dead_letter)
+        self.queue: queue.Queue[Chunk] = queue.Queue(maxsize=defaults.QUEUE_CHUNKS)
+        self.signals = 0
+        self._progress = progress
+        self._sums = {r: _sums_fast(r) for r in router.routes}
+
+    # -- signals ----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """First SIGINT/SIGTERM: warm stop (drain the cache). Second: cache and exit now."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        for source in self.sources:
+            source.stop()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> RunStats:
+        for source in self.sources:
+            source.start(self.queue)
+        open_sources = len(self.sources)
+        next_purge = time.monotonic() + defaults.PURGE_INTERVAL_S
+        next_progress = time.monotonic() + defaults.PROGRESS_INTERVAL_S
+        try:
+            while open_sources and not self.signals:
+                try:
+                    chunk = self.queue.get(timeout=self.options.batch_max_age_s)
+                except queue.Empty:
+                    chunk = None
+                if chunk is not None:
+                    if chunk.end:
+                        open_sources -= 1
+                    else:
+                        self._handle(chunk)
+                now = time.monotonic()
+                if self.batcher.due(now):
+                    self.batcher.flush()
+                if now >= next_purge:
+                    self.cache.purge()
+                    self._publish()
+                    next_purge = now + defaults.PURGE_INTERVAL_S
+                if self._progress is not None and now >= next_progress:
+                    self._progress(self._progress_line())
+                    next_progress = now + defaults.PROGRESS_INTERVAL_S
+            self._drain()
+        finally:
+            self.dead.close()
+            self._publish()
+        return self.stats
+
+    def _drain(self) -> None:
+        """End every session: execute or cache. A second signal switches to cache-only."""
+        keys = self.cache.keys()
+        step = self.options.batch_max_keys
+        for start in range(0, len(keys), step):
+            if self.signals >= 2:
+                break
+            self.cache.expire_many(keys[start : start + step])
+            self.batcher.flush()
+        if self.cache.size():
+            self.batcher.mode = "cache"
+            self.cache.expire_all()
+        self.batcher.flush()
+
+    def _handle(self, chunk: Chunk) -> None:
+        stats = self.stats
+        route_event = self.router.route
+        cache = self.cache
+        entries = cache._entries
+        loads = orjson.loads
+        now_ms = self.process.clock()
+        for line in chunk.lines:
+            stats.events_read += 1
+            try:
+                event = loads(line)
+            except orjson.JSONDecodeError as e:
+                if line.startswith(TOO_LONG):
+                    self._dead(chunk.source, line[len(TOO_LONG):],
+                               f"line longer than {defaults.MAX_LINE_BYTES} bytes")
+                elif not line.strip():
+                    stats.events_read -= 1  # blank lines are not events
+                else:
+                    self._dead(chunk.source, line, f"invalid JSON: {e}")
+                continue
+            if type(event) is not dict:
+                self._dead(chunk.source, line, f"not a JSON object: {type(event).__name__}")
+                continue
+            try:
+                routed = route_event(event)
+            except EventError as e:
+                self._dead(chunk.source, line, str(e))
+                continue
+            if not routed:
+                stats.unmatched += 1
+                continue
+            stats.routed += 1
+            for route, id_, spec, doc in routed:
+                key = (route, id_)
+                update = entries.get(key)
+                if update is None:
+                    update = self._new_update(route, id_, spec, doc)
+                    cache.set(key, update)
+                    self.batcher.add_acquire(update)
+                elif self._sums[route]:
+                    merged = update.doc
+                    for k, v in doc.items():
+                        merged[k] = merged.get(k, 0) + v
+                    update.events += 1
+                    update.touched_ms = now_ms
+                    entries.move_to_end(key)
+                else:
+                    cache.set(key, self._new_update(route, id_, spec, doc))
+
+    def _new_update(self, route: Route, id_: str, spec: dict[str, Any], doc: dict[str, Any]) -> Update:
+        opts = self.options
+        return route.update(
+            self.process, id_, database=route.database, collection=route.collection, spec=spec,
+            doc=doc, acquire=False,
+            soft_session=route.soft_session_s if route.soft_session_s is not None else opts.soft_session_s,
+            hard_session=route.hard_session_s if route.hard_session_s is not None else opts.hard_session_s,
+        )
+
+    def _dead(self, source: str, line: bytes, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        self.dead.write(source, line, reason)
+
+    def _publish(self) -> None:
+        s = self.process.stats
+        self.stats.keys_executed = s.get("keys_executed", 0)
+        self.stats.keys_cached = s.get("keys_cached", 0)
+        self.stats.execute_failures = s.get("execute_failures", 0)
+        elapsed = self.stats.elapsed_s
+        s.update({
+            "entries": self.cache.size(), "events_read": self.stats.events_read,
+            "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
+            "dead_lettered": self.stats.dead_lettered, "pid": os.getpid(),
+        })
+
+    def _progress_line(self) -> str:
+        self._publish()
+        st = self.stats
+        rate = st.events_read / st.elapsed_s if st.elapsed_s else 0
+        return (f"{st.events_read:,} events ({rate:,.0f}/s), {self.cache.size():,} keys cached, "
+                f"{st.keys_executed:,} executed, {st.dead_lettered:,} dead-lettered")
+
+
+def _sums_fast(route: Route) -> bool:
+    """Whether merging is plain summing, so the loop can add docs without building an Update."""
+    cls = route.update
+    return issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge
+
+
+def progress_printer(stream: IO[str] = sys.stderr) -> Callable[[str], None]:
+    def show(line: str) -> None:
+        stream.write(f"\r\x1b[K{line}")
+        stream.flush()
+
+    return show
