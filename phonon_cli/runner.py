@@ -167,6 +167,9 @@ class Runner:
         self.signals = 0
         self._progress = progress
         self._sums = {r: _sums_fast(r) for r in router.routes}
+        self._read_to: dict[tuple[Source, str], int] = {}
+        """Per (source, partition): the offset after the last line handled."""
+        self._by_name = {s.name: s for s in self.sources}
 
     # -- signals ----------------------------------------------------------------------
 
@@ -204,12 +207,15 @@ class Runner:
                     self.batcher.flush()
                 if now >= next_purge:
                     self.cache.purge()
+                    self.batcher.flush()
+                    self._commit()
                     self._publish()
                     next_purge = now + defaults.PURGE_INTERVAL_S
                 if self._progress is not None and now >= next_progress:
                     self._progress(self._progress_line())
                     next_progress = now + defaults.PROGRESS_INTERVAL_S
             self._drain()
+            self._commit()
         finally:
             self.dead.close()
             self._publish()
@@ -229,6 +235,27 @@ class Runner:
             self.cache.expire_all()
         self.batcher.flush()
 
+    def _commit(self) -> None:
+        """Commit, per partition, the offset below which every event is safe.
+
+        An event is safe once the update it merged into has left the cache and
+        its batch was sent (deposited in Redis or executed). Each update
+        remembers the first offset per partition it holds (``marks``); the
+        watermark is the smallest still cached, else how far we have read.
+        Called after a batch flush, so nothing is in flight.
+        """
+        if not self._read_to:
+            return
+        low = dict(self._read_to)
+        for update in self.cache.values():
+            marks = update.marks
+            if marks:
+                for part, offset in marks.items():
+                    if offset < low.get(part, offset + 1):
+                        low[part] = offset
+        for (source, partition), offset in low.items():
+            source.commit(partition, offset)
+
     def _handle(self, chunk: Chunk) -> None:
         stats = self.stats
         route_event = self.router.route
@@ -236,7 +263,13 @@ class Runner:
         entries = cache._entries
         loads = orjson.loads
         now_ms = self.process.clock()
+        part: tuple[Source, str] | None = None
+        offset = chunk.first_offset - 1
+        if chunk.partition is not None:
+            part = (self._by_name[chunk.source], chunk.partition)
+            self._read_to[part] = chunk.first_offset + len(chunk.lines)
         for line in chunk.lines:
+            offset += 1
             stats.events_read += 1
             try:
                 event = loads(line)
@@ -266,9 +299,18 @@ class Runner:
                 update = entries.get(key)
                 if update is None:
                     update = self._new_update(route, id_, spec, doc)
+                    if part is not None:
+                        update.marks = {part: offset}
                     cache.set(key, update)
                     self.batcher.add_acquire(update)
-                elif self._sums[route]:
+                    continue
+                if part is not None:
+                    marks = update.marks
+                    if marks is None:
+                        update.marks = {part: offset}
+                    elif part not in marks:
+                        marks[part] = offset
+                if self._sums[route]:
                     merged = update.doc
                     for k, v in doc.items():
                         merged[k] = merged.get(k, 0) + v

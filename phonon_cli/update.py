@@ -75,6 +75,9 @@ class Update:
         self.touched_ms = now
         self.events = 1
         """How many updates were merged into this one (itself included)."""
+        self.marks: dict[Any, int] | None = None
+        """Per source partition, the offset of the first event merged in: the run loop
+        commits no offset beyond an event whose aggregate is still only in memory."""
         self.error: BaseException | None = None
         """Why the last ``execute`` failed (the aggregate was then cached back in Redis)."""
         self._force = False

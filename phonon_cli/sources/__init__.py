@@ -16,6 +16,10 @@ class Chunk:
     end: bool = False
     too_long: int = 0
     """Lines dropped for exceeding the line limit (each also sent as a stub line)."""
+    partition: str | None = None
+    """Where offsets are kept for this chunk; None for sources with nothing to commit."""
+    first_offset: int = 0
+    """Offset of ``lines[0]``; line i has offset ``first_offset + i``."""
 
 
 class Source(Protocol):
@@ -33,8 +37,9 @@ class Source(Protocol):
     def stop(self) -> None:
         """Stop reading soon (the thread is a daemon: it never holds up exit)."""
 
-    def safe(self, chunk: Chunk) -> None:
-        """Every event of ``chunk`` is now safe (executed or cached in Redis)."""
+    def commit(self, partition: str, offset: int) -> None:
+        """Every event of ``partition`` below ``offset`` is safe (executed or cached in
+        Redis): a restart may resume there, and a stream may acknowledge them."""
 
 
 def open_source(spec: str) -> Source:

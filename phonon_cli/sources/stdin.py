@@ -34,7 +34,7 @@ class StdinSource:
     def stop(self) -> None:
         self._stop.set()
 
-    def safe(self, chunk: Chunk) -> None:
+    def commit(self, partition: str, offset: int) -> None:
         """Stdin cannot be replayed: there is nothing to commit."""
 
     def _read(self, out: queue.Queue[Chunk]) -> None:
