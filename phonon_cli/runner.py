@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
@@ -150,11 +150,26 @@ class Batcher:
         end_sessions(release, mode=mode or self.mode, acquire=acquire)
 
 
+class FlushRequest(Protocol):
+    def matches(self, resource: str) -> bool: ...
+
+    def ack(self, expired: int) -> None: ...
+
+
+class Control(Protocol):
+    """Requests from ``phonon flush``, delivered to the run loop between chunks."""
+
+    def poll(self) -> list[FlushRequest]: ...
+
+    def close(self) -> None: ...
+
+
 class Runner:
     """One ``phonon run``: sources in, routed updates through the cache, executes out."""
 
     def __init__(self, process: Process, router: Router, sources: Sequence[Source],
-                 options: RunOptions, progress: Callable[[str], None] | None = None) -> None:
+                 options: RunOptions, progress: Callable[[str], None] | None = None,
+                 control: Control | None = None) -> None:
         self.process = process
         self.router = router
         self.sources = list(sources)
@@ -166,6 +181,7 @@ class Runner:
         self.queue: queue.Queue[Chunk] = queue.Queue(maxsize=defaults.QUEUE_CHUNKS)
         self.signals = 0
         self._progress = progress
+        self.control = control
         self._sums = {r: _sums_fast(r) for r in router.routes}
         self._read_to: dict[tuple[Source, str], int] = {}
         """Per (source, partition): the offset after the last line handled."""
@@ -202,6 +218,9 @@ class Runner:
                         open_sources -= 1
                     else:
                         self._handle(chunk)
+                if self.control is not None:
+                    for request in self.control.poll():
+                        self._flush(request)
                 now = time.monotonic()
                 if self.batcher.due(now):
                     self.batcher.flush()
@@ -234,6 +253,13 @@ class Runner:
             self.batcher.mode = "cache"
             self.cache.expire_all()
         self.batcher.flush()
+
+    def _flush(self, request: FlushRequest) -> None:
+        """Expire the cached keys a ``phonon flush`` names, send them, then say so."""
+        keys = [k for k, u in self.cache._entries.items() if request.matches(u.resource)]
+        self.cache.expire_many(keys)
+        self.batcher.flush()
+        request.ack(len(keys))
 
     def _commit(self) -> None:
         """Commit, per partition, the offset below which every event is safe.
