@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on sample events: 100,000 widget events (and a few bad lines)
+# through the embedded Redis into SQLite, then what landed.
 run: $(STAMP)
-	$(BIN)/python -m phonon_cli.demo
+	rm -f widgets.db
+	$(BIN)/python configs/generate_events.py 100000 1000 1 5000 \
+	  | $(BIN)/phonon run -c configs/widgets.toml --dead-letter .phonon/dead-letter.jsonl
+	$(BIN)/python configs/show.py widgets.db widgets
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
