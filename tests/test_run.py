@@ -1,0 +1,264 @@
+"""``phonon run`` end to end: the installed command, real Redis, real databases."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def phonon(*args: str, redis_url: str | None = None, namespace: str | None = None,
+           stdin: bytes = b"", env: dict[str, str] | None = None, cwd: Path | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "phonon_cli"]
+    if redis_url:
+        cmd += ["--redis-url", redis_url, "--namespace", namespace or "phonon"]
+    return subprocess.run([*cmd, *args], input=stdin, capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def events(n: int, keys: int, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        k = rng.randrange(keys)
+        out.append({"parent_post_id": k % 17, "target_post_id": k,
+                    "event_type": rng.choice(["clicks", "impressions"])})
+    return out
+
+
+def totals(evs: list[dict]) -> Counter:
+    c: Counter = Counter()
+    for e in evs:
+        c[(e["parent_post_id"], e["target_post_id"], e["event_type"])] += 1
+    return c
+
+
+def as_lines(evs: list[dict]) -> bytes:
+    return b"".join(orjson.dumps(e) + b"\n" for e in evs)
+
+
+def widget_config(tmp_path: Path, database: str, suffix: str = "toml",
+                  update: str = "phonon_cli.sinks.sql:Counter", max_entries: int = 10000) -> Path:
+    text = (ROOT / "configs" / f"widgets.{suffix}").read_text()
+    text = text.replace("sqlite:///widgets.db", database)
+    text = text.replace("phonon_cli.sinks.sql:Counter", update)
+    text = text.replace("max_entries = 10000", f"max_entries = {max_entries}")
+    text = text.replace("max_entries: 10000", f"max_entries: {max_entries}")
+    path = tmp_path / f"widgets.{suffix}"
+    path.write_text(text)
+    return path
+
+
+def sqlite_totals(path: Path) -> Counter:
+    c: Counter = Counter()
+    with sqlite3.connect(path) as db:
+        cols = [r[1] for r in db.execute("PRAGMA table_info(widgets)")]
+        for row in db.execute("SELECT * FROM widgets"):
+            r = dict(zip(cols, row))
+            for kind in ("clicks", "impressions"):
+                if r.get(kind):
+                    c[(r["parent_post_id"], r["target_post_id"], kind)] += r[kind]
+    return c
+
+
+@pytest.mark.parametrize("max_entries", [100_000, 30])
+def test_sqlite_totals_exact(redis_url, namespace, tmp_path, max_entries, helpers, client) -> None:
+    evs = events(20_000, 500)
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=max_entries)
+    result = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
+                    stdin=as_lines(evs))
+    assert result.returncode == 0, result.stderr
+    assert sqlite_totals(db) == totals(evs)
+    stderr = result.stderr.decode()
+    assert "events read 20000, routed 20000, unmatched 0, dead-lettered 0" in stderr
+    assert helpers.namespace_keys(client, namespace) == []
+
+
+def test_postgres_totals_exact(redis_url, namespace, tmp_path, postgres_url) -> None:
+    import psycopg
+
+    evs = events(5_000, 300, seed=3)
+    cfg = widget_config(tmp_path, postgres_url, max_entries=40)
+    result = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
+                    stdin=as_lines(evs))
+    assert result.returncode == 0, result.stderr
+    got: Counter = Counter()
+    with psycopg.connect(postgres_url) as conn:
+        for p, t, clicks, imps in conn.execute(
+            "SELECT parent_post_id, target_post_id, clicks, impressions FROM widgets"
+        ):
+            if clicks:
+                got[(p, t, "clicks")] += clicks
+            if imps:
+                got[(p, t, "impressions")] += imps
+    assert got == totals(evs)
+
+
+def test_yaml_and_toml_agree(redis_url, namespace, tmp_path) -> None:
+    evs = events(3_000, 100, seed=11)
+    results = []
+    for suffix in ("toml", "yaml"):
+        folder = tmp_path / suffix
+        folder.mkdir()
+        db = folder / "w.db"
+        cfg = widget_config(folder, f"sqlite:///{db}", suffix=suffix, max_entries=25)
+        r = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
+                   stdin=as_lines(evs))
+        assert r.returncode == 0, r.stderr
+        results.append(sqlite_totals(db))
+    assert results[0] == results[1] == totals(evs)
+
+
+def test_jsonl_sink_to_stdout(redis_url, namespace) -> None:
+    evs = events(2_000, 50, seed=5)
+    r = phonon("run", "-c", str(ROOT / "configs" / "lines.toml"), redis_url=redis_url,
+               namespace=namespace, stdin=as_lines(evs))
+    assert r.returncode == 0, r.stderr
+    lines = [orjson.loads(x) for x in r.stdout.splitlines()]
+    got = {(x["spec"]["target_post_id"], k): v for x in lines for k, v in x["doc"].items()}
+    want: Counter = Counter()
+    for e in evs:
+        want[(e["target_post_id"], e["event_type"])] += 1
+    assert got == dict(want)
+    assert {x["collection"] for x in lines} == {"targets"}
+    assert len(lines) == len({x["id"] for x in lines})  # one write per key
+
+
+def test_custom_update_class_from_config_dir(redis_url, namespace, tmp_path) -> None:
+    evs = events(1_000, 40, seed=9)
+    r = phonon("run", "-c", str(ROOT / "configs" / "custom.toml"), redis_url=redis_url,
+               namespace=namespace, stdin=as_lines(evs), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sqlite_totals(tmp_path / "custom.db") == totals(evs)
+
+
+def test_every_kind_of_bad_line_is_dead_lettered(redis_url, namespace, tmp_path) -> None:
+    good = events(500, 20, seed=2)
+    bad = [
+        (b'{"parent_post_id": 1, "event_type": "clicks"', "invalid JSON"),
+        (b'\xff\xfe{"x": 1}', "invalid JSON"),
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'"just a string"', "not a JSON object"),
+        (b'{"parent_post_id": 1, "event_type": "clicks"}', "missing field 'target_post_id'"),
+        (b'{"a": "' + b"x" * (2 << 20) + b'"}', "line longer than"),
+    ]
+    lines = [orjson.dumps(e) for e in good]
+    for i, (line, _) in enumerate(bad):
+        lines.insert(i * 80 + 3, line)
+    lines.append(b'{"parent_post_id": 1, "target_post_id": 2, "event_type": "views"}')  # unmatched
+    dead = tmp_path / "dead.jsonl"
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=5)
+    r = phonon("run", "-c", str(cfg), "--dead-letter", str(dead), redis_url=redis_url,
+               namespace=namespace, stdin=b"\n".join(lines) + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert sqlite_totals(db) == totals(good)
+    letters = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
+    assert len(letters) == len(bad)
+    for letter, (_, reason) in zip(letters, bad):
+        assert reason in letter["reason"]
+        assert letter["source"] == "-"
+    assert len(letters[-1]["line"]) <= 1024
+    assert (f"events read {len(good) + len(bad) + 1}, routed {len(good)}, unmatched 1, "
+            f"dead-lettered {len(bad)}") in r.stderr.decode()
+
+
+CONFIG_ERRORS = [
+    ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a}"\ncolection = "x"\n',
+     "routes[0].colection", "unknown key"),
+    ('[[routes]]\nupdate = "nope.nothing:Thing"\nid = "{a}"\n', "routes[0].update",
+     "cannot import"),
+    ('[[routes]]\nupdate = "phonon_cli.process:Process"\nid = "{a}"\n', "routes[0].update",
+     "not a subclass"),
+    ('[cache]\nsoft_session = "15x"\n[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\n'
+     'id = "{a}"\n', "cache.soft_session", "not a duration"),
+    ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a"\n', "routes[0].id",
+     "brace"),
+    ("[[routes]\n", "", "line 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "reason"), CONFIG_ERRORS)
+def test_config_errors_exit_2_naming_file_and_key(tmp_path, text, key, reason) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    for command in ("check", "run"):
+        r = phonon(command, "-c", str(cfg))
+        err = r.stderr.decode()
+        assert r.returncode == 2, err
+        assert str(cfg) in err and key in err and reason in err
+        assert "Traceback" not in err
+
+
+def test_check_accepts_the_examples() -> None:
+    for name in ("widgets.toml", "widgets.yaml", "lines.toml", "custom.toml"):
+        r = phonon("check", "-c", str(ROOT / "configs" / name))
+        assert r.returncode == 0, r.stderr
+        assert b"ok, 1 route(s)" in r.stdout
+
+
+def test_unreachable_store_exits_3_without_password(tmp_path) -> None:
+    cfg = widget_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
+    r = phonon("--redis-url", "redis://admin:hunter2@127.0.0.1:1/0", "run", "-c", str(cfg),
+               stdin=b"{}\n")
+    err = r.stderr.decode()
+    assert r.returncode == 3, err
+    assert "127.0.0.1:1" in err and "hunter2" not in err and "Traceback" not in err
+
+
+def test_embedded_default_store(tmp_path) -> None:
+    evs = events(1_000, 30)
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=10)
+    env = {"PHONON_HOME": str(tmp_path / "home")}
+    env_clean = {k: v for k, v in os.environ.items() if k != "PHONON_REDIS_URL"}
+    try:
+        r = subprocess.run([sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
+                           input=as_lines(evs), capture_output=True, timeout=60,
+                           env={**env_clean, **env})
+        assert r.returncode == 0, r.stderr
+        assert sqlite_totals(db) == totals(evs)
+        assert (tmp_path / "home" / "redis.pid").exists()
+    finally:
+        from phonon_cli.store import EmbeddedServer
+
+        EmbeddedServer(tmp_path / "home").stop()
+
+
+def test_sigterm_mid_stream_loses_nothing(redis_url, namespace, tmp_path, client, helpers) -> None:
+    evs = events(3_000, 200, seed=4)
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=50)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phonon_cli", "--redis-url", redis_url, "--namespace", namespace,
+         "--heartbeat-interval", "0.2", "run", "-c", str(cfg)],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(as_lines(evs))
+    proc.stdin.flush()  # and keep stdin open: the worker is mid-stream
+
+    def read_all() -> bool:
+        for pid in client.zrange(f"{namespace}:processes", 0, -1):
+            if client.hget(f"{namespace}:process:{pid}", "events_read") == str(len(evs)):
+                return True
+        return False
+
+    helpers.wait_for(read_all, what="the worker to read every event")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    proc.stdin.close()
+    assert proc.returncode == 0, err
+    assert sqlite_totals(db) == totals(evs)
+    assert helpers.namespace_keys(client, namespace) == []
