@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import defaults
 from .exceptions import StoreUnavailable
@@ -129,11 +131,15 @@ class EmbeddedServer:
     def is_running(self) -> bool:
         if not self.socket_path.exists():
             return False
+        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1,
+                             retry=Retry(NoBackoff(), 0))
         try:
-            redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1).ping()
+            client.ping()
             return True
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             return False
+        finally:
+            client.close()
 
     def ensure_running(self) -> str:
         """Start the server unless it runs already; return its URL."""
@@ -183,7 +189,11 @@ class EmbeddedServer:
         """Shut the server down (saving its data), if it runs."""
         if not self.is_running():
             return
+        # No retries: the server closing the connection is the answer, not a fault.
+        client = redis.Redis(unix_socket_path=str(self.socket_path), retry=Retry(NoBackoff(), 0))
         try:
-            redis.Redis(unix_socket_path=str(self.socket_path)).shutdown(save=True)
+            client.shutdown(save=True)
         except redis.ConnectionError:
             pass  # the server closes the connection as it exits
+        finally:
+            client.close()
