@@ -15,7 +15,7 @@ class ResourceKeys:
     """The keys that make up one resource's shared state."""
 
     nodes: str
-    """Hash: process id -> 1 for every process holding a reference."""
+    """Hash: process id -> when it took its reference (epoch ms), for every holder."""
     meta: str
     """Hash: times_modified, the partial's kind and how to rebuild it, timestamps."""
     partials: str
@@ -105,3 +105,23 @@ class Keys:
     def members(self, group: str, source: str) -> str:
         """Hash: partition -> process id owning it."""
         return f"{self.namespace}:members:{group}:{source}"
+
+    def offsets_pattern(self) -> str:
+        """A SCAN pattern matching the committed offsets of every group and source."""
+        return f"{self.namespace}:offsets:*"
+
+    def offsets_of(self, key: str) -> tuple[str, str] | None:
+        """``(group, source)`` of an ``offsets`` key, or None for any other key.
+
+        A group never contains ``:`` (a source may: ``file:PATH``), so the first
+        ``:`` after the prefix separates them.
+        """
+        prefix = f"{self.namespace}:offsets:"
+        if not key.startswith(prefix):
+            return None
+        group, sep, source = key[len(prefix) :].partition(":")
+        return (group, source) if sep and group and source else None
+
+    def flush_acks(self, request_id: str) -> str:
+        """Hash, with an expiry: process id -> entries it expired for one flush request."""
+        return f"{self.namespace}:flush:{request_id}:acks"

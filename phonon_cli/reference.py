@@ -132,8 +132,9 @@ def put_back(resource: str, taken: Taken) -> list[Release]:
 
 
 def finish(process: Process, taken: Sequence[Taken]) -> None:
-    """Forget partials once their write is done (one round trip for all)."""
-    keys = [k for t in taken for k in t.exec_keys if k]
+    """Forget partials once their write is done (one round trip for all, none if
+    nothing was taken: the script only keeps partials it found)."""
+    keys = [k for t in taken if t.items for k in t.exec_keys]
     if keys:
         process.client.delete(*keys)
 

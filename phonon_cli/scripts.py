@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 ACQUIRE_LUA = """
 -- Take references on many resources at once.
--- KEYS, 3 per resource: nodes (hash pid -> 1), meta (hash), partials
+-- KEYS, 3 per resource: nodes (hash pid -> when it took the reference, epoch ms),
+--   meta (hash), partials
 -- ARGV[1] process id, ARGV[2] now (epoch ms), then 1 per resource:
 --   absorb: "1" to take the partials already cached (init_cache), else "0"
 -- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
@@ -31,8 +32,7 @@ local pid, now = ARGV[1], ARGV[2]
 local out = {}
 for i = 0, #KEYS / 3 - 1 do
   local nodes, meta, partials = KEYS[i*3+1], KEYS[i*3+2], KEYS[i*3+3]
-  redis.call('HSET', nodes, pid, 1)
-  redis.call('HSETNX', meta, 'first_ms', now)
+  redis.call('HSET', nodes, pid, now)
   local taken = {}
   if ARGV[3 + i] == '1' then
     local t = redis.call('TYPE', partials)['ok']
@@ -70,7 +70,8 @@ RELEASE_LUA = """
 --           rebuild the partial; kept in meta
 --   payload: as above; "" deposits nothing
 -- Returns, per resource: {0} when deposited (or nothing to take), or
---   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE.
+--   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE; recipe is the
+--   one kept in meta for "orphan" (the caller has its own otherwise: "" then).
 local pid, now = ARGV[1], ARGV[2]
 
 local function add_sums(hash, payload)
@@ -108,12 +109,13 @@ for i = 0, #KEYS / 5 - 1 do
       items = redis.call('HGETALL', partials)
       kind = 'sums'
     end
+    local stored = redis.call('HGET', meta, 'recipe') or recipe
     if mode == 'orphan' then
-      recipe = redis.call('HGET', meta, 'recipe') or ''
+      recipe = stored
     end
     if t ~= 'none' then
       redis.call('RENAME', partials, exec)
-      redis.call('SET', exec_recipe, recipe)
+      redis.call('SET', exec_recipe, stored)
     end
     if left == 0 then
       redis.call('DEL', meta)
@@ -123,7 +125,7 @@ for i = 0, #KEYS / 5 - 1 do
     if mode == 'orphan' and t == 'none' then
       out[i + 1] = {0}
     else
-      local r = {1, kind, recipe}
+      local r = {1, kind, mode == 'orphan' and recipe or ''}
       for _, v in ipairs(items) do r[#r + 1] = v end
       out[i + 1] = r
     end
