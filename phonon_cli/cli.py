@@ -137,6 +137,7 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     code is 0. A second signal caches every partial in Redis and exits at once.
     """
     from . import sinks
+    from .control import Control
     from .routing import Router
     from .runner import RunOptions, Runner, progress_printer
     from .sources import open_source
@@ -157,13 +158,16 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     for route in config.routes:
         process.register(route.update)
     show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
-    runner = Runner(process, Router(config.routes), opened, options, progress=show)
+    runner = Runner(process, Router(config.routes), opened, options, progress=show,
+                    control=Control(process))
     runner.install_signal_handlers()
     try:
         stats = runner.run()
     except PhononError as e:
         fail(e)
     finally:
+        if runner.control is not None:
+            runner.control.close()
         process.stop()
         sinks.close_all()
     if show is not None:

@@ -127,21 +127,21 @@ def test_a_bad_name_fails_its_own_update_only(make_process, db_url) -> None:
 def test_a_batch_of_1000_keys_is_one_call_and_one_transaction(make_process, db_url,
                                                               monkeypatch) -> None:
     p = make_process()
-    dialect = sql_sink.DIALECTS[parse_database(db_url).kind]
+    backend = sql_sink.BACKENDS[parse_database(db_url).kind]
     calls: list[int] = []
     transactions: list[int] = []
-    real_many, real_tx = Counter.execute_many.__func__, dialect.transaction  # type: ignore[attr-defined]
+    real_many, real_tx = Counter.execute_many.__func__, backend.transaction  # type: ignore[attr-defined]
 
     def counting_many(cls: type[Counter], updates: Any) -> Any:
         calls.append(len(updates))
         return real_many(cls, updates)
 
-    def counting_tx(conn: Any) -> Any:
+    def counting_tx(self: Any) -> Any:
         transactions.append(1)
-        return real_tx(conn)
+        return real_tx(self)
 
     monkeypatch.setattr(Counter, "execute_many", classmethod(counting_many))
-    monkeypatch.setattr(dialect, "transaction", counting_tx)
+    monkeypatch.setattr(backend, "transaction", counting_tx)
     ups = [Counter(p, i, database=db_url, collection="many", spec={"k": i},
                    doc={"n": i, "one": 1}, acquire=False) for i in range(1000)]
     acquire_updates(ups)
@@ -167,6 +167,42 @@ def test_threads_use_their_own_connections(make_process, db_url) -> None:
         t.join()
     assert errors == []
     assert rows(db_url, "th") == [{"k": k, "n": 40} for k in range(10)]
+
+
+WRITER = """
+import sys
+from phonon_cli.process import Process
+from phonon_cli.sinks import close_all
+from phonon_cli.sinks.sql import Counter
+redis_url, namespace, db, worker = sys.argv[1:5]
+p = Process(redis_url=redis_url, namespace=namespace, start_heartbeat=False)
+for batch in range(5):
+    ups = [Counter(p, f"{worker}-{batch}-{i}", database=db, collection="mp", spec={"k": i % 20},
+                   doc={"n": 1, f"w{worker}": 2}, acquire=False) for i in range(100)]
+    failures = Counter.execute_many(ups)
+    assert failures == [], repr(failures[0][1].__cause__)
+close_all()
+p.stop()
+"""
+
+
+def test_worker_processes_write_one_database_at_once(redis_url, namespace, db_url,
+                                                     helpers) -> None:
+    procs = [helpers.python_process("-c", WRITER, redis_url, namespace, db_url, str(w))
+             for w in range(4)]
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0, 0]
+    assert rows(db_url, "mp") == [
+        {"k": k, "n": 100, "w0": 50, "w1": 50, "w2": 50, "w3": 50} for k in range(20)]
+
+
+def test_sqlite_names_differing_in_case_are_one_column(make_process, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/case.db"
+    p = make_process()
+    u = Counter(p, "k", database=url, collection="T", spec={"K": 1}, doc={"Clicks": 1, "clicks": 2})
+    assert u.end_session() is True
+    v = Counter(p, "k", database=url, collection="t", spec={"k": 1}, doc={"CLICKS": 4})
+    assert v.end_session() is True
+    assert rows(url, "t") == [{"K": 1, "Clicks": 7}]
 
 
 @pytest.mark.parametrize("kind", ["sqlite-dir", "conflicting-schema", "closed-port"])

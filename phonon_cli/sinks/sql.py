@@ -3,14 +3,14 @@
 Table = ``collection``; the spec keys are its primary key; each doc key is a
 numeric column added on first sight (``NOT NULL DEFAULT 0``). An executed key
 is one ``INSERT ... ON CONFLICT (spec) DO UPDATE SET c = cur.c + excluded.c``,
-so a row only ever grows by what was aggregated, whichever worker writes it.
+so a row only grows by what was aggregated, whichever worker writes it.
 
 Doc keys come from event data (``{event_type}``), so every identifier is quoted
 (double quotes, inner quotes doubled) and NUL is refused: data can name a
-column, never write SQL. The schema is read once per connection and cached;
-a batch costs one ``executemany`` per table. After any failure the connection
-and its cache are dropped, since a rolled-back ``ALTER TABLE`` would otherwise
-leave the cache believing in a column that does not exist.
+column, never write SQL. The schema is read once per connection and cached, so
+a batch costs one ``executemany`` per table. After a failed transaction the
+connection and its cache are dropped: a rolled-back ``ALTER TABLE`` would
+otherwise leave the cache believing in a column that does not exist.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -45,106 +45,105 @@ class Column:
     pk: bool = False
 
 
-@dataclass
-class Handle:
-    """One thread's connection to one database, with what it knows of the schema."""
-
-    dialect: Dialect
-    conn: Any
-    tables: dict[str, dict[str, Column]] = field(default_factory=dict)
-    """Table -> folded column name -> column."""
-
-    def close(self) -> None:
-        self.conn.close()
+def _kind(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float"}.get(type(value), "text")
 
 
-class Dialect:
-    """What differs between SQLite and PostgreSQL; the SQL itself is shared."""
+class Connection:
+    """One thread's connection to one database, and what it knows of the schema.
+    Subclasses hold what differs between SQLite and PostgreSQL."""
 
     types: ClassVar[dict[str, str]]
 
-    def fold(self, name: str) -> str:
-        """The name as the database compares it (SQLite ignores ASCII case)."""
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn: Any = None
+        self.tables: dict[str, dict[str, Column]] = {}
+        """Table -> folded column name -> column."""
+
+    @staticmethod
+    def fold(name: str) -> str:
+        """The name as the database compares it."""
         return name
 
-    def quote(self, name: str) -> str:
+    @staticmethod
+    def quote(name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
 
-    def check_name(self, name: object, what: str) -> str:
+    @classmethod
+    def check_name(cls, name: object, what: str) -> str:
         if not isinstance(name, str) or not name or "\x00" in name:
             raise SinkError(f"{what} {name!r} is not a valid SQL identifier (empty or NUL)")
         return name
 
-    def open(self, db: Database) -> Any:
+    def close(self) -> None:
+        self.conn.close()
+
+    def transaction(self) -> Any:
         raise NotImplementedError
 
-    @contextmanager
-    def transaction(self, conn: Any) -> Iterator[None]:
-        raise NotImplementedError
-        yield
-
-    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
+    def read(self, table: str) -> dict[str, Column] | None:
         raise NotImplementedError
 
-    def add_columns(self, conn: Any, table: str, cols: list[tuple[str, str]]) -> None:
+    def lock_table(self, table: str) -> None:
+        """Serialize creating ``table`` with other workers (SQLite: BEGIN IMMEDIATE did)."""
+
+    def add_columns(self, table: str, cols: list[tuple[str, str]]) -> None:
         for name, kind in cols:
-            conn.execute(f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
-                         f"{self.types[kind]} NOT NULL DEFAULT 0")
+            self.conn.execute(f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
+                              f"{self.types[kind]} NOT NULL DEFAULT 0")
 
-    def widen(self, conn: Any, table: str, name: str) -> bool:
+    def widen(self, table: str, name: str) -> bool:
         """Make an integer doc column hold floats; True if the schema changed."""
         return False  # SQLite's INTEGER affinity keeps a non-integral value as REAL
 
-    def lock_table(self, conn: Any, table: str) -> None:
-        """Serialize creating ``table`` with other workers (SQLite: BEGIN IMMEDIATE did)."""
-
-    def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
-        conn.executemany(sql.replace(MARK, "?"), params)
+    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+        self.conn.executemany(sql.replace(MARK, "?"), params)
 
 
-class SQLite(Dialect):
+class SQLite(Connection):
     types: ClassVar[dict[str, str]] = {
         "int": "INTEGER", "float": "REAL", "text": "TEXT", "bool": "INTEGER"}
 
-    def fold(self, name: str) -> str:
-        return name.translate(_ASCII_LOWER)
-
-    def open(self, db: Database) -> Any:
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
         if sqlite3.sqlite_version_info < (3, 24, 0):
             raise SinkError(f"{db.display}: SQLite {sqlite3.sqlite_version} has no UPSERT; "
                             "3.24 or later is needed")
         assert db.path is not None
-        parent = os.path.dirname(db.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        # Autocommit mode: transactions are our explicit BEGIN IMMEDIATE, which takes
-        # the write lock up front, so the busy timeout applies (a deferred BEGIN that
-        # upgrades later can fail at once with SQLITE_BUSY). WAL lets readers and
-        # several worker processes share the file. check_same_thread=False only so
-        # close_all() may close it from the main thread; only its owner writes.
-        conn = sqlite3.connect(db.path, timeout=Counter.sqlite_busy_timeout_s,
-                               isolation_level=None, check_same_thread=False)
+        if os.path.dirname(db.path):
+            os.makedirs(os.path.dirname(db.path), exist_ok=True)
+        # Autocommit mode, and transactions are BEGIN IMMEDIATE: the write lock is
+        # taken up front, so the busy timeout applies (a deferred BEGIN that upgrades
+        # later fails at once with SQLITE_BUSY). WAL lets several worker processes
+        # share the file. check_same_thread=False only so close_all() may close it.
+        self.conn = sqlite3.connect(db.path, timeout=Counter.sqlite_busy_timeout_s,
+                                    isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error:
-            conn.close()
+            self.conn.close()
             raise
-        return conn
+
+    @staticmethod
+    def fold(name: str) -> str:
+        return name.translate(_ASCII_LOWER)  # SQLite ignores ASCII case, and only that
 
     @contextmanager
-    def transaction(self, conn: Any) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
+    def transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        self.conn.execute("COMMIT")
 
-    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
+    def read(self, table: str) -> dict[str, Column] | None:
         cols = {}
-        for _, name, decl, _, _, pk in conn.execute(f"PRAGMA table_info({self.quote(table)})"):
+        for _, name, decl, _, _, pk in self.conn.execute(
+                f"PRAGMA table_info({self.quote(table)})"):
             decl = decl.upper()
             kind = ("int" if "INT" in decl else
                     "text" if any(t in decl for t in ("CHAR", "CLOB", "TEXT")) else
@@ -153,35 +152,35 @@ class SQLite(Dialect):
         return cols or None
 
 
-class PostgreSQL(Dialect):
+class PostgreSQL(Connection):
     types: ClassVar[dict[str, str]] = {
         "int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT", "bool": "BOOLEAN"}
     kinds: ClassVar[dict[str, str]] = {
         "bigint": "int", "integer": "int", "smallint": "int", "double precision": "float",
         "real": "float", "numeric": "float", "text": "text", "boolean": "bool"}
 
-    def check_name(self, name: object, what: str) -> str:
-        name = super().check_name(name, what)
-        if len(name.encode()) > 63:  # PostgreSQL would silently truncate it
-            raise SinkError(f"{what} {name!r} is longer than PostgreSQL's 63 bytes")
-        return name
-
-    def open(self, db: Database) -> Any:
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
         try:
             import psycopg
         except ImportError as e:
             raise SinkError(f"{db.display}: PostgreSQL needs psycopg: "
                             "pip install 'phonon-cli[postgres]'") from e
         extra = {} if "connect_timeout" in db.url else {"connect_timeout": 10}
-        return psycopg.connect(db.url, autocommit=True, **extra)  # type: ignore[arg-type]
+        self.conn = psycopg.connect(db.url, autocommit=True, **extra)  # type: ignore[arg-type]
 
-    @contextmanager
-    def transaction(self, conn: Any) -> Iterator[None]:
-        with conn.transaction():
-            yield
+    @classmethod
+    def check_name(cls, name: object, what: str) -> str:
+        name = super().check_name(name, what)
+        if len(name.encode()) > 63:  # PostgreSQL would silently truncate it
+            raise SinkError(f"{what} {name!r} is longer than PostgreSQL's 63 bytes")
+        return name
 
-    def read(self, conn: Any, table: str) -> dict[str, Column] | None:
-        rows = conn.execute(
+    def transaction(self) -> Any:
+        return self.conn.transaction()
+
+    def read(self, table: str) -> dict[str, Column] | None:
+        rows = self.conn.execute(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod),"
             " COALESCE(a.attnum = ANY(i.indkey), false)"
             " FROM pg_attribute a LEFT JOIN pg_index i"
@@ -190,40 +189,36 @@ class PostgreSQL(Dialect):
             (self.quote(table),)).fetchall()
         return {name: Column(name, self.kinds.get(t, "other"), pk) for name, t, pk in rows} or None
 
-    def lock_table(self, conn: Any, table: str) -> None:
-        # Two CREATE TABLE IF NOT EXISTS at once can both miss the table and one then
+    def lock_table(self, table: str) -> None:
+        # Two CREATE TABLE IF NOT EXISTS at once can both miss the table, and one then
         # fails on pg_type's unique index; a transaction-scoped advisory lock orders them.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))",
-                     (table,))
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))",
+                          (table,))
 
-    def add_columns(self, conn: Any, table: str, cols: list[tuple[str, str]]) -> None:
+    def add_columns(self, table: str, cols: list[tuple[str, str]]) -> None:
         # IF NOT EXISTS: another worker may add the same column between our read and now.
         adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {self.quote(n)} {self.types[k]} "
                          "NOT NULL DEFAULT 0" for n, k in cols)
-        conn.execute(f"ALTER TABLE {self.quote(table)} {adds}")
+        self.conn.execute(f"ALTER TABLE {self.quote(table)} {adds}")
 
-    def widen(self, conn: Any, table: str, name: str) -> bool:
+    def widen(self, table: str, name: str) -> bool:
         # Else a float summed into BIGINT would be rounded, silently.
-        conn.execute(f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} "
-                     "TYPE DOUBLE PRECISION")
+        self.conn.execute(f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} "
+                          "TYPE DOUBLE PRECISION")
         return True
 
-    def executemany(self, conn: Any, sql: str, params: list[tuple[Any, ...]]) -> None:
+    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
         # psycopg reads % as a placeholder even inside a quoted identifier.
-        with conn.cursor() as cur:  # pipelined by psycopg: no round trip per row
+        with self.conn.cursor() as cur:  # pipelined by psycopg: no round trip per row
             cur.executemany(sql.replace("%", "%%").replace(MARK, "%s"), params)
 
 
-DIALECTS: dict[str, Dialect] = {"sqlite": SQLite(), "postgresql": PostgreSQL()}
-
-
-def _kind(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float"}.get(type(value), "text")
+BACKENDS: dict[str, type[Connection]] = {"sqlite": SQLite, "postgresql": PostgreSQL}
 
 
 @dataclass
 class Row:
-    """One executed update, checked: names folded as the database compares them."""
+    """One executed update, checked, names folded as the database compares them."""
 
     update: Update
     table: str
@@ -231,28 +226,28 @@ class Row:
     doc: dict[str, tuple[str, int | float]]
 
 
-def prepare(d: Dialect, u: Update) -> Row:
+def prepare(c: type[Connection], u: Update) -> Row:
     """Check an update's names and values before any SQL is sent.
 
     Raises:
         SinkError: no collection, no spec, a bad identifier, a null key, a non-number.
     """
-    table = d.check_name(u.collection, "collection")
+    table = c.check_name(u.collection, "collection")
     if not u.spec:
         raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
     spec: dict[str, tuple[str, Any]] = {}
     for k, v in u.spec.items():
-        if v is None or d.fold(d.check_name(k, f"{table}: spec key")) in spec:
+        if v is None or c.fold(c.check_name(k, f"{table}: spec key")) in spec:
             raise SinkError(f"{table}: spec {k!r} is null or repeated; a primary key cannot be")
-        spec[d.fold(k)] = (k, orjson.dumps(v).decode() if isinstance(v, (dict, list)) else v)
+        spec[c.fold(k)] = (k, orjson.dumps(v).decode() if isinstance(v, (dict, list)) else v)
     doc: dict[str, tuple[str, int | float]] = {}
     for k, v in u.doc.items():
-        f = d.fold(d.check_name(k, f"{table}: doc key"))
+        f = c.fold(c.check_name(k, f"{table}: doc key"))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or f in spec or (
                 isinstance(v, int) and not -INT64 <= v < INT64) or (
                 isinstance(v, float) and not math.isfinite(v)):
-            raise SinkError(f"{table}: doc {k!r}={v!r} is a spec key, or not a 64-bit "
-                            "integer or finite float")
+            raise SinkError(f"{table}: doc {k!r}={v!r}: a spec key, or not a 64-bit integer "
+                            "or finite float")
         # SQLite: "Clicks" and "clicks" are one column, so they add up, as it would.
         doc[f] = (doc[f][0], doc[f][1] + v) if f in doc else (k, v)
     return Row(u, table, spec, doc)
@@ -263,35 +258,31 @@ def _coerce(col: Column, value: Any, table: str) -> Any:
     kind = col.kind
     if kind == "text":
         return value if isinstance(value, str) else orjson.dumps(value).decode()
-    if (kind == "int" and isinstance(value, int) or kind == "float" and _kind(value) != "text"
-            and not isinstance(value, bool) or kind == "bool" and isinstance(value, bool)):
-        return value
-    if kind == "other":
+    if (kind == _kind(value) or kind == "other" or kind == "float" and _kind(value) == "int"
+            or kind == "int" and _kind(value) == "bool"):
         return value
     raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {kind} column")
 
 
-def _table(h: Handle, table: str, first: Row) -> dict[str, Column]:
+def _columns(c: Connection, table: str, first: Row) -> dict[str, Column]:
     """The table's columns: cached, else read, else created from the first row."""
-    d, conn = h.dialect, h.conn
-    cols = h.tables.get(table) or d.read(conn, table)
+    cols = c.tables.get(table) or c.read(table)
     if cols is None:
-        d.lock_table(conn, table)
-        defs = [f"{d.quote(k)} {d.types[_kind(v)]} NOT NULL" for k, v in first.spec.values()]
-        pk = ", ".join(d.quote(k) for k, _ in first.spec.values())
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {d.quote(table)} "
-                     f"({', '.join(defs)}, PRIMARY KEY ({pk}))")
-        cols = d.read(conn, table)
+        c.lock_table(table)
+        defs = [f"{c.quote(k)} {c.types[_kind(v)]} NOT NULL" for k, v in first.spec.values()]
+        pk = ", ".join(c.quote(k) for k, _ in first.spec.values())
+        c.conn.execute(f"CREATE TABLE IF NOT EXISTS {c.quote(table)} "
+                       f"({', '.join(defs)}, PRIMARY KEY ({pk}))")
+        cols = c.read(table)
         assert cols is not None
-    h.tables[table] = cols
+    c.tables[table] = cols
     return cols
 
 
-def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
+def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     """Upsert rows into one table inside the caller's transaction; return rejected rows."""
-    d, conn = h.dialect, h.conn
-    cols = _table(h, table, rows[0])
-    keys = [f for f, c in cols.items() if c.pk]
+    cols = _columns(c, table, rows[0])
+    keys = [f for f, col in cols.items() if col.pk]
     failures: Failures = []
     ready: list[tuple[tuple[Any, ...], Row]] = []
     wanted: dict[str, tuple[str, str]] = {}  # folded doc column -> (name, int|float)
@@ -302,8 +293,8 @@ def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
                                 f"do not match the table's primary key "
                                 f"{sorted(cols[k].name for k in keys)}")
             key = tuple(_coerce(cols[k], row.spec[k][1], table) for k in keys)
-            bad = [k for f, (k, _) in row.doc.items() if f in cols and f in keys
-                   or f in cols and cols[f].kind not in ("int", "float")]
+            bad = [k for f, (k, _) in row.doc.items() if f in cols and (
+                cols[f].pk or cols[f].kind not in ("int", "float"))]
             if bad:
                 raise SinkError(f"{table}: doc columns {bad} are not numeric")
         except SinkError as e:
@@ -315,41 +306,42 @@ def write_table(h: Handle, table: str, rows: list[Row]) -> Failures:
                 wanted[f] = (wanted.get(f, (name, ""))[0], _kind(v))
     changed = False
     if any(f not in cols for f in wanted):
-        cols = d.read(conn, table) or cols  # another worker may have added some meanwhile
-        d.add_columns(conn, table, [w for f, w in wanted.items() if f not in cols])
+        cols = c.read(table) or cols  # another worker may have added some meanwhile
+        c.add_columns(table, [w for f, w in wanted.items() if f not in cols])
         changed = True
     for f, (_, kind) in wanted.items():
         if kind == "float" and f in cols and cols[f].kind == "int":
-            changed = d.widen(conn, table, cols[f].name) or changed
+            changed = c.widen(table, cols[f].name) or changed
     if changed:
-        cols = h.tables[table] = d.read(conn, table) or cols
+        cols = c.tables[table] = c.read(table) or cols
     if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
-        h.tables.pop(table, None)
+        c.tables.pop(table, None)
     if not ready:
         return failures
-    q = d.quote
+    q = c.quote
     sums = [q(cols[f].name) for f in wanted]
     names = [q(cols[k].name) for k in keys] + sums
-    sets = ", ".join(f"{c} = cur.{c} + excluded.{c}" for c in sums)
+    sets = ", ".join(f"{n} = cur.{n} + excluded.{n}" for n in sums)
     sql = (f"INSERT INTO {q(table)} AS cur ({', '.join(names)}) "
-           f"VALUES ({', '.join([MARK] * len(names))}) ON CONFLICT ({', '.join(names[:len(keys)])}) "
+           f"VALUES ({', '.join([MARK] * len(names))}) "
+           f"ON CONFLICT ({', '.join(names[:len(keys)])}) "
            + (f"DO UPDATE SET {sets}" if sums else "DO NOTHING"))
-    # The same key order in every worker, so concurrent batches lock rows in one
-    # order and cannot deadlock each other.
+    # The same key order in every worker, so concurrent batches take row locks in
+    # one order and cannot deadlock each other.
     ready.sort(key=lambda kr: repr(kr[0]))
-    d.executemany(conn, sql, [key + tuple(row.doc.get(f, ("", 0))[1] for f in wanted)
-                              for key, row in ready])
+    c.executemany(sql, [key + tuple(row.doc.get(f, ("", 0))[1] for f in wanted)
+                        for key, row in ready])
     return failures
 
 
 def write(db: Database, updates: Sequence[Update]) -> Failures:
     """Write a batch for one database in one transaction: all of it, or none of it."""
-    d = DIALECTS[db.kind]
+    backend = BACKENDS[db.kind]
     failures: Failures = []
     by_table: dict[str, list[Row]] = {}
     for u in updates:
         try:
-            row = prepare(d, u)
+            row = prepare(backend, u)
         except SinkError as e:
             failures.append((u, e))
             continue
@@ -357,11 +349,11 @@ def write(db: Database, updates: Sequence[Update]) -> Failures:
     if not by_table:
         return failures
     try:
-        h = thread_handle(db.url, lambda: Handle(d, d.open(db)))
+        c = thread_handle(db.url, lambda: backend(db))
         rejected: Failures = []
-        with d.transaction(h.conn):
+        with c.transaction():
             for table in sorted(by_table):
-                rejected += write_table(h, table, by_table[table])
+                rejected += write_table(c, table, by_table[table])
     except Exception as e:  # noqa: BLE001 - the whole transaction failed: so did every row
         discard(db.url)
         error = SinkError(f"{db.display}: {type(e).__name__}: {e}".rstrip())
@@ -385,8 +377,7 @@ class Counter(ConflictFreeUpdate):
     def __init__(self, process: Process, _id: Any, database: Any = None,
                  collection: str | None = None, spec: dict[str, Any] | None = None,
                  doc: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> None:
-        d = DIALECTS[parse_database(database).kind]
-        table = d.check_name(collection, "collection")
+        table = BACKENDS[parse_database(database).kind].check_name(collection, "collection")
         if not spec:
             raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
         super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)
