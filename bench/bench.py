@@ -44,8 +44,10 @@ def generate(path: Path, events: int, keys: int | None) -> None:
         for i in range(events):
             k = i if keys is None else rng.randrange(keys)
             kind = "clicks" if rng.random() < 0.1 else "impressions"
-            f.write(f'{{"parent_post_id": {k // 100}, "target_post_id": {k}, '
-                    f'"event_type": "{kind}", "ts": {1_700_000_000 + i}}}\n')
+            f.write(
+                f'{{"parent_post_id": {k // 100}, "target_post_id": {k}, '
+                f'"event_type": "{kind}", "ts": {1_700_000_000 + i}}}\n'
+            )
 
 
 def floor(path: Path, db: Path) -> float:
@@ -61,13 +63,16 @@ def floor(path: Path, db: Path) -> float:
                 s = sums[key] = [0, 0]
             s[0 if e["event_type"] == "clicks" else 1] += 1
     with sqlite3.connect(db) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS widgets (parent_post_id INTEGER, "
-                     "target_post_id INTEGER, clicks INTEGER DEFAULT 0, impressions INTEGER "
-                     "DEFAULT 0, PRIMARY KEY (parent_post_id, target_post_id))")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS widgets (parent_post_id INTEGER, "
+            "target_post_id INTEGER, clicks INTEGER DEFAULT 0, impressions INTEGER "
+            "DEFAULT 0, PRIMARY KEY (parent_post_id, target_post_id))"
+        )
         conn.executemany(
             "INSERT INTO widgets VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
             "clicks = clicks + excluded.clicks, impressions = impressions + excluded.impressions",
-            [(p, t, c, i) for (p, t), (c, i) in sums.items()])
+            [(p, t, c, i) for (p, t), (c, i) in sums.items()],
+        )
     return time.perf_counter() - started
 
 
@@ -78,15 +83,23 @@ def phonon(path: Path, db: Path, home: Path, max_entries: int) -> tuple[float, f
     env = {k: v for k, v in os.environ.items() if k not in ("PHONON_REDIS_URL",)}
     env["PHONON_HOME"] = str(home)
     # Start the embedded server first, so its start-up is not counted.
-    subprocess.run([sys.executable, "-m", "phonon_cli", "check", "-c", str(cfg)], env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "phonon_cli", "check", "-c", str(cfg)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     from phonon_cli.store import EmbeddedServer
 
     EmbeddedServer(home).ensure_running()
     started = time.perf_counter()
     with open(path, "rb") as f:
-        r = subprocess.run([sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
-                           stdin=f, capture_output=True, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
+            stdin=f,
+            capture_output=True,
+            env=env,
+        )
     wall = time.perf_counter() - started
     EmbeddedServer(home).stop()
     err = r.stderr.decode()
@@ -118,18 +131,24 @@ def main() -> None:
             generate(data, events, keys)
             floor_s = floor(data, work / f"floor-{name.split()[0]}.db")
             db = work / f"phonon-{name.split()[0]}.db"
-            wall_s, loop_s, summary = phonon(data, db, work / f"home-{name.split()[0]}",
-                                             max_entries)
+            wall_s, loop_s, summary = phonon(
+                data, db, work / f"home-{name.split()[0]}", max_entries
+            )
             check_equal(work / f"floor-{name.split()[0]}.db", db)
-            rows.append((name, events, keys, events / floor_s, events / wall_s, events / loop_s,
-                         summary))
+            rows.append(
+                (name, events, keys, events / floor_s, events / wall_s, events / loop_s, summary)
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'stream':<14} {'events':>9} {'keys':>9} {'floor ev/s':>11} {'phonon ev/s':>12} "
-          f"{'ratio':>6} {'loop ev/s':>10} {'ratio':>6}")
+    print(
+        f"{'stream':<14} {'events':>9} {'keys':>9} {'floor ev/s':>11} {'phonon ev/s':>12} "
+        f"{'ratio':>6} {'loop ev/s':>10} {'ratio':>6}"
+    )
     for name, events, keys, f, w, loop, _ in rows:
-        print(f"{name:<14} {events:>9,} {keys or events:>9,} {f:>11,.0f} {w:>12,.0f} "
-              f"{w / f:>6.2f} {loop:>10,.0f} {loop / f:>6.2f}")
+        print(
+            f"{name:<14} {events:>9,} {keys or events:>9,} {f:>11,.0f} {w:>12,.0f} "
+            f"{w / f:>6.2f} {loop:>10,.0f} {loop / f:>6.2f}"
+        )
     print("phonon ev/s: wall time of `phonon run` (process start to exit, totals checked equal);")
     print("loop ev/s: from its own summary (excludes interpreter start-up).")
     for name, *_, summary in rows:

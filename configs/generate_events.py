@@ -21,8 +21,9 @@ def main() -> None:
             continue
         k = rng.randrange(keys)
         kind = "clicks" if rng.random() < 0.1 else "impressions"
-        out.write(f'{{"parent_post_id": {k // 100}, "target_post_id": {k}, '
-                  f'"event_type": "{kind}"}}\n')
+        out.write(
+            f'{{"parent_post_id": {k // 100}, "target_post_id": {k}, "event_type": "{kind}"}}\n'
+        )
 
 
 if __name__ == "__main__":

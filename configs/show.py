@@ -8,7 +8,8 @@ import sys
 db, table = sys.argv[1], sys.argv[2]
 with sqlite3.connect(db) as conn:
     n, clicks, imps = conn.execute(
-        f'SELECT count(*), sum(clicks), sum(impressions) FROM "{table}"').fetchone()
+        f'SELECT count(*), sum(clicks), sum(impressions) FROM "{table}"'
+    ).fetchone()
     print(f"{db}: {n} rows in {table}, {clicks} clicks, {imps} impressions in all; the top 5:")
     for row in conn.execute(f'SELECT * FROM "{table}" ORDER BY impressions DESC LIMIT 5'):
         print("  ", row)

@@ -31,7 +31,12 @@ class WidgetUpdate(Update):
             )
             db.execute(
                 "INSERT INTO widgets VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                "clicks = clicks + excluded.clicks, impressions = impressions + excluded.impressions",
-                (self.spec["parent_post_id"], self.spec["target_post_id"],
-                 self.doc.get("clicks", 0), self.doc.get("impressions", 0)),
+                "clicks = clicks + excluded.clicks, "
+                "impressions = impressions + excluded.impressions",
+                (
+                    self.spec["parent_post_id"],
+                    self.spec["target_post_id"],
+                    self.doc.get("clicks", 0),
+                    self.doc.get("impressions", 0),
+                ),
             )

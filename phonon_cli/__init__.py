@@ -20,8 +20,20 @@ from .reference import Reference
 from .update import ConflictFreeUpdate, Update
 
 __all__ = [
-    "AlreadyLocked", "ConfigError", "ConflictFreeUpdate", "Lock", "LockError", "LockNotOwned",
-    "LruCache", "PhononError", "Process", "Reference", "SerializationError", "SinkError",
-    "SourceError", "StoreUnavailable", "Update",
+    "AlreadyLocked",
+    "ConfigError",
+    "ConflictFreeUpdate",
+    "Lock",
+    "LockError",
+    "LockNotOwned",
+    "LruCache",
+    "PhononError",
+    "Process",
+    "Reference",
+    "SerializationError",
+    "SinkError",
+    "SourceError",
+    "StoreUnavailable",
+    "Update",
 ]
 __version__ = "0.1.0"

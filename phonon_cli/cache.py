@@ -39,8 +39,9 @@ class LruCache:
             passes a batcher that sends them with the next batch.
     """
 
-    def __init__(self, max_entries: int = defaults.MAX_ENTRIES,
-                 end_sessions: Ender | None = None) -> None:
+    def __init__(
+        self, max_entries: int = defaults.MAX_ENTRIES, end_sessions: Ender | None = None
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries

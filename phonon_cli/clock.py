@@ -1,9 +1,12 @@
-"""The one clock: integer epoch milliseconds. Injected (``Process(clock=...)``) so tests move time instead of sleeping."""
+"""The one clock: integer epoch milliseconds.
+
+Injected (``Process(clock=...)``) so that tests move time instead of sleeping.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Clock = Callable[[], int]
 

@@ -10,7 +10,7 @@ import threading
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -74,8 +74,11 @@ class Process:
         self.id = secrets.token_hex(8)
         self.clock = clock
         self.heartbeat_interval_s = float(heartbeat_interval)
-        ttl_s = process_ttl if process_ttl is not None else (
-            self.heartbeat_interval_s * defaults.DEAD_AFTER_HEARTBEATS)
+        ttl_s = (
+            process_ttl
+            if process_ttl is not None
+            else (self.heartbeat_interval_s * defaults.DEAD_AFTER_HEARTBEATS)
+        )
         self.process_ttl_ms = max(1, int(ttl_s * 1000))
         self.recover_failed_processes = recover_failed_processes
         self.stats: dict[str, Any] = {}
@@ -88,14 +91,21 @@ class Process:
         self._stopped = False
         pool = self.client.connection_pool
         self._heartbeat_client = redis.Redis(
-            connection_pool=type(pool)(connection_class=pool.connection_class,
-                                       **pool.connection_kwargs)
+            connection_pool=type(pool)(
+                connection_class=pool.connection_class, **pool.connection_kwargs
+            )
         )
         self.started_ms = self.clock()
-        self.heartbeat(self.client, extra={
-            "host": socket.gethostname(), "pid": os.getpid(), "started_ms": self.started_ms,
-            "heartbeat_interval_s": self.heartbeat_interval_s,
-        }, load_scripts=True)
+        self.heartbeat(
+            self.client,
+            extra={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_ms": self.started_ms,
+                "heartbeat_interval_s": self.heartbeat_interval_s,
+            },
+            load_scripts=True,
+        )
         self._thread: threading.Thread | None = None
         if start_heartbeat:
             self._thread = threading.Thread(
@@ -107,8 +117,12 @@ class Process:
 
     # -- identity and liveness -------------------------------------------------
 
-    def heartbeat(self, client: redis.Redis | None = None, extra: dict[str, Any] | None = None,
-                  load_scripts: bool = False) -> None:
+    def heartbeat(
+        self,
+        client: redis.Redis | None = None,
+        extra: dict[str, Any] | None = None,
+        load_scripts: bool = False,
+    ) -> None:
         """Say we are alive: refresh the TTL'd alive key, the registry score and our figures."""
         now = self.clock()
         fields: dict[str, Any] = {"last_heartbeat_ms": now}
@@ -116,7 +130,7 @@ class Process:
         fields.update({k: v for k, v in self.stats.items() if v is not None})
         pipe = (client or self._heartbeat_client).pipeline(transaction=False)
         pipe.set(self.keys.alive(self.id), now, px=self.process_ttl_ms)
-        pipe.hset(self.keys.process(self.id), mapping=fields)
+        pipe.hset(self.keys.process(self.id), mapping=fields)  # type: ignore[arg-type]
         pipe.zadd(self.keys.processes, {self.id: now})
         if load_scripts:
             scripts.load(pipe)
@@ -135,7 +149,8 @@ class Process:
 
     def dead_processes(self) -> list[str]:
         """Registered processes whose alive key has expired (never this one)."""
-        ids = [pid for pid in self.client.zrange(self.keys.processes, 0, -1) if pid != self.id]
+        registered = cast("list[str]", self.client.zrange(self.keys.processes, 0, -1))
+        ids = [pid for pid in registered if pid != self.id]
         if not ids:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -160,12 +175,15 @@ class Process:
         ref.acquire()
         return ref
 
-    def lock(self, key: str, block: bool = True, timeout_s: float = defaults.LOCK_TIMEOUT_S) -> Lock:
+    def lock(
+        self, key: str, block: bool = True, timeout_s: float = defaults.LOCK_TIMEOUT_S
+    ) -> Lock:
         """A lock on ``key``, to use as a context manager; ``stop()`` releases it if still held."""
         return self.make_lock(self.keys.lock(key), block=block, timeout_s=timeout_s)
 
-    def make_lock(self, redis_key: str, block: bool = True,
-                  timeout_s: float = defaults.LOCK_TIMEOUT_S) -> Lock:
+    def make_lock(
+        self, redis_key: str, block: bool = True, timeout_s: float = defaults.LOCK_TIMEOUT_S
+    ) -> Lock:
         lock = Lock(self.client, redis_key, block=block, timeout_s=timeout_s)
         self._locks.add(lock)
         return lock
@@ -191,8 +209,12 @@ class Process:
         dead = self.dead_processes()
         if not dead:
             return 0
-        lock = Lock(self.client, self.keys.recovery_lock, block=False,
-                    ttl_ms=defaults.RECOVERY_LOCK_TTL_S * 1000)
+        lock = Lock(
+            self.client,
+            self.keys.recovery_lock,
+            block=False,
+            ttl_ms=defaults.RECOVERY_LOCK_TTL_S * 1000,
+        )
         try:
             lock.acquire()
         except AlreadyLocked:
@@ -217,15 +239,14 @@ class Process:
 
         Idempotent, so a survivor that dies half way leaves work the next one can redo.
         """
-        resources = self.client.smembers(self.keys.held(pid))
+        resources = cast("set[str]", self.client.smembers(self.keys.held(pid)))
         entries: list[tuple[str, str, str]] = []
         for resource in resources:
             entries.append((resource, *self.keys.resource(resource).executing(pid, 0)))
         for key in self.client.scan_iter(match=self.keys.executing_pattern(pid), count=1000):
-            if not Keys.is_recipe(key):
-                resource = self.keys.resource_of(key)
-                if resource is not None:
-                    entries.append((resource, key, f"{key}:recipe"))
+            of = self.keys.resource_of(key)
+            if of is not None and not Keys.is_recipe(key):
+                entries.append((of, key, f"{key}:recipe"))
         orphans = []
         now = self.clock()
         for start in range(0, len(entries), defaults.BATCH_MAX_KEYS):
@@ -235,7 +256,9 @@ class Process:
                 rk = self.keys.resource(resource)
                 keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key]
             results = scripts.RECOVER(keys=keys, args=[pid, now], client=self.client)
-            orphans += [r for (r, _, _), (left, cached) in zip(chunk, results) if not left and cached]
+            orphans += [
+                r for (r, _, _), (left, cached) in zip(chunk, results) if not left and cached
+            ]
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(self.keys.held(pid), self.keys.process(pid), self.keys.alive(pid))
         pipe.zrem(self.keys.processes, pid)
@@ -280,7 +303,7 @@ class Process:
         self.stop()
 
     def held_resources(self) -> set[str]:
-        return set(self.client.smembers(self.keys.held(self.id)))
+        return cast("set[str]", self.client.smembers(self.keys.held(self.id)))
 
     def holders_by_resource(self, resources: Iterable[str]) -> dict[str, list[str]]:
         resources = list(resources)

@@ -65,14 +65,17 @@ def acquire_many(
     return out
 
 
-def _queue_acquire(pipe: Pipeline, process: Process, resources: Sequence[str],
-                   absorb: Sequence[bool], now: int) -> None:
+def _queue_acquire(
+    pipe: Pipeline, process: Process, resources: Sequence[str], absorb: Sequence[bool], now: int
+) -> None:
     pipe.sadd(process.keys.held(process.id), *resources)
     for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
         keys: list[str] = []
         args: list[Any] = [process.id, now]
-        for resource, flag in zip(resources[start : start + defaults.BATCH_MAX_KEYS],
-                                  absorb[start : start + defaults.BATCH_MAX_KEYS]):
+        for resource, flag in zip(
+            resources[start : start + defaults.BATCH_MAX_KEYS],
+            absorb[start : start + defaults.BATCH_MAX_KEYS],
+        ):
             rk = process.keys.resource(resource)
             keys += [rk.nodes, rk.meta, rk.partials]
             args.append("1" if flag else "0")
@@ -113,12 +116,12 @@ def release_many(
             _queue_acquire(pipe, process, acquire, [False] * len(acquire), now)
 
     results = scripts.run(process.client, build)
-    out: list[Taken | None] = []
-    for result in results[: len(chunks)]:
-        out += [None if r[0] == 0 else (r[1], r[2], list(r[3:])) for r in result]  # type: ignore[misc]
+    replies = [reply for result in results[: len(chunks)] for reply in result]
     return [
-        None if t is None else Taken(kind=t[0], recipe=t[1], items=t[2], exec_keys=rel.exec_keys)
-        for rel, t in zip(releases, out)
+        None
+        if r[0] == 0
+        else Taken(kind=r[1], recipe=r[2], items=list(r[3:]), exec_keys=rel.exec_keys)
+        for rel, r in zip(releases, replies)
     ]
 
 
@@ -163,7 +166,7 @@ class Reference:
 
     def count(self) -> int:
         """How many live processes hold this resource."""
-        holders = self.process.client.hkeys(self.keys.nodes)
+        holders: list[str] = self.process.client.hkeys(self.keys.nodes)  # type: ignore[assignment]
         return len(self.process.live_processes(holders)) if holders else 0
 
     def refresh_session(self) -> None:
@@ -194,8 +197,11 @@ class Reference:
         if taken.items:
             # A bare reference has no state to merge partials into: they belong to
             # Updates of the same resource, so they go back for the next holder.
-            log.warning("%s: a bare reference took %d partials; putting them back",
-                        self.resource, len(taken.items))
+            log.warning(
+                "%s: a bare reference took %d partials; putting them back",
+                self.resource,
+                len(taken.items),
+            )
             release_many(self.process, put_back(self.resource, taken))
         if callback is not None:
             callback(*(args or ()), **(kwargs or {}))

@@ -167,9 +167,15 @@ class Control(Protocol):
 class Runner:
     """One ``phonon run``: sources in, routed updates through the cache, executes out."""
 
-    def __init__(self, process: Process, router: Router, sources: Sequence[Source],
-                 options: RunOptions, progress: Callable[[str], None] | None = None,
-                 control: Control | None = None) -> None:
+    def __init__(
+        self,
+        process: Process,
+        router: Router,
+        sources: Sequence[Source],
+        options: RunOptions,
+        progress: Callable[[str], None] | None = None,
+        control: Control | None = None,
+    ) -> None:
         self.process = process
         self.router = router
         self.sources = list(sources)
@@ -303,8 +309,11 @@ class Runner:
                 event = loads(line)
             except orjson.JSONDecodeError as e:
                 if line.startswith(TOO_LONG):
-                    self._dead(chunk.source, line[len(TOO_LONG):],
-                               f"line longer than {defaults.MAX_LINE_BYTES} bytes")
+                    self._dead(
+                        chunk.source,
+                        line[len(TOO_LONG) :],
+                        f"line longer than {defaults.MAX_LINE_BYTES} bytes",
+                    )
                 elif not line.strip():
                     stats.events_read -= 1  # blank lines are not events
                 else:
@@ -348,13 +357,24 @@ class Runner:
                 else:
                     cache.set(key, self._new_update(route, id_, spec, doc))
 
-    def _new_update(self, route: Route, id_: str, spec: dict[str, Any], doc: dict[str, Any]) -> Update:
+    def _new_update(
+        self, route: Route, id_: str, spec: dict[str, Any], doc: dict[str, Any]
+    ) -> Update:
         opts = self.options
         return route.update(
-            self.process, id_, database=route.database, collection=route.collection, spec=spec,
-            doc=doc, acquire=False,
-            soft_session=route.soft_session_s if route.soft_session_s is not None else opts.soft_session_s,
-            hard_session=route.hard_session_s if route.hard_session_s is not None else opts.hard_session_s,
+            self.process,
+            id_,
+            database=route.database,
+            collection=route.collection,
+            spec=spec,
+            doc=doc,
+            acquire=False,
+            soft_session=route.soft_session_s
+            if route.soft_session_s is not None
+            else opts.soft_session_s,
+            hard_session=route.hard_session_s
+            if route.hard_session_s is not None
+            else opts.hard_session_s,
         )
 
     def _dead(self, source: str, line: bytes, reason: str) -> None:
@@ -367,18 +387,24 @@ class Runner:
         self.stats.keys_cached = s.get("keys_cached", 0)
         self.stats.execute_failures = s.get("execute_failures", 0)
         elapsed = self.stats.elapsed_s
-        s.update({
-            "entries": self.cache.size(), "events_read": self.stats.events_read,
-            "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
-            "dead_lettered": self.stats.dead_lettered, "pid": os.getpid(),
-        })
+        s.update(
+            {
+                "entries": self.cache.size(),
+                "events_read": self.stats.events_read,
+                "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
+                "dead_lettered": self.stats.dead_lettered,
+                "pid": os.getpid(),
+            }
+        )
 
     def _progress_line(self) -> str:
         self._publish()
         st = self.stats
         rate = st.events_read / st.elapsed_s if st.elapsed_s else 0
-        return (f"{st.events_read:,} events ({rate:,.0f}/s), {self.cache.size():,} keys cached, "
-                f"{st.keys_executed:,} executed, {st.dead_lettered:,} dead-lettered")
+        return (
+            f"{st.events_read:,} events ({rate:,.0f}/s), {self.cache.size():,} keys cached, "
+            f"{st.keys_executed:,} executed, {st.dead_lettered:,} dead-lettered"
+        )
 
 
 def _sums_fast(route: Route) -> bool:

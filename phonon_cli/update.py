@@ -138,8 +138,12 @@ class Update:
 
     def expires_at_ms(self) -> float:
         """When the soft or hard session ends, whichever is first (epoch ms)."""
-        soft = float("inf") if self.soft_session_ms is None else self.touched_ms + self.soft_session_ms
-        hard = float("inf") if self.hard_session_ms is None else self.started_ms + self.hard_session_ms
+        soft = (
+            float("inf") if self.soft_session_ms is None else self.touched_ms + self.soft_session_ms
+        )
+        hard = (
+            float("inf") if self.hard_session_ms is None else self.started_ms + self.hard_session_ms
+        )
         return min(soft, hard)
 
     def end_session(self) -> bool:
@@ -162,10 +166,16 @@ class Update:
 
     def recipe(self) -> str:
         """JSON naming the class and arguments that rebuild this update (no pickle)."""
-        return orjson.dumps({
-            "cls": class_name(type(self)), "id": self._id, "database": self.database,
-            "collection": self.collection, "spec": self.spec,
-        }, option=orjson.OPT_NON_STR_KEYS).decode()
+        return orjson.dumps(
+            {
+                "cls": class_name(type(self)),
+                "id": self._id,
+                "database": self.database,
+                "collection": self.collection,
+                "spec": self.spec,
+            },
+            option=orjson.OPT_NON_STR_KEYS,
+        ).decode()
 
     def to_dict(self) -> dict[str, Any]:
         return {"doc": self.doc, "state": self.state()}
@@ -185,8 +195,15 @@ class Update:
 
     def blank(self) -> Update:
         """A fresh update for the same key, holding nothing, taking no reference."""
-        other = type(self)(self.process, self._id, database=self.database,
-                           collection=self.collection, spec=self.spec, doc={}, acquire=False)
+        other = type(self)(
+            self.process,
+            self._id,
+            database=self.database,
+            collection=self.collection,
+            spec=self.spec,
+            doc={},
+            acquire=False,
+        )
         other.clear()
         return other
 
@@ -241,15 +258,19 @@ class ConflictFreeUpdate(Update):
 
 def acquire_updates(updates: Sequence[Update], init_cache: bool = False) -> None:
     """Take the references of updates built with ``acquire=False``: one round trip."""
-    absorbed = acquire_many(updates[0].process, [u.resource for u in updates],
-                            [init_cache] * len(updates)) if updates else []
+    absorbed = (
+        acquire_many(updates[0].process, [u.resource for u in updates], [init_cache] * len(updates))
+        if updates
+        else []
+    )
     for update, got in zip(updates, absorbed):
         if got is not None:
             update.absorb(*got)
 
 
-def end_sessions(updates: Sequence[Update], mode: str | None = None,
-                 acquire: Sequence[Update] = ()) -> list[bool]:
+def end_sessions(
+    updates: Sequence[Update], mode: str | None = None, acquire: Sequence[Update] = ()
+) -> list[bool]:
     """End many sessions at once; True where this process executed.
 
     One script call (per ``BATCH_MAX_KEYS``) leaves every resource, each either
@@ -282,11 +303,14 @@ def end_sessions(updates: Sequence[Update], mode: str | None = None,
     return executed
 
 
-def _end_sessions(updates: Sequence[Update], mode: str | None, acquire: Sequence[str]) -> list[bool]:
+def _end_sessions(
+    updates: Sequence[Update], mode: str | None, acquire: Sequence[str]
+) -> list[bool]:
     process = updates[0].process
     releases = [
-        Release(u.resource, mode or ("force" if u._force else "end"), u.kind, u.recipe(),
-                u.payload())
+        Release(
+            u.resource, mode or ("force" if u._force else "end"), u.kind, u.recipe(), u.payload()
+        )
         for u in updates
     ]
     taken = release_many(process, releases, acquire)
@@ -299,9 +323,13 @@ def _end_sessions(updates: Sequence[Update], mode: str | None, acquire: Sequence
         except Exception as e:  # noqa: BLE001 - a bad partial must not lose the others
             log.error("%s: cannot merge cached partials (%s); left in redis", update.resource, e)
             update.error = e
-            release_many(process, [*put_back(update.resource, got),
-                                   Release(update.resource, "cache", update.kind,
-                                           release.recipe, release.payload)])
+            release_many(
+                process,
+                [
+                    *put_back(update.resource, got),
+                    Release(update.resource, "cache", update.kind, release.recipe, release.payload),
+                ],
+            )
             finish(process, [got])
             continue
         ready.append((update, got))
@@ -321,11 +349,17 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         failed_ids = {id(u) for u, _ in failed}
         for update, error in failed:
             update.error = error
-            log.error("%s: execute failed after %d attempts (%s); aggregate cached in redis",
-                      update.resource, cls.execute_attempts, error)
+            log.error(
+                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                update.resource,
+                cls.execute_attempts,
+                error,
+            )
         if failed:
-            release_many(process, [Release(u.resource, "cache", u.kind, u.recipe(), u.payload())
-                                   for u, _ in failed])
+            release_many(
+                process,
+                [Release(u.resource, "cache", u.kind, u.recipe(), u.payload()) for u, _ in failed],
+            )
         finish(process, [got for _, got in pairs])
         executed.update(u for u, _ in pairs if id(u) not in failed_ids)
         _count(process, "keys_executed", len(pairs) - len(failed))
@@ -342,8 +376,13 @@ def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
             failures = [(u, e) for u in updates]
         if not failures or attempt == cls.execute_attempts:
             return failures
-        log.warning("%s: %d executes failed (%s); %d attempts left", class_name(cls),
-                    len(failures), failures[0][1], cls.execute_attempts - attempt)
+        log.warning(
+            "%s: %d executes failed (%s); %d attempts left",
+            class_name(cls),
+            len(failures),
+            failures[0][1],
+            cls.execute_attempts - attempt,
+        )
         time.sleep(pause)
         pause *= 2
         updates = [u for u, _ in failures]
@@ -359,8 +398,15 @@ def rebuild(process: Process, recipe: str) -> Update | None:
         return None
     if cls is None:
         return None
-    update = cls(process, r["id"], database=r.get("database"), collection=r.get("collection"),
-                 spec=r.get("spec"), doc={}, acquire=False)
+    update = cls(
+        process,
+        r["id"],
+        database=r.get("database"),
+        collection=r.get("collection"),
+        spec=r.get("spec"),
+        doc={},
+        acquire=False,
+    )
     update.clear()
     return update
 
@@ -383,7 +429,7 @@ def claim_orphans(process: Process, resources: Sequence[str]) -> tuple[list[str]
             left.append(resource)
     taken = release_many(process, [Release(r, "orphan") for r in claim])
     ready = []
-    for resource, got in zip(claim, taken):
+    for got in taken:
         if got is None:
             continue  # a holder arrived, or someone else claimed it first
         update = rebuild(process, got.recipe)

@@ -109,9 +109,14 @@ def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str
         time.sleep(0.02)
 
 
-def python_process(*args: str, env: dict[str, str] | None = None, **kwargs: object) -> subprocess.Popen[str]:
+def python_process(
+    *args: str, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.Popen[str]:
     """A real OS process running a helper script from tests/helpers."""
-    full_env = {**os.environ, "PYTHONPATH": f"{TESTS / 'helpers'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS / 'helpers'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, *args], env=full_env, text=True, **kwargs)  # type: ignore[call-overload]
 

@@ -55,8 +55,10 @@ def test_failed_end_session_keeps_the_update(make_process, client, namespace) ->
     cache = LruCache(max_entries=1)
     cache.set("a", WidgetUpdate(p, "a", doc={"c": 1}))
     good_client = p.client
-    p.client = redis.Redis(unix_socket_path="/nonexistent/redis.sock",  # Redis is gone
-                           retry=Retry(NoBackoff(), 0))
+    p.client = redis.Redis(
+        unix_socket_path="/nonexistent/redis.sock",  # Redis is gone
+        retry=Retry(NoBackoff(), 0),
+    )
     with pytest.raises(redis.ConnectionError):
         cache.set("b", WidgetUpdate(p, "b", doc={"c": 1}, acquire=False))
     assert cache.size() == 1 and cache.keys() == ["b"]

@@ -32,13 +32,23 @@ def read(path) -> tuple[Counter, Counter, int]:
 
 
 @pytest.mark.parametrize("kind", ["json", "sums"])
-def test_many_processes_small_caches_exact_totals(redis_url, namespace, kind, tmp_path, helpers,
-                                                  client) -> None:
+def test_many_processes_small_caches_exact_totals(
+    redis_url, namespace, kind, tmp_path, helpers, client
+) -> None:
     out = tmp_path / "out.jsonl"
     out.touch()
     workers = [
-        helpers.python_process(str(helpers.helpers_dir / "hammer.py"), redis_url, namespace, kind,
-                               "1500", "12", "4", str(seed), env={"PHONON_TEST_OUT": str(out)})
+        helpers.python_process(
+            str(helpers.helpers_dir / "hammer.py"),
+            redis_url,
+            namespace,
+            kind,
+            "1500",
+            "12",
+            "4",
+            str(seed),
+            env={"PHONON_TEST_OUT": str(out)},
+        )
         for seed in range(5)
     ]
     assert [w.wait(timeout=120) for w in workers] == [0] * 5
@@ -55,8 +65,9 @@ def test_killed_holder_is_recovered_and_partials_executed_once(
     out = tmp_path / "out.jsonl"
     out.touch()
     monkeypatch.setenv("PHONON_TEST_OUT", str(out))
-    holder = helpers.python_process(str(helpers.helpers_dir / "holder.py"), redis_url, namespace,
-                                    "10", stdout=-1)
+    holder = helpers.python_process(
+        str(helpers.helpers_dir / "holder.py"), redis_url, namespace, "10", stdout=-1
+    )
     assert holder.stdout.readline().strip() == "ready"
     holder.stdout.close()
     cacher = make_process(recover_failed_processes=False)
@@ -67,8 +78,9 @@ def test_killed_holder_is_recovered_and_partials_executed_once(
     survivor = make_process(heartbeat_interval=0.1)
     survivor.register(WidgetUpdate)
     helpers.wait_for(lambda: len(out.read_bytes().splitlines()) >= 10, what="recovery")
-    helpers.wait_for(lambda: client.zcard(survivor.keys.processes) == 2,
-                     what="the dead process unregistered")
+    helpers.wait_for(
+        lambda: client.zcard(survivor.keys.processes) == 2, what="the dead process unregistered"
+    )
     _, executed, writes = read(out)
     assert writes == 10
     assert executed == Counter({(f"k{i}", "c"): 1 for i in range(10)})
@@ -99,6 +111,11 @@ def test_partials_taken_by_a_process_that_dies_are_put_back(
     assert [orjson.loads(x)["doc"] for x in out.read_bytes().splitlines()] == [{"c": 2}]
     assert client.exists(*taken.exec_keys) == 0
     assert helpers.namespace_keys(client, a.keys.namespace) == sorted(
-        [survivor.keys.alive(survivor.id), survivor.keys.process(survivor.id),
-         b.keys.alive(b.id), b.keys.process(b.id), a.keys.processes]
+        [
+            survivor.keys.alive(survivor.id),
+            survivor.keys.process(survivor.id),
+            b.keys.alive(b.id),
+            b.keys.process(b.id),
+            a.keys.processes,
+        ]
     )

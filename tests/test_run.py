@@ -17,14 +17,26 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def phonon(*args: str, redis_url: str | None = None, namespace: str | None = None,
-           stdin: bytes = b"", env: dict[str, str] | None = None, cwd: Path | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+def phonon(
+    *args: str,
+    redis_url: str | None = None,
+    namespace: str | None = None,
+    stdin: bytes = b"",
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[bytes]:
     cmd = [sys.executable, "-m", "phonon_cli"]
     if redis_url:
         cmd += ["--redis-url", redis_url, "--namespace", namespace or "phonon"]
-    return subprocess.run([*cmd, *args], input=stdin, capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [*cmd, *args],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def events(n: int, keys: int, seed: int = 7) -> list[dict]:
@@ -32,8 +44,13 @@ def events(n: int, keys: int, seed: int = 7) -> list[dict]:
     out = []
     for _ in range(n):
         k = rng.randrange(keys)
-        out.append({"parent_post_id": k % 17, "target_post_id": k,
-                    "event_type": rng.choice(["clicks", "impressions"])})
+        out.append(
+            {
+                "parent_post_id": k % 17,
+                "target_post_id": k,
+                "event_type": rng.choice(["clicks", "impressions"]),
+            }
+        )
     return out
 
 
@@ -48,8 +65,13 @@ def as_lines(evs: list[dict]) -> bytes:
     return b"".join(orjson.dumps(e) + b"\n" for e in evs)
 
 
-def widget_config(tmp_path: Path, database: str, suffix: str = "toml",
-                  update: str = "phonon_cli.sinks.sql:Counter", max_entries: int = 10000) -> Path:
+def widget_config(
+    tmp_path: Path,
+    database: str,
+    suffix: str = "toml",
+    update: str = "phonon_cli.sinks.sql:Counter",
+    max_entries: int = 10000,
+) -> Path:
     text = (ROOT / "configs" / f"widgets.{suffix}").read_text()
     text = text.replace("sqlite:///widgets.db", database)
     text = text.replace("phonon_cli.sinks.sql:Counter", update)
@@ -77,8 +99,9 @@ def test_sqlite_totals_exact(redis_url, namespace, tmp_path, max_entries, helper
     evs = events(20_000, 500)
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=max_entries)
-    result = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
-                    stdin=as_lines(evs))
+    result = phonon(
+        "run", "-c", str(cfg), redis_url=redis_url, namespace=namespace, stdin=as_lines(evs)
+    )
     assert result.returncode == 0, result.stderr
     assert sqlite_totals(db) == totals(evs)
     stderr = result.stderr.decode()
@@ -91,8 +114,9 @@ def test_postgres_totals_exact(redis_url, namespace, tmp_path, postgres_url) -> 
 
     evs = events(5_000, 300, seed=3)
     cfg = widget_config(tmp_path, postgres_url, max_entries=40)
-    result = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
-                    stdin=as_lines(evs))
+    result = phonon(
+        "run", "-c", str(cfg), redis_url=redis_url, namespace=namespace, stdin=as_lines(evs)
+    )
     assert result.returncode == 0, result.stderr
     got: Counter = Counter()
     with psycopg.connect(postgres_url) as conn:
@@ -114,8 +138,9 @@ def test_yaml_and_toml_agree(redis_url, namespace, tmp_path) -> None:
         folder.mkdir()
         db = folder / "w.db"
         cfg = widget_config(folder, f"sqlite:///{db}", suffix=suffix, max_entries=25)
-        r = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace,
-                   stdin=as_lines(evs))
+        r = phonon(
+            "run", "-c", str(cfg), redis_url=redis_url, namespace=namespace, stdin=as_lines(evs)
+        )
         assert r.returncode == 0, r.stderr
         results.append(sqlite_totals(db))
     assert results[0] == results[1] == totals(evs)
@@ -123,8 +148,14 @@ def test_yaml_and_toml_agree(redis_url, namespace, tmp_path) -> None:
 
 def test_jsonl_sink_to_stdout(redis_url, namespace) -> None:
     evs = events(2_000, 50, seed=5)
-    r = phonon("run", "-c", str(ROOT / "configs" / "lines.toml"), redis_url=redis_url,
-               namespace=namespace, stdin=as_lines(evs))
+    r = phonon(
+        "run",
+        "-c",
+        str(ROOT / "configs" / "lines.toml"),
+        redis_url=redis_url,
+        namespace=namespace,
+        stdin=as_lines(evs),
+    )
     assert r.returncode == 0, r.stderr
     lines = [orjson.loads(x) for x in r.stdout.splitlines()]
     got = {(x["spec"]["target_post_id"], k): v for x in lines for k, v in x["doc"].items()}
@@ -138,8 +169,15 @@ def test_jsonl_sink_to_stdout(redis_url, namespace) -> None:
 
 def test_custom_update_class_from_config_dir(redis_url, namespace, tmp_path) -> None:
     evs = events(1_000, 40, seed=9)
-    r = phonon("run", "-c", str(ROOT / "configs" / "custom.toml"), redis_url=redis_url,
-               namespace=namespace, stdin=as_lines(evs), cwd=tmp_path)
+    r = phonon(
+        "run",
+        "-c",
+        str(ROOT / "configs" / "custom.toml"),
+        redis_url=redis_url,
+        namespace=namespace,
+        stdin=as_lines(evs),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert sqlite_totals(tmp_path / "custom.db") == totals(evs)
 
@@ -161,8 +199,16 @@ def test_every_kind_of_bad_line_is_dead_lettered(redis_url, namespace, tmp_path)
     dead = tmp_path / "dead.jsonl"
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=5)
-    r = phonon("run", "-c", str(cfg), "--dead-letter", str(dead), redis_url=redis_url,
-               namespace=namespace, stdin=b"\n".join(lines) + b"\n")
+    r = phonon(
+        "run",
+        "-c",
+        str(cfg),
+        "--dead-letter",
+        str(dead),
+        redis_url=redis_url,
+        namespace=namespace,
+        stdin=b"\n".join(lines) + b"\n",
+    )
     assert r.returncode == 0, r.stderr
     assert sqlite_totals(db) == totals(good)
     letters = [orjson.loads(x) for x in dead.read_bytes().splitlines()]
@@ -171,21 +217,35 @@ def test_every_kind_of_bad_line_is_dead_lettered(redis_url, namespace, tmp_path)
         assert reason in letter["reason"]
         assert letter["source"] == "-"
     assert len(letters[-1]["line"]) <= 1024
-    assert (f"events read {len(good) + len(bad) + 1}, routed {len(good)}, unmatched 1, "
-            f"dead-lettered {len(bad)}") in r.stderr.decode()
+    assert (
+        f"events read {len(good) + len(bad) + 1}, routed {len(good)}, unmatched 1, "
+        f"dead-lettered {len(bad)}"
+    ) in r.stderr.decode()
 
 
 CONFIG_ERRORS = [
-    ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a}"\ncolection = "x"\n',
-     "routes[0].colection", "unknown key"),
-    ('[[routes]]\nupdate = "nope.nothing:Thing"\nid = "{a}"\n', "routes[0].update",
-     "cannot import"),
-    ('[[routes]]\nupdate = "phonon_cli.process:Process"\nid = "{a}"\n', "routes[0].update",
-     "not a subclass"),
-    ('[cache]\nsoft_session = "15x"\n[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\n'
-     'id = "{a}"\n', "cache.soft_session", "not a duration"),
-    ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a"\n', "routes[0].id",
-     "brace"),
+    (
+        '[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a}"\ncolection = "x"\n',
+        "routes[0].colection",
+        "unknown key",
+    ),
+    (
+        '[[routes]]\nupdate = "nope.nothing:Thing"\nid = "{a}"\n',
+        "routes[0].update",
+        "cannot import",
+    ),
+    (
+        '[[routes]]\nupdate = "phonon_cli.process:Process"\nid = "{a}"\n',
+        "routes[0].update",
+        "not a subclass",
+    ),
+    (
+        '[cache]\nsoft_session = "15x"\n[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\n'
+        'id = "{a}"\n',
+        "cache.soft_session",
+        "not a duration",
+    ),
+    ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a"\n', "routes[0].id", "brace"),
     ("[[routes]\n", "", "line 1"),
 ]
 
@@ -211,8 +271,9 @@ def test_check_accepts_the_examples() -> None:
 
 def test_unreachable_store_exits_3_without_password(tmp_path) -> None:
     cfg = widget_config(tmp_path, f"sqlite:///{tmp_path / 'w.db'}")
-    r = phonon("--redis-url", "redis://admin:hunter2@127.0.0.1:1/0", "run", "-c", str(cfg),
-               stdin=b"{}\n")
+    r = phonon(
+        "--redis-url", "redis://admin:hunter2@127.0.0.1:1/0", "run", "-c", str(cfg), stdin=b"{}\n"
+    )
     err = r.stderr.decode()
     assert r.returncode == 3, err
     assert "127.0.0.1:1" in err and "hunter2" not in err and "Traceback" not in err
@@ -225,9 +286,13 @@ def test_embedded_default_store(tmp_path) -> None:
     env = {"PHONON_HOME": str(tmp_path / "home")}
     env_clean = {k: v for k, v in os.environ.items() if k != "PHONON_REDIS_URL"}
     try:
-        r = subprocess.run([sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
-                           input=as_lines(evs), capture_output=True, timeout=60,
-                           env={**env_clean, **env})
+        r = subprocess.run(
+            [sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
+            input=as_lines(evs),
+            capture_output=True,
+            timeout=60,
+            env={**env_clean, **env},
+        )
         assert r.returncode == 0, r.stderr
         assert sqlite_totals(db) == totals(evs)
         assert (tmp_path / "home" / "redis.pid").exists()
@@ -242,9 +307,23 @@ def test_sigterm_mid_stream_loses_nothing(redis_url, namespace, tmp_path, client
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=50)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "phonon_cli", "--redis-url", redis_url, "--namespace", namespace,
-         "--heartbeat-interval", "0.2", "run", "-c", str(cfg)],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            namespace,
+            "--heartbeat-interval",
+            "0.2",
+            "run",
+            "-c",
+            str(cfg),
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
     proc.stdin.flush()  # and keep stdin open: the worker is mid-stream

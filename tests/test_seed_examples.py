@@ -45,10 +45,12 @@ def test_reference_example(redis_url, namespace) -> None:
         except Process.AlreadyLocked:
             pass
 
-    t1 = threading.Thread(target=lookup_email_and_apply_to_record,
-                          args=(record, email_verification_service))
-    t2 = threading.Thread(target=verify_address_and_apply_to_record,
-                          args=(record, address_lookup_service))
+    t1 = threading.Thread(
+        target=lookup_email_and_apply_to_record, args=(record, email_verification_service)
+    )
+    t2 = threading.Thread(
+        target=verify_address_and_apply_to_record, args=(record, address_lookup_service)
+    )
     t1.start()
     t2.start()
     t1.join()
@@ -93,8 +95,9 @@ def test_update_example(redis_url, namespace) -> None:
     p = Process(redis_url, namespace=namespace)
     for user_update in user_updates:
         doc = {k: v for k, v in user_update.items() if k != "user_id"}
-        lru_cache.set(user_update["user_id"], UserUpdate(process=p, _id=user_update["user_id"],
-                                                         doc=doc))
+        lru_cache.set(
+            user_update["user_id"], UserUpdate(process=p, _id=user_update["user_id"], doc=doc)
+        )
 
     lru_cache.expire_all()
     p.stop()

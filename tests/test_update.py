@@ -25,7 +25,9 @@ def test_last_holder_executes_everything_once(make_process, out_file, cls, clien
     ps = [make_process() for _ in range(3)]
     ups = [cls(p, "1.2", collection="w", doc={"clicks": i + 1}) for i, p in enumerate(ps)]
     assert [u.end_session() for u in ups] == [False, False, True]
-    assert executed(out_file) == [{"resource": "w:1.2", "doc": {"clicks": 6}, "pid": executed(out_file)[0]["pid"]}]
+    assert executed(out_file) == [
+        {"resource": "w:1.2", "doc": {"clicks": 6}, "pid": executed(out_file)[0]["pid"]}
+    ]
     for p in ps:
         p.stop()
     assert helpers.namespace_keys(client, ps[0].keys.namespace) == []
@@ -111,7 +113,7 @@ def test_sessions_expire_by_injected_clock(make_process) -> None:
 def test_init_cache_takes_cached_partials(make_process, client) -> None:
     p1, p2 = make_process(), make_process()
     a = WidgetUpdate(p1, "ic", doc={"c": 5})
-    WidgetUpdate(p2, "ic", doc={}).ref  # p2 holds it, so a caches
+    WidgetUpdate(p2, "ic", doc={})  # p2 holds it, so a caches
     assert a.end_session() is False
     c = WidgetUpdate(p1, "ic", doc={"c": 1}, init_cache=True)
     assert c.doc == {"c": 6}
