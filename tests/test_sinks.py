@@ -36,7 +36,7 @@ def q(name: str) -> str:
 
 def query(url: str, sql: str) -> list[tuple[Any, ...]]:
     if url.startswith("sqlite:///"):
-        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+        with sqlite3.connect(url[len("sqlite:///") :]) as conn:
             rows = conn.execute(sql).fetchall()
         conn.close()
         return rows
@@ -51,8 +51,14 @@ def rows(url: str, table: str) -> list[dict[str, Any]]:
     if url.startswith("sqlite:///"):
         names = [r[1] for r in query(url, f"PRAGMA table_info({q(table)})")]
     else:
-        names = [r[0] for r in query(url, "SELECT attname FROM pg_attribute WHERE attrelid = "
-                                     f"to_regclass('{q(table)}') AND attnum > 0 ORDER BY attnum")]
+        names = [
+            r[0]
+            for r in query(
+                url,
+                "SELECT attname FROM pg_attribute WHERE attrelid = "
+                f"to_regclass('{q(table)}') AND attnum > 0 ORDER BY attnum",
+            )
+        ]
     data = query(url, f"SELECT {', '.join(map(q, names))} FROM {q(table)} ORDER BY 1, 2")
     return [dict(zip(names, r, strict=True)) for r in data]
 
@@ -66,17 +72,20 @@ def test_two_holders_write_one_summed_row_then_a_session_adds(make_process, db_u
     p1, p2 = make_process(), make_process()
     spec = {"parent": 1, "target": 2}
     a = Counter(p1, "1.2", database=db_url, collection="widgets", spec=spec, doc={"clicks": 1})
-    b = Counter(p2, "1.2", database=db_url, collection="widgets", spec=spec,
-                doc={"clicks": 2, "views": 5})
+    b = Counter(
+        p2, "1.2", database=db_url, collection="widgets", spec=spec, doc={"clicks": 2, "views": 5}
+    )
     assert a.end_session() is False
     assert b.end_session() is True
     assert rows(db_url, "widgets") == [{"parent": 1, "target": 2, "clicks": 3, "views": 5}]
 
-    c = Counter(p2, "1.2", database=db_url, collection="widgets", spec=spec,
-                doc={"clicks": 10, "shares": 4})
+    c = Counter(
+        p2, "1.2", database=db_url, collection="widgets", spec=spec, doc={"clicks": 10, "shares": 4}
+    )
     assert c.end_session() is True
     assert rows(db_url, "widgets") == [
-        {"parent": 1, "target": 2, "clicks": 13, "views": 5, "shares": 4}]
+        {"parent": 1, "target": 2, "clicks": 13, "views": 5, "shares": 4}
+    ]
     assert (a.error, b.error, c.error) == (None, None, None)
 
 
@@ -104,7 +113,7 @@ def test_identifiers_from_data_are_quoted_never_executed(make_process, db_url) -
     assert victim.end_session() is True
     table = 'we"ird; DROP TABLE victim; --'
     key = 'pa"rent id'
-    docs = {"it's \"odd\" % col": 2, "n) VALUES (1); DELETE FROM victim; --": 3, "%s": 4}
+    docs = {'it\'s "odd" % col': 2, "n) VALUES (1); DELETE FROM victim; --": 3, "%s": 4}
     u = Counter(p, "x", database=db_url, collection=table, spec={key: "a'b"}, doc=docs)
     assert u.end_session() is True
     assert u.error is None
@@ -114,18 +123,22 @@ def test_identifiers_from_data_are_quoted_never_executed(make_process, db_url) -
 
 def test_a_bad_name_fails_its_own_update_only(make_process, db_url) -> None:
     p = make_process()
-    good = Counter(p, "g", database=db_url, collection="t", spec={"k": "g"}, doc={"n": 1},
-                   acquire=False)
-    bad = Counter(p, "b", database=db_url, collection="t", spec={"k": "b"}, doc={"a\x00b": 1},
-                  acquire=False)
+    good = Counter(
+        p, "g", database=db_url, collection="t", spec={"k": "g"}, doc={"n": 1}, acquire=False
+    )
+    bad = Counter(
+        p, "b", database=db_url, collection="t", spec={"k": "b"}, doc={"a\x00b": 1}, acquire=False
+    )
     failures = Counter.execute_many([good, bad])
     assert [(u, type(e), str(e)) for u, e in failures] == [
-        (bad, SinkError, "t: doc key 'a\\x00b' is not a valid SQL identifier (empty or NUL)")]
+        (bad, SinkError, "t: doc key 'a\\x00b' is not a valid SQL identifier (empty or NUL)")
+    ]
     assert rows(db_url, "t") == [{"k": "g", "n": 1}]
 
 
-def test_a_batch_of_1000_keys_is_one_call_and_one_transaction(make_process, db_url,
-                                                              monkeypatch) -> None:
+def test_a_batch_of_1000_keys_is_one_call_and_one_transaction(
+    make_process, db_url, monkeypatch
+) -> None:
     p = make_process()
     backend = sql_sink.BACKENDS[parse_database(db_url).kind]
     calls: list[int] = []
@@ -142,13 +155,24 @@ def test_a_batch_of_1000_keys_is_one_call_and_one_transaction(make_process, db_u
 
     monkeypatch.setattr(Counter, "execute_many", classmethod(counting_many))
     monkeypatch.setattr(backend, "transaction", counting_tx)
-    ups = [Counter(p, i, database=db_url, collection="many", spec={"k": i},
-                   doc={"n": i, "one": 1}, acquire=False) for i in range(1000)]
+    ups = [
+        Counter(
+            p,
+            i,
+            database=db_url,
+            collection="many",
+            spec={"k": i},
+            doc={"n": i, "one": 1},
+            acquire=False,
+        )
+        for i in range(1000)
+    ]
     acquire_updates(ups)
     assert end_sessions(ups) == [True] * 1000
     assert (calls, transactions) == ([1000], [1])
     assert query(db_url, 'SELECT count(*), sum(n), sum(one), min(k), max(k) FROM "many"') == [
-        (1000, 499500, 1000, 0, 999)]
+        (1000, 499500, 1000, 0, 999)
+    ]
 
 
 def test_threads_use_their_own_connections(make_process, db_url) -> None:
@@ -156,8 +180,18 @@ def test_threads_use_their_own_connections(make_process, db_url) -> None:
     errors: list[Any] = []
 
     def work(t: int) -> None:
-        ups = [Counter(p, f"{t}-{i}", database=db_url, collection="th", spec={"k": i % 10},
-                       doc={"n": 1}, acquire=False) for i in range(100)]
+        ups = [
+            Counter(
+                p,
+                f"{t}-{i}",
+                database=db_url,
+                collection="th",
+                spec={"k": i % 10},
+                doc={"n": 1},
+                acquire=False,
+            )
+            for i in range(100)
+        ]
         errors.extend(Counter.execute_many(ups))
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
@@ -186,13 +220,14 @@ p.stop()
 """
 
 
-def test_worker_processes_write_one_database_at_once(redis_url, namespace, db_url,
-                                                     helpers) -> None:
-    procs = [helpers.python_process("-c", WRITER, redis_url, namespace, db_url, str(w))
-             for w in range(4)]
+def test_worker_processes_write_one_database_at_once(redis_url, namespace, db_url, helpers) -> None:
+    procs = [
+        helpers.python_process("-c", WRITER, redis_url, namespace, db_url, str(w)) for w in range(4)
+    ]
     assert [proc.wait(timeout=60) for proc in procs] == [0, 0, 0, 0]
     assert rows(db_url, "mp") == [
-        {"k": k, "n": 100, "w0": 50, "w1": 50, "w2": 50, "w3": 50} for k in range(20)]
+        {"k": k, "n": 100, "w0": 50, "w1": 50, "w2": 50, "w3": 50} for k in range(20)
+    ]
 
 
 def test_sqlite_names_differing_in_case_are_one_column(make_process, tmp_path) -> None:
@@ -206,12 +241,15 @@ def test_sqlite_names_differing_in_case_are_one_column(make_process, tmp_path) -
 
 
 @pytest.mark.parametrize("kind", ["sqlite-dir", "conflicting-schema", "closed-port"])
-def test_a_failing_database_keeps_the_aggregate_in_redis(make_process, client, tmp_path,
-                                                         monkeypatch, kind) -> None:
+def test_a_failing_database_keeps_the_aggregate_in_redis(
+    make_process, client, tmp_path, monkeypatch, kind
+) -> None:
     monkeypatch.setattr(Counter, "execute_attempts", 1)
-    url = {"sqlite-dir": f"sqlite:///{tmp_path}",  # a directory, not a database file
-           "conflicting-schema": f"sqlite:///{tmp_path}/c.db",
-           "closed-port": "postgresql://user:s3cret@127.0.0.1:1/test"}[kind]
+    url = {
+        "sqlite-dir": f"sqlite:///{tmp_path}",  # a directory, not a database file
+        "conflicting-schema": f"sqlite:///{tmp_path}/c.db",
+        "closed-port": "postgresql://user:s3cret@127.0.0.1:1/test",
+    }[kind]
     if kind == "conflicting-schema":
         query(url, 'CREATE TABLE "w" (other TEXT PRIMARY KEY)')
     p1, p2 = make_process(), make_process()
@@ -222,11 +260,11 @@ def test_a_failing_database_keeps_the_aggregate_in_redis(make_process, client, t
     assert isinstance(b.error, SinkError)
     message = str(b.error)
     assert "s3cret" not in message
-    expected = {"sqlite-dir": f"sqlite:///{tmp_path}: OperationalError: unable to open "
-                "database file",
-                "conflicting-schema": "w: spec keys ['id'] do not match the table's primary "
-                "key ['other']",
-                "closed-port": "postgresql://user:***@127.0.0.1:1/test: OperationalError: "}
+    expected = {
+        "sqlite-dir": f"sqlite:///{tmp_path}: OperationalError: unable to open database file",
+        "conflicting-schema": "w: spec keys ['id'] do not match the table's primary key ['other']",
+        "closed-port": "postgresql://user:***@127.0.0.1:1/test: OperationalError: ",
+    }
     assert message.startswith(expected[kind])
     partials = p1.keys.resource(b.resource).partials
     assert client.hgetall(partials) == {"n": "5", "m": "1"}
@@ -235,44 +273,65 @@ def test_a_failing_database_keeps_the_aggregate_in_redis(make_process, client, t
     if kind != "conflicting-schema":
         return
     query(url, 'DROP TABLE "w"')
-    c = Counter(p1, "k", database=url, collection="w", spec={"id": "k"}, doc={"n": 10},
-                init_cache=True)
+    c = Counter(
+        p1, "k", database=url, collection="w", spec={"id": "k"}, doc={"n": 10}, init_cache=True
+    )
     assert c.end_session() is True
     assert rows(url, "w") == [{"id": "k", "n": 15, "m": 1}]
     assert client.exists(partials) == 0
 
 
-@pytest.mark.parametrize("url, kind, path", [
-    ("sqlite:///rel/counts.db", "sqlite", "rel/counts.db"),
-    ("sqlite:////abs/counts.db", "sqlite", "/abs/counts.db"),
-    ("postgresql://u:pw@db/x", "postgresql", None),
-    ("postgres://db/x", "postgresql", None),
-])
+@pytest.mark.parametrize(
+    "url, kind, path",
+    [
+        ("sqlite:///rel/counts.db", "sqlite", "rel/counts.db"),
+        ("sqlite:////abs/counts.db", "sqlite", "/abs/counts.db"),
+        ("postgresql://u:pw@db/x", "postgresql", None),
+        ("postgres://db/x", "postgresql", None),
+    ],
+)
 def test_parse_database(url, kind, path) -> None:
     db = parse_database(url)
     assert (db.kind, db.url, db.path) == (kind, url, path)
 
 
-@pytest.mark.parametrize("url, message", [
-    ("sqlite:///:memory:", "database sqlite:///:memory:: an in-memory or empty SQLite path "
-     "cannot be shared between workers; give a file path"),
-    ("sqlite:///", "database sqlite:///: an in-memory or empty SQLite path cannot be shared "
-     "between workers; give a file path"),
-    ("mysql://u:pw@h/db", "database mysql://u:***@h/db: expected sqlite:///PATH (relative), "
-     "sqlite:////PATH (absolute) or postgresql://..."),
-    (None, "database None: expected sqlite:///PATH or postgresql://..."),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        (
+            "sqlite:///:memory:",
+            "database sqlite:///:memory:: an in-memory or empty SQLite path "
+            "cannot be shared between workers; give a file path",
+        ),
+        (
+            "sqlite:///",
+            "database sqlite:///: an in-memory or empty SQLite path cannot be shared "
+            "between workers; give a file path",
+        ),
+        (
+            "mysql://u:pw@h/db",
+            "database mysql://u:***@h/db: expected sqlite:///PATH (relative), "
+            "sqlite:////PATH (absolute) or postgresql://...",
+        ),
+        (None, "database None: expected sqlite:///PATH or postgresql://..."),
+    ],
+)
 def test_parse_database_refuses(url, message) -> None:
     with pytest.raises(SinkError) as e:
         parse_database(url)
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"collection": None, "spec": {"k": 1}}, "collection None is not a valid SQL identifier "
-     "(empty or NUL)"),
-    ({"collection": "t", "spec": {}}, "t: a Counter needs a non-empty spec (the primary key)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"collection": None, "spec": {"k": 1}},
+            "collection None is not a valid SQL identifier (empty or NUL)",
+        ),
+        ({"collection": "t", "spec": {}}, "t: a Counter needs a non-empty spec (the primary key)"),
+    ],
+)
 def test_counter_refuses_a_config_it_cannot_write(make_process, client, kwargs, message) -> None:
     p = make_process()
     with pytest.raises(SinkError) as e:
@@ -291,13 +350,16 @@ def test_lines_appends_to_a_file(make_process, tmp_path) -> None:
     assert c.end_session() is True
     assert path.read_bytes() == (
         b'{"id":"1.2","collection":"w","spec":{"p":1},"doc":{"c":3,"v":1}}\n'
-        b'{"id":7,"collection":"w","spec":{},"doc":{"c":0.5}}\n')
+        b'{"id":7,"collection":"w","spec":{},"doc":{"c":0.5}}\n'
+    )
 
 
 def test_lines_writes_a_batch_to_stdout(make_process, capsys) -> None:
     p = make_process()
-    ups = [Lines(p, i, database="-", collection="w", spec={"i": i}, doc={"n": i}, acquire=False)
-           for i in range(3)]
+    ups = [
+        Lines(p, i, database="-", collection="w", spec={"i": i}, doc={"n": i}, acquire=False)
+        for i in range(3)
+    ]
     ups.append(Lines(p, "none", collection="w", doc={"n": 1}, acquire=False))
     acquire_updates(ups)
     assert end_sessions(ups) == [True] * 4
@@ -306,7 +368,8 @@ def test_lines_writes_a_batch_to_stdout(make_process, capsys) -> None:
         '{"id":0,"collection":"w","spec":{"i":0},"doc":{"n":0}}\n'
         '{"id":1,"collection":"w","spec":{"i":1},"doc":{"n":1}}\n'
         '{"id":2,"collection":"w","spec":{"i":2},"doc":{"n":2}}\n'
-        '{"id":"none","collection":"w","spec":{},"doc":{"n":1}}\n')
+        '{"id":"none","collection":"w","spec":{},"doc":{"n":1}}\n'
+    )
     assert out.err == ""
 
 

@@ -79,13 +79,17 @@ def parse_database(url: object) -> Database:
     if url.startswith(("postgresql://", "postgres://")):
         return Database("postgresql", url)
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if path.partition("?")[0] in ("", ":memory:") or path.startswith("file:"):
-            raise SinkError(f"database {redact(url)}: an in-memory or empty SQLite path "
-                            "cannot be shared between workers; give a file path")
+            raise SinkError(
+                f"database {redact(url)}: an in-memory or empty SQLite path "
+                "cannot be shared between workers; give a file path"
+            )
         return Database("sqlite", url, path)
-    raise SinkError(f"database {redact(url)}: expected sqlite:///PATH (relative), "
-                    "sqlite:////PATH (absolute) or postgresql://...")
+    raise SinkError(
+        f"database {redact(url)}: expected sqlite:///PATH (relative), "
+        "sqlite:////PATH (absolute) or postgresql://..."
+    )
 
 
 # -- per-thread connections ------------------------------------------------------------

@@ -26,8 +26,12 @@ def line(update: Update) -> bytes:
     """The JSON line written for an executed update."""
     try:
         return orjson.dumps(
-            {"id": update._id, "collection": update.collection, "spec": update.spec,
-             "doc": update.doc},
+            {
+                "id": update._id,
+                "collection": update.collection,
+                "spec": update.spec,
+                "doc": update.doc,
+            },
             option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE,
         )
     except TypeError as e:
@@ -43,7 +47,7 @@ def _append(path: str, data: bytes) -> None:
     with open(path, "ab", buffering=0) as f:
         view = memoryview(data)
         while view:
-            view = view[f.write(view) or 0:]
+            view = view[f.write(view) or 0 :]
 
 
 class Lines(ConflictFreeUpdate):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class Column:
     name: str
     kind: str  # int | float | text | bool | other
     pk: bool = False
+
+
+FITS = {("int", "int"), ("int", "bool"), ("float", "float"), ("float", "int"), ("bool", "bool")}
+"""(column kind, value kind) pairs a key column takes as they are."""
 
 
 def _kind(value: Any) -> str:
@@ -90,8 +95,10 @@ class Connection:
 
     def add_columns(self, table: str, cols: list[tuple[str, str]]) -> None:
         for name, kind in cols:
-            self.conn.execute(f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
-                              f"{self.types[kind]} NOT NULL DEFAULT 0")
+            self.conn.execute(
+                f"ALTER TABLE {self.quote(table)} ADD COLUMN {self.quote(name)} "
+                f"{self.types[kind]} NOT NULL DEFAULT 0"
+            )
 
     def widen(self, table: str, name: str) -> bool:
         """Make an integer doc column hold floats; True if the schema changed."""
@@ -103,13 +110,19 @@ class Connection:
 
 class SQLite(Connection):
     types: ClassVar[dict[str, str]] = {
-        "int": "INTEGER", "float": "REAL", "text": "TEXT", "bool": "INTEGER"}
+        "int": "INTEGER",
+        "float": "REAL",
+        "text": "TEXT",
+        "bool": "INTEGER",
+    }
 
     def __init__(self, db: Database) -> None:
         super().__init__(db)
         if sqlite3.sqlite_version_info < (3, 24, 0):
-            raise SinkError(f"{db.display}: SQLite {sqlite3.sqlite_version} has no UPSERT; "
-                            "3.24 or later is needed")
+            raise SinkError(
+                f"{db.display}: SQLite {sqlite3.sqlite_version} has no UPSERT; "
+                "3.24 or later is needed"
+            )
         assert db.path is not None
         if os.path.dirname(db.path):
             os.makedirs(os.path.dirname(db.path), exist_ok=True)
@@ -117,13 +130,30 @@ class SQLite(Connection):
         # taken up front, so the busy timeout applies (a deferred BEGIN that upgrades
         # later fails at once with SQLITE_BUSY). WAL lets several worker processes
         # share the file. check_same_thread=False only so close_all() may close it.
-        self.conn = sqlite3.connect(db.path, timeout=Counter.sqlite_busy_timeout_s,
-                                    isolation_level=None, check_same_thread=False)
+        timeout_s = Counter.sqlite_busy_timeout_s
+        self.conn = sqlite3.connect(
+            db.path, timeout=timeout_s, isolation_level=None, check_same_thread=False
+        )
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._wal(time.monotonic() + timeout_s)
         except sqlite3.Error:
             self.conn.close()
             raise
+
+    def _wal(self, deadline: float) -> None:
+        # Switching a new file to WAL while other workers open it fails at once with
+        # "database is locked": SQLite does not call the busy handler there. So wait here.
+        pause_s = 0.005
+        while True:
+            try:
+                if self.conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 0.1)
 
     @staticmethod
     def fold(name: str) -> str:
@@ -142,30 +172,47 @@ class SQLite(Connection):
 
     def read(self, table: str) -> dict[str, Column] | None:
         cols = {}
-        for _, name, decl, _, _, pk in self.conn.execute(
-                f"PRAGMA table_info({self.quote(table)})"):
+        for _, name, decl, _, _, pk in self.conn.execute(f"PRAGMA table_info({self.quote(table)})"):
             decl = decl.upper()
-            kind = ("int" if "INT" in decl else
-                    "text" if any(t in decl for t in ("CHAR", "CLOB", "TEXT")) else
-                    "float" if any(t in decl for t in ("REAL", "FLOA", "DOUB")) else "other")
+            kind = (
+                "int"
+                if "INT" in decl
+                else "text"
+                if any(t in decl for t in ("CHAR", "CLOB", "TEXT"))
+                else "float"
+                if any(t in decl for t in ("REAL", "FLOA", "DOUB"))
+                else "other"
+            )
             cols[self.fold(name)] = Column(name, kind, pk > 0)
         return cols or None
 
 
 class PostgreSQL(Connection):
     types: ClassVar[dict[str, str]] = {
-        "int": "BIGINT", "float": "DOUBLE PRECISION", "text": "TEXT", "bool": "BOOLEAN"}
+        "int": "BIGINT",
+        "float": "DOUBLE PRECISION",
+        "text": "TEXT",
+        "bool": "BOOLEAN",
+    }
     kinds: ClassVar[dict[str, str]] = {
-        "bigint": "int", "integer": "int", "smallint": "int", "double precision": "float",
-        "real": "float", "numeric": "float", "text": "text", "boolean": "bool"}
+        "bigint": "int",
+        "integer": "int",
+        "smallint": "int",
+        "double precision": "float",
+        "real": "float",
+        "numeric": "float",
+        "text": "text",
+        "boolean": "bool",
+    }
 
     def __init__(self, db: Database) -> None:
         super().__init__(db)
         try:
             import psycopg
         except ImportError as e:
-            raise SinkError(f"{db.display}: PostgreSQL needs psycopg: "
-                            "pip install 'phonon-cli[postgres]'") from e
+            raise SinkError(
+                f"{db.display}: PostgreSQL needs psycopg: pip install 'phonon-cli[postgres]'"
+            ) from e
         extra = {} if "connect_timeout" in db.url else {"connect_timeout": 10}
         self.conn = psycopg.connect(db.url, autocommit=True, **extra)  # type: ignore[arg-type]
 
@@ -186,25 +233,30 @@ class PostgreSQL(Connection):
             " FROM pg_attribute a LEFT JOIN pg_index i"
             " ON i.indrelid = a.attrelid AND i.indisprimary"
             " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-            (self.quote(table),)).fetchall()
+            (self.quote(table),),
+        ).fetchall()
         return {name: Column(name, self.kinds.get(t, "other"), pk) for name, t, pk in rows} or None
 
     def lock_table(self, table: str) -> None:
         # Two CREATE TABLE IF NOT EXISTS at once can both miss the table, and one then
         # fails on pg_type's unique index; a transaction-scoped advisory lock orders them.
-        self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))",
-                          (table,))
+        self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.' || %s))", (table,)
+        )
 
     def add_columns(self, table: str, cols: list[tuple[str, str]]) -> None:
         # IF NOT EXISTS: another worker may add the same column between our read and now.
-        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {self.quote(n)} {self.types[k]} "
-                         "NOT NULL DEFAULT 0" for n, k in cols)
+        adds = ", ".join(
+            f"ADD COLUMN IF NOT EXISTS {self.quote(n)} {self.types[k]} NOT NULL DEFAULT 0"
+            for n, k in cols
+        )
         self.conn.execute(f"ALTER TABLE {self.quote(table)} {adds}")
 
     def widen(self, table: str, name: str) -> bool:
         # Else a float summed into BIGINT would be rounded, silently.
-        self.conn.execute(f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} "
-                          "TYPE DOUBLE PRECISION")
+        self.conn.execute(
+            f"ALTER TABLE {self.quote(table)} ALTER COLUMN {self.quote(name)} TYPE DOUBLE PRECISION"
+        )
         return True
 
     def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
@@ -243,11 +295,16 @@ def prepare(c: type[Connection], u: Update) -> Row:
     doc: dict[str, tuple[str, int | float]] = {}
     for k, v in u.doc.items():
         f = c.fold(c.check_name(k, f"{table}: doc key"))
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or f in spec or (
-                isinstance(v, int) and not -INT64 <= v < INT64) or (
-                isinstance(v, float) and not math.isfinite(v)):
-            raise SinkError(f"{table}: doc {k!r}={v!r}: a spec key, or not a 64-bit integer "
-                            "or finite float")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or f in spec
+            or (isinstance(v, int) and not -INT64 <= v < INT64)
+            or (isinstance(v, float) and not math.isfinite(v))
+        ):
+            raise SinkError(
+                f"{table}: doc {k!r}={v!r}: a spec key, or not a 64-bit integer or finite float"
+            )
         # SQLite: "Clicks" and "clicks" are one column, so they add up, as it would.
         doc[f] = (doc[f][0], doc[f][1] + v) if f in doc else (k, v)
     return Row(u, table, spec, doc)
@@ -255,13 +312,11 @@ def prepare(c: type[Connection], u: Update) -> Row:
 
 def _coerce(col: Column, value: Any, table: str) -> Any:
     """A spec value as the existing key column stores it, so equal keys stay equal."""
-    kind = col.kind
-    if kind == "text":
+    if col.kind == "text":
         return value if isinstance(value, str) else orjson.dumps(value).decode()
-    if (kind == _kind(value) or kind == "other" or kind == "float" and _kind(value) == "int"
-            or kind == "int" and _kind(value) == "bool"):
+    if col.kind == "other" or (col.kind, _kind(value)) in FITS:
         return value
-    raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {kind} column")
+    raise SinkError(f"{table}: spec {col.name}={value!r} does not fit its {col.kind} column")
 
 
 def _columns(c: Connection, table: str, first: Row) -> dict[str, Column]:
@@ -271,8 +326,9 @@ def _columns(c: Connection, table: str, first: Row) -> dict[str, Column]:
         c.lock_table(table)
         defs = [f"{c.quote(k)} {c.types[_kind(v)]} NOT NULL" for k, v in first.spec.values()]
         pk = ", ".join(c.quote(k) for k, _ in first.spec.values())
-        c.conn.execute(f"CREATE TABLE IF NOT EXISTS {c.quote(table)} "
-                       f"({', '.join(defs)}, PRIMARY KEY ({pk}))")
+        c.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {c.quote(table)} ({', '.join(defs)}, PRIMARY KEY ({pk}))"
+        )
         cols = c.read(table)
         assert cols is not None
     c.tables[table] = cols
@@ -289,12 +345,17 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     for row in rows:
         try:
             if set(row.spec) != set(keys):
-                raise SinkError(f"{table}: spec keys {sorted(k for k, _ in row.spec.values())} "
-                                f"do not match the table's primary key "
-                                f"{sorted(cols[k].name for k in keys)}")
+                raise SinkError(
+                    f"{table}: spec keys {sorted(k for k, _ in row.spec.values())} "
+                    f"do not match the table's primary key "
+                    f"{sorted(cols[k].name for k in keys)}"
+                )
             key = tuple(_coerce(cols[k], row.spec[k][1], table) for k in keys)
-            bad = [k for f, (k, _) in row.doc.items() if f in cols and (
-                cols[f].pk or cols[f].kind not in ("int", "float"))]
+            bad = [
+                k
+                for f, (k, _) in row.doc.items()
+                if f in cols and (cols[f].pk or cols[f].kind not in ("int", "float"))
+            ]
             if bad:
                 raise SinkError(f"{table}: doc columns {bad} are not numeric")
         except SinkError as e:
@@ -322,15 +383,18 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     sums = [q(cols[f].name) for f in wanted]
     names = [q(cols[k].name) for k in keys] + sums
     sets = ", ".join(f"{n} = cur.{n} + excluded.{n}" for n in sums)
-    sql = (f"INSERT INTO {q(table)} AS cur ({', '.join(names)}) "
-           f"VALUES ({', '.join([MARK] * len(names))}) "
-           f"ON CONFLICT ({', '.join(names[:len(keys)])}) "
-           + (f"DO UPDATE SET {sets}" if sums else "DO NOTHING"))
+    sql = (
+        f"INSERT INTO {q(table)} AS cur ({', '.join(names)}) "
+        f"VALUES ({', '.join([MARK] * len(names))}) "
+        f"ON CONFLICT ({', '.join(names[: len(keys)])}) "
+        + (f"DO UPDATE SET {sets}" if sums else "DO NOTHING")
+    )
     # The same key order in every worker, so concurrent batches take row locks in
     # one order and cannot deadlock each other.
     ready.sort(key=lambda kr: repr(kr[0]))
-    c.executemany(sql, [key + tuple(row.doc.get(f, ("", 0))[1] for f in wanted)
-                        for key, row in ready])
+    c.executemany(
+        sql, [key + tuple(row.doc.get(f, ("", 0))[1] for f in wanted) for key, row in ready]
+    )
     return failures
 
 
@@ -374,9 +438,17 @@ class Counter(ConflictFreeUpdate):
     sqlite_busy_timeout_s: ClassVar[float] = 5.0
     """Seconds a SQLite write waits for another worker process's transaction to end."""
 
-    def __init__(self, process: Process, _id: Any, database: Any = None,
-                 collection: str | None = None, spec: dict[str, Any] | None = None,
-                 doc: dict[str, Any] | None = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        process: Process,
+        _id: Any,
+        database: Any = None,
+        collection: str | None = None,
+        spec: dict[str, Any] | None = None,
+        doc: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
         table = BACKENDS[parse_database(database).kind].check_name(collection, "collection")
         if not spec:
             raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
