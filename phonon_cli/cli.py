@@ -24,7 +24,7 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
 
 
 def fail(error: PhononError) -> NoReturn:
@@ -111,7 +111,8 @@ def check(config_path: str) -> None:
 @click.option("-c", "--config", "config_path", required=True, metavar="FILE",
               help="TOML or YAML config: store, cache and routes.")
 @click.option("--source", "sources", multiple=True, default=["-"], show_default=True,
-              metavar="SRC", help="'-' for JSON lines on stdin (repeatable).")
+              metavar="SRC", help="'-' (stdin), file:PATH, redis-pubsub:CHANNEL or "
+              "redis-stream:KEY (repeatable).")
 @click.option("--group", default="phonon", show_default=True,
               help="Consumer group for sources with offsets.")
 @click.option("--follow", is_flag=True, help="Keep reading sources that grow.")
@@ -140,13 +141,9 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     from .control import Control
     from .routing import Router
     from .runner import RunOptions, Runner, progress_printer
-    from .sources import open_source
+    from .sources import open_sources
 
     config = load(config_path)
-    try:
-        opened = [open_source(s) for s in sources]
-    except PhononError as e:
-        raise click.BadParameter(str(e), param_hint="--source") from None
     home = os.environ.get("PHONON_HOME") or defaults.HOME
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
@@ -155,6 +152,11 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
         dead_letter=dead_letter or str(Path(home) / "dead-letter.jsonl"),
     )
     process = ctx.process(config)
+    try:
+        opened = open_sources(sources, process, group=group, follow=follow, start_from=start_from)
+    except PhononError as e:
+        process.stop()
+        raise click.BadParameter(str(e), param_hint="--source") from None
     for route in config.routes:
         process.register(route.update)
     show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
@@ -179,3 +181,155 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     if stats.execute_failures:
         raise Failure(f"{stats.execute_failures} aggregates could not be written; they are kept "
                       "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')")
+
+
+# -- status and flush ---------------------------------------------------------------------
+
+
+def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
+    """Settings and a client for the store the options (then the config) name; no Process,
+    so that reading or publishing never registers this command as a worker."""
+    from .store import StoreSettings
+
+    settings = StoreSettings.from_env(ctx.redis_url or (config.store.url if config else None),
+                                      ctx.namespace or (config.store.namespace if config else None))
+    try:
+        return settings, settings.connect()
+    except PhononError as e:
+        fail(e)
+
+
+def _lost(settings: Any, error: Exception) -> NoReturn:
+    fail(StoreUnavailable(f"lost the store ({settings.describe()}): {error}"))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object (streamed; every reference unless --limit).")
+@click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Redraw every SECONDS until interrupted.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N",
+              help="Rows per table section (default 20); with --json, the N oldest references.")
+@pass_context
+def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) -> None:
+    """Show processes, references, orphaned partials and source offsets, read from Redis.
+
+    Works while workers run, after they die, and with none. Exit code 0 (status is
+    informational, even with dead processes or orphaned partials); 3 if the store
+    cannot be reached. Columns: see docs/status.md.
+    """
+    import time
+
+    import redis
+
+    from .status import Status, render
+
+    settings, client = _connect(ctx)
+    reader = Status(client, settings.namespace, settings.describe())
+    code = 0
+    try:
+        while True:
+            if as_json:
+                code = reader.write_json(sys.stdout, limit)
+            else:
+                snap = reader.snapshot(20 if limit is None else limit)
+                if watch and sys.stdout.isatty():
+                    click.echo("\x1b[H\x1b[2J", nl=False)
+                click.echo(render(snap), nl=False)
+                code = snap.exit_code
+            if not watch:
+                break
+            sys.stdout.flush()
+            time.sleep(watch)
+            if not as_json and not sys.stdout.isatty():
+                click.echo()
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as e:
+        _lost(settings, e)
+    click.get_current_context().exit(code)
+
+
+@main.command()
+@click.argument("resources", nargs=-1, metavar="[RESOURCE_OR_GLOB]...")
+@click.option("--all", "all_", is_flag=True, help="Every resource.")
+@click.option("--wait", is_flag=True,
+              help="Return once every running worker has expired its matching entries.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS", help="How long --wait waits; then exit 1 naming the silent.")
+@click.option("-c", "--config", "config_path", metavar="FILE",
+              help="Execute orphaned partials (no live holder) whose classes this config names.")
+@pass_context
+def flush(ctx: Context, resources: tuple[str, ...], all_: bool, wait: bool, timeout: float,
+          config_path: str | None) -> None:
+    """Force expiry now of the resources named (fnmatch globs, e.g. 'widgets:*') or --all.
+
+    Running workers expire their matching cache entries (executing as last holder,
+    else caching the partial in Redis for the others). Partials no live worker
+    holds are executed here with -c CONFIG, and listed on stdout without it.
+    Exit 1 if a worker did not answer --wait in time or an execute failed.
+    """
+    import redis
+
+    from .control import claim_matching, matcher, orphans, publish_flush, wait_for_acks
+    from .keys import Keys
+    from .status import Status
+
+    if not resources and not all_:
+        raise click.UsageError("name resources or globs to flush, or use --all")
+    config = load(config_path) if config_path else None
+    settings, client = _connect(ctx, config)
+    keys = Keys(settings.namespace)
+
+    def say(message: str) -> None:
+        if not ctx.quiet:
+            click.echo(f"phonon: {message}", err=True)
+
+    problems: list[str] = []
+    match = matcher(resources, all_)
+    try:
+        ticket = publish_flush(client, keys, resources, all_)
+        say(f"flush {ticket.request.id} sent to {len(ticket.waiting)} running worker(s)")
+        if ticket.deaf:
+            say(f"{len(ticket.deaf)} live process(es) take no flush requests (not 'phonon run'): "
+                + ", ".join(ticket.deaf))
+        if wait:
+            answers = wait_for_acks(client, keys, ticket, timeout)
+            say(f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
+                + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else ""))
+            if answers.silent:
+                problems.append(
+                    f"{len(answers.silent)} worker(s) did not answer within {timeout:g}s: "
+                    + ", ".join(f"{s['id']} (host {s['host']}, pid {s['pid']})"
+                                for s in answers.silent))
+        if config is not None:
+            process = ctx.process(config, recover_failed_processes=False)
+            for route in config.routes:
+                process.register(route.update)
+            try:
+                claimed = claim_matching(process, match)
+            finally:
+                process.stop()
+            say(f"executed {claimed.executed:,} orphaned partial(s)")
+            for resource in claimed.left:
+                click.echo(resource)
+            if claimed.left:
+                say(f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
+                    f"(class not in {config_path}, or its execute failed)")
+            if claimed.failures:
+                problems.append(f"{claimed.failures} orphaned partial(s) could not be written; "
+                                "they are kept in redis")
+        else:
+            found = 0
+            for resource in orphans(Status(client, settings.namespace, ""), match):
+                click.echo(resource)
+                found += 1
+            if found:
+                say(f"{found:,} orphaned partial(s) listed above have no live holder; execute "
+                    "them with: phonon flush -c CONFIG ...")
+    except PhononError as e:
+        fail(e)
+    except redis.RedisError as e:
+        _lost(settings, e)
+    if problems:
+        raise Failure("; ".join(problems))

@@ -125,3 +125,24 @@ class Keys:
     def flush_acks(self, request_id: str) -> str:
         """Hash, with an expiry: process id -> entries it expired for one flush request."""
         return f"{self.namespace}:flush:{request_id}:acks"
+
+    def consumers(self, group: str, source: str) -> str:
+        """Sorted set: process id -> last seen (epoch ms), the workers of a consumer group
+        reading one source. A member whose process is dead is pruned by the survivors (and,
+        for a stream, its pending entries claimed first)."""
+        return f"{self.namespace}:consumers:{group}:{source}"
+
+    def source_info(self, group: str, source: str) -> str:
+        """Hash: partition -> JSON, what ``phonon status`` shows of a source.
+
+        File partitions: ``{"committed", "end", "read", "owner", "updated_ms"}``: lines
+        behind = end - committed. Streams (field = the stream key): ``{"pending", "lag",
+        "last_delivered_id", "consumers", "updated_ms"}``. Pub/sub (field = the channel):
+        ``{"owner", "received", "updated_ms"}``.
+        """
+        return f"{self.namespace}:source-info:{group}:{source}"
+
+    def source_lock(self, group: str, source: str, partition: str) -> str:
+        """String lock (token, PX): the one worker of a group reading a partition (or, for
+        pub/sub, subscribed; for a stream, claiming dead consumers' entries)."""
+        return f"{self.namespace}:source-lock:{group}:{source}:{partition}"

@@ -15,6 +15,7 @@ otherwise leave the cache believing in a column that does not exist.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sqlite3
@@ -426,6 +427,12 @@ def write(db: Database, updates: Sequence[Update]) -> Failures:
     return failures + rejected
 
 
+@functools.lru_cache(maxsize=256)
+def _checked_table(database: Any, collection: Any) -> str:
+    """The validated table name; cached, as every new key of a route asks the same."""
+    return BACKENDS[parse_database(database).kind].check_name(collection, "collection")
+
+
 class Counter(ConflictFreeUpdate):
     """Sums per key in a SQL table: ``database`` is ``sqlite:///PATH`` or ``postgresql://...``,
     ``collection`` the table, ``spec`` its primary key, ``doc`` the numbers to add.
@@ -449,7 +456,7 @@ class Counter(ConflictFreeUpdate):
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        table = BACKENDS[parse_database(database).kind].check_name(collection, "collection")
+        table = _checked_table(database, collection)
         if not spec:
             raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
         super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)
