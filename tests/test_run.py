@@ -341,3 +341,27 @@ def test_sigterm_mid_stream_loses_nothing(redis_url, namespace, tmp_path, client
     assert proc.returncode == 0, err
     assert sqlite_totals(db) == totals(evs)
     assert helpers.namespace_keys(client, namespace) == []
+
+
+def test_sessions_expire_while_input_is_idle(redis_url, namespace, tmp_path, helpers) -> None:
+    evs = events(300, 20, seed=8)
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phonon_cli", "--redis-url", redis_url, "--namespace", namespace,
+         "run", "-c", str(cfg), "--soft-session", "1s"],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(as_lines(evs))
+    proc.stdin.flush()  # no more input, but stdin stays open
+
+    def landed() -> bool:
+        return db.exists() and sqlite_totals(db) == totals(evs)
+
+    try:
+        helpers.wait_for(landed, timeout_s=15, what="idle keys to be executed by soft session")
+        assert proc.poll() is None  # still running: expiry, not end of input, wrote them
+    finally:
+        _, err = proc.communicate(timeout=30)  # closes stdin: end of input
+    assert proc.returncode == 0, err
+    assert sqlite_totals(db) == totals(evs)  # and nothing twice at exit
