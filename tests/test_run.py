@@ -356,7 +356,10 @@ def test_sessions_expire_while_input_is_idle(redis_url, namespace, tmp_path, hel
     proc.stdin.flush()  # no more input, but stdin stays open
 
     def landed() -> bool:
-        return db.exists() and sqlite_totals(db) == totals(evs)
+        try:
+            return sqlite_totals(db) == totals(evs)
+        except sqlite3.OperationalError:  # no table yet (or locked by the writer)
+            return False
 
     try:
         helpers.wait_for(landed, timeout_s=15, what="idle keys to be executed by soft session")

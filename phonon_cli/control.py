@@ -1,0 +1,329 @@
+"""``phonon flush``: telling running workers to expire keys now, and claiming orphans.
+
+Timeline of one ``phonon flush --wait``::
+
+    flush                                   worker (phonon run)
+    -----                                   -------------------
+                                            SUBSCRIBE <ns>:control (confirmed),
+                                            then HSET its process hash flushable=1
+    read live processes with flushable=1
+    PUBLISH <ns>:control {id, all, globs}
+                                            poll() between chunks: the request
+                                            expire matching cache entries, send the
+                                            batch (execute as last holder, else
+                                            deposit the partial), then
+                                            HSET <ns>:flush:<id>:acks <pid> <expired>
+    poll the acks hash until every worker
+    read before publishing has answered,
+    or is gone, or the timeout passes
+
+A worker says it listens only once its subscription is confirmed, and flush
+reads the listeners before it publishes, so every worker it waits for was
+subscribed when the request went out: none can miss it. Workers that start
+later are not waited for (a flush is a point in time). A worker that exits
+meanwhile drains its whole cache on the way out, so it is reported as gone,
+not as silent.
+
+Partials with no live holder have nobody to expire them; ``flush -c CONFIG``
+executes them itself with ``update.claim_orphans`` (a script takes a partial
+only if nobody holds its resource, so no key is executed twice).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis
+
+from . import defaults
+from .keys import Keys
+from .status import Status
+
+if TYPE_CHECKING:
+    from . import runner
+    from .process import Process
+
+log = logging.getLogger(__name__)
+
+ACK_TTL_S = 600
+"""Seconds an acks hash outlives its last answer (a flush waits far less)."""
+
+SUBSCRIBE_TIMEOUT_S = 5.0
+"""Seconds a worker waits for its control subscription to be confirmed."""
+
+ACK_POLL_S = 0.05
+"""Seconds between reads of the acks hash while ``flush --wait`` waits."""
+
+_REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def matcher(globs: Sequence[str], all_: bool = False) -> Callable[[str], bool]:
+    """A test on resource names: fnmatch (case-sensitive) against any of ``globs``.
+
+    One compiled regex for all globs, because workers run it on every cached key.
+    """
+    if all_:
+        return lambda resource: True
+    if not globs:
+        return lambda resource: False
+    pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+    return lambda resource: pattern.match(resource) is not None
+
+
+@dataclass
+class FlushRequest:
+    """One flush, as a worker receives it (implements ``runner.FlushRequest``)."""
+
+    id: str
+    globs: list[str] = field(default_factory=list)
+    all: bool = False
+    client: redis.Redis | None = field(default=None, repr=False)
+    keys: Keys | None = field(default=None, repr=False)
+    process_id: str = ""
+
+    def __post_init__(self) -> None:
+        self._match = matcher(self.globs, self.all)
+
+    def matches(self, resource: str) -> bool:
+        return self._match(resource)
+
+    def ack(self, expired: int) -> None:
+        """Tell the flush this worker is done: its matching entries were sent."""
+        if self.client is None or self.keys is None:
+            return
+        key = self.keys.flush_acks(self.id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, self.process_id, expired)
+        pipe.expire(key, ACK_TTL_S)
+        pipe.execute()
+
+    def to_json(self) -> str:
+        return orjson.dumps({"id": self.id, "all": self.all, "globs": self.globs}).decode()
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> FlushRequest | None:
+        """The request in a control message, or None if it is not one (logged)."""
+        try:
+            raw = orjson.loads(data)
+            rid, globs, all_ = raw["id"], raw.get("globs") or [], bool(raw.get("all"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            log.warning("ignoring a malformed control message: %s", e)
+            return None
+        if (
+            not isinstance(rid, str)
+            or not _REQUEST_ID.fullmatch(rid)
+            or not isinstance(globs, list)
+            or not all(isinstance(g, str) for g in globs)
+        ):
+            log.warning("ignoring a malformed flush request: %r", raw)
+            return None
+        return cls(rid, globs, all_)
+
+
+class Control:
+    """A worker's end of the control channel (implements ``runner.Control``).
+
+    The subscription has a connection of its own; ``poll`` only reads what is
+    already in that socket's buffer, so an idle run loop calling it every 50 ms
+    sends nothing to Redis.
+    """
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.pubsub = process.client.pubsub()  # type: ignore[no-untyped-call]
+        self.pubsub.subscribe(process.keys.control)
+        deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+        while True:
+            message = self.pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+            if message is not None and message["type"] == "subscribe":
+                break
+            if time.monotonic() >= deadline:
+                log.warning("control subscription not confirmed; flush requests may be missed")
+                break
+        # Only now say we listen: ``flush`` waits just for processes that said so.
+        process.stats["flushable"] = 1
+        process.client.hset(process.keys.process(process.id), "flushable", 1)
+        self._failing = False
+
+    def poll(self) -> list[runner.FlushRequest]:
+        """Requests received since the last call; ``[]`` at once when there are none."""
+        out: list[runner.FlushRequest] = []
+        try:
+            while True:
+                message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+                if message is None:
+                    break
+                if message.get("type") != "message":
+                    continue
+                request = FlushRequest.from_json(message["data"])
+                if request is not None:
+                    request.client = self.process.client
+                    request.keys = self.process.keys
+                    request.process_id = self.process.id
+                    out.append(request)
+            self._failing = False
+        except redis.RedisError as e:
+            # redis-py reconnects and resubscribes on the next call; the run goes on.
+            if not self._failing:
+                log.warning("control channel: %s; retrying", e)
+            self._failing = True
+        return out
+
+    def close(self) -> None:
+        self.process.stats.pop("flushable", None)
+        try:
+            self.pubsub.close()
+        except redis.RedisError:
+            pass
+
+
+# -- the flush side -------------------------------------------------------------------
+
+
+@dataclass
+class Ticket:
+    """A published flush request and who it was sent to."""
+
+    request: FlushRequest
+    waiting: list[str]
+    """Live processes that listen: the ones to wait for."""
+    deaf: list[str]
+    """Live processes that do not listen (library code, not ``phonon run``)."""
+    receivers: int = 0
+    """Subscribers Redis delivered the message to."""
+
+
+@dataclass
+class Answers:
+    acked: dict[str, int]
+    """Process id -> entries it expired."""
+    gone: list[str]
+    """Exited (or died) before answering."""
+    silent: list[dict[str, Any]]
+    """Still alive, never answered: id, host and pid of each."""
+
+    @property
+    def expired(self) -> int:
+        return sum(self.acked.values())
+
+
+def publish_flush(
+    client: redis.Redis, keys: Keys, globs: Sequence[str], all_: bool = False
+) -> Ticket:
+    """Send a flush request to every running worker of the namespace."""
+    ids = [str(pid) for pid in client.zrange(keys.processes, 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for pid in ids:
+        pipe.exists(keys.alive(pid))
+        pipe.hget(keys.process(pid), "flushable")
+    replies = pipe.execute() if ids else []
+    waiting: list[str] = []
+    deaf: list[str] = []
+    for i, pid in enumerate(ids):
+        if replies[2 * i]:
+            (waiting if replies[2 * i + 1] == "1" else deaf).append(pid)
+    request = FlushRequest(secrets.token_hex(8), list(globs), all_)
+    receivers = int(client.publish(keys.control, request.to_json()))
+    return Ticket(request, waiting, deaf, receivers)
+
+
+def wait_for_acks(
+    client: redis.Redis, keys: Keys, ticket: Ticket, timeout_s: float, poll_s: float = ACK_POLL_S
+) -> Answers:
+    """Wait until every worker of ``ticket`` has answered or is gone, or ``timeout_s``."""
+    ack_key = keys.flush_acks(ticket.request.id)
+    pending = set(ticket.waiting)
+    gone: list[str] = []
+    acked: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(ack_key)
+        ordered = sorted(pending)
+        for pid in ordered:
+            pipe.exists(keys.alive(pid))
+        got, *alive = pipe.execute()
+        for pid, n in got.items():
+            if pid in pending:
+                acked[pid] = int(n)
+                pending.discard(pid)
+        for pid, is_alive in zip(ordered, alive, strict=True):
+            if pid in pending and not is_alive:
+                pending.discard(pid)
+                gone.append(pid)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    silent = []
+    if pending:
+        pipe = client.pipeline(transaction=False)
+        ordered = sorted(pending)
+        for pid in ordered:
+            pipe.hmget(keys.process(pid), "host", "pid")
+        for pid, (host, os_pid) in zip(ordered, pipe.execute(), strict=True):
+            silent.append({"id": pid, "host": host, "pid": os_pid})
+    else:
+        client.delete(ack_key)
+    return Answers(acked, sorted(gone), silent)
+
+
+def orphans(status: Status, match: Callable[[str], bool]) -> Iterable[str]:
+    """Resources matching ``match`` with a cached partial and no live holder."""
+    live = [p["id"] for p in status.processes() if p["alive"]]
+    for ref in status.references(live, match=match):
+        if ref.orphaned:
+            yield ref.resource
+
+
+@dataclass
+class Claimed:
+    executed: int = 0
+    left: list[str] = field(default_factory=list)
+    """Orphans not executed: class not in the config, or its execute failed."""
+    skipped: int = 0
+    """Taken by a holder or another process between our read and our claim."""
+    failures: int = 0
+
+
+def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
+    """Execute the orphaned partials that match, where the config knows their class.
+
+    A partial is claimed only if nobody at all holds its resource, so dead
+    processes still on nodelists are recovered first, exactly as any live
+    worker does on its next heartbeat (``Process.recover``): that also
+    executes the dead processes' own orphans, whatever their names, when
+    their class is known.
+    """
+    from .update import claim_orphans
+
+    stats = process.stats
+    executed_before = stats.get("keys_executed", 0)
+    failures_before = stats.get("execute_failures", 0)
+    process.recover()
+    result = Claimed()
+    status = Status(process.client, process.keys.namespace, "")
+    batch: list[str] = []
+
+    def claim(resources: list[str]) -> None:
+        executed, left = claim_orphans(process, resources)
+        result.left += left
+        result.skipped += len(resources) - len(executed) - len(left)
+
+    for resource in orphans(status, match):
+        batch.append(resource)
+        if len(batch) >= defaults.BATCH_MAX_KEYS:
+            claim(batch)
+            batch = []
+    if batch:
+        claim(batch)
+    result.executed = stats.get("keys_executed", 0) - executed_before
+    result.failures = stats.get("execute_failures", 0) - failures_before
+    return result
