@@ -348,9 +348,23 @@ def test_sessions_expire_while_input_is_idle(redis_url, namespace, tmp_path, hel
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "phonon_cli", "--redis-url", redis_url, "--namespace", namespace,
-         "run", "-c", str(cfg), "--soft-session", "1s"],
-        stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            namespace,
+            "run",
+            "-c",
+            str(cfg),
+            "--soft-session",
+            "1s",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
     proc.stdin.flush()  # no more input, but stdin stays open
@@ -368,3 +382,71 @@ def test_sessions_expire_while_input_is_idle(redis_url, namespace, tmp_path, hel
         _, err = proc.communicate(timeout=30)  # closes stdin: end of input
     assert proc.returncode == 0, err
     assert sqlite_totals(db) == totals(evs)  # and nothing twice at exit
+
+
+def test_second_signal_caches_partials_and_flush_executes_them(
+    redis_url, namespace, tmp_path, client, helpers
+) -> None:
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    cfg = tmp_path / "slow.toml"
+    cfg.write_text(
+        '[[routes]]\nupdate = "widgets:SlowCounting"\nid = "{target_post_id}"\n'
+        'collection = "w"\ndoc = { "{event_type}" = 1 }\n'
+    )
+    env = {
+        **os.environ,
+        "PHONON_TEST_OUT": str(out),
+        "PHONON_TEST_SLOW_S": "1",
+        "PYTHONPATH": str(helpers.helpers_dir),
+    }
+    evs = events(9_000, 3_000, seed=12)
+    base = [
+        sys.executable,
+        "-m",
+        "phonon_cli",
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--heartbeat-interval",
+        "0.2",
+    ]
+    proc = subprocess.Popen(
+        [*base, "run", "-c", str(cfg)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(as_lines(evs))
+    proc.stdin.flush()
+
+    def read_all() -> bool:
+        for pid in client.zrange(f"{namespace}:processes", 0, -1):
+            if client.hget(f"{namespace}:process:{pid}", "events_read") == str(len(evs)):
+                return True
+        return False
+
+    helpers.wait_for(read_all, what="the worker to read every event")
+    proc.send_signal(signal.SIGTERM)  # warm stop: drain, a slow batch at a time
+    helpers.wait_for(lambda: out.read_bytes(), what="the first batch to be written")
+    proc.send_signal(signal.SIGTERM)  # now: cache the rest in redis and go
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+    def written() -> Counter:
+        c: Counter = Counter()
+        for record in map(orjson.loads, out.read_bytes().splitlines()):
+            for kind, n in record["doc"].items():
+                c[(int(record["resource"].split(":")[1]), kind)] += n
+        return c
+
+    want: Counter = Counter()
+    for e in evs:
+        want[(e["target_post_id"], e["event_type"])] += 1
+    first = written()
+    assert 0 < sum(first.values()) < len(evs)  # some written, the rest waiting in redis
+    r = subprocess.run(
+        [*base, "flush", "--all", "-c", str(cfg)], capture_output=True, env=env, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert written() == want
+    assert helpers.namespace_keys(client, namespace) == []

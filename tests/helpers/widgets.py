@@ -56,3 +56,19 @@ class SeenUpdate(WidgetUpdate):
         super().merge(other)
         assert isinstance(other, SeenUpdate)
         self.seen = sorted(set(self.seen) | set(other.seen))
+
+
+class SlowCounting(ConflictFreeUpdate):
+    """Takes a while to write each batch, so a test can signal a worker mid-drain."""
+
+    @classmethod
+    def execute_many(cls, updates):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(float(os.environ.get("PHONON_TEST_SLOW_S", "0.5")))
+        for update in updates:
+            record(update)
+        return []
+
+    def execute(self) -> None:
+        record(self)
