@@ -127,10 +127,10 @@ def release_many(
 
 def put_back(resource: str, taken: Taken) -> list[Release]:
     """The releases that deposit ``taken`` again, untouched."""
-    if taken.kind == "sums":
+    if taken.kind in ("sums", "fields"):
         pairs = zip(taken.items[::2], taken.items[1::2])
         payload = "".join(f"{f}\t{v}\n" for f, v in pairs)
-        return [Release(resource, "cache", "sums", taken.recipe, payload)]
+        return [Release(resource, "cache", taken.kind, taken.recipe, payload)]
     return [Release(resource, "cache", "json", taken.recipe, item) for item in taken.items]
 
 

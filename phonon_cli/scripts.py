@@ -20,6 +20,115 @@ if TYPE_CHECKING:
     import redis
     from redis.client import Pipeline
 
+MERGE_LUA = """
+-- Shared by RELEASE and RECOVER: how a partial merges into what is cached.
+
+local function add_sum(hash, field, inc)
+  local cur = redis.call('HGET', hash, field)
+  if string.find(inc, '^-?%d+$') and (not cur or string.find(cur, '^-?%d+$')) then
+    redis.call('HINCRBY', hash, field, inc)
+  else
+    redis.call('HINCRBYFLOAT', hash, field, inc)
+  end
+end
+
+local function split_first(s)
+  local sp = string.find(s, ' ', 1, true)
+  return tonumber(string.sub(s, 1, sp - 1)), string.sub(s, sp + 1)
+end
+
+local function list_items(s)
+  local items = cjson.decode(s)
+  if type(items) ~= 'table' then return {} end
+  return items
+end
+
+-- "fields" partials: each hash field is "<op>[/<n>]:<name>" and says how it merges.
+local function merge_field(hash, field, value)
+  local cur = redis.call('HGET', hash, field)
+  if not cur then
+    redis.call('HSET', hash, field, value)
+    return
+  end
+  local op, n = string.match(field, '^(%a+)/?(%d*):')
+  if op == 'sum' or op == 'cnt' or op == 'msum' or op == 'mcnt' then
+    add_sum(hash, field, value)
+  elseif op == 'min' then
+    if tonumber(value) < tonumber(cur) then redis.call('HSET', hash, field, value) end
+  elseif op == 'max' then
+    if tonumber(value) > tonumber(cur) then redis.call('HSET', hash, field, value) end
+  elseif op == 'first' or op == 'last' then
+    local tv, ev = split_first(value)
+    local tc, ec = split_first(cur)
+    local better
+    if op == 'first' then
+      better = tv < tc or (tv == tc and ev < ec)
+    else
+      better = tv > tc or (tv == tc and ev > ec)
+    end
+    if better then redis.call('HSET', hash, field, value) end
+  elseif op == 'set' then
+    local seen, members = {}, {}
+    for _, source in ipairs({cur, value}) do
+      for _, m in ipairs(list_items(source)) do
+        if not seen[m] then
+          seen[m] = true
+          members[#members + 1] = m
+        end
+      end
+    end
+    table.sort(members)
+    redis.call('HSET', hash, field, cjson.encode(members))
+  elseif op == 'list' or op == 'top' then
+    -- items are {key, encoded value}: list keys are times (keep the newest n),
+    -- top keys are scores (keep the n largest); ties broken by the value.
+    local items = list_items(cur)
+    for _, it in ipairs(list_items(value)) do items[#items + 1] = it end
+    if op == 'list' then
+      table.sort(items, function(a, b)
+        local x, y = tonumber(a[1]), tonumber(b[1])
+        if x ~= y then return x < y end
+        return a[2] < b[2]
+      end)
+    else
+      table.sort(items, function(a, b)
+        local x, y = tonumber(a[1]), tonumber(b[1])
+        if x ~= y then return x > y end
+        return a[2] < b[2]
+      end)
+    end
+    local cap = tonumber(n) or 0
+    if cap > 0 and #items > cap then
+      local kept = {}
+      local first = (op == 'list') and (#items - cap + 1) or 1
+      for j = first, first + cap - 1 do kept[#kept + 1] = items[j] end
+      items = kept
+    end
+    redis.call('HSET', hash, field, cjson.encode(items))
+  elseif op == 'hll' then
+    -- registers as two hex digits each: the union keeps the larger of each
+    local parts = {}
+    for j = 1, #value, 2 do
+      local a, b = string.sub(cur, j, j + 1), string.sub(value, j, j + 1)
+      parts[#parts + 1] = (b > a) and b or a
+    end
+    redis.call('HSET', hash, field, table.concat(parts))
+  else
+    add_sum(hash, field, value)
+  end
+end
+
+local function merge_pairs(hash, kind, pairs_iter)
+  for field, value in pairs_iter do
+    if kind == 'fields' then merge_field(hash, field, value) else add_sum(hash, field, value) end
+  end
+end
+
+local function payload_pairs(payload)
+  return string.gmatch(payload, '([^\\t\\n]+)\\t([^\\n]+)')
+end
+"""
+
 ACQUIRE_LUA = """
 -- Take references on many resources at once.
 -- KEYS, 3 per resource: nodes (hash pid -> when it took the reference, epoch ms),
@@ -64,8 +173,9 @@ RELEASE_LUA = """
 --         "force"  take even if others still hold the resource
 --         "cache"  always deposit (failed execute, fast shutdown); deletes exec
 --         "orphan" take only if nobody holds the resource (recovery, flush)
---   kind: "json" (payload is one JSON partial, appended to a list) or
---         "sums" (payload is "field\\tincrement\\n..." added with HINCRBY[FLOAT])
+--   kind: "json" (payload is one JSON partial, appended to a list),
+--         "sums" (payload is "field\\tincrement\\n..." added with HINCRBY[FLOAT]) or
+--         "fields" (the same layout, each field merged as its name says: merge_field)
 --   recipe: JSON naming the Update class and its arguments, so a survivor can
 --           rebuild the partial; kept in meta
 --   payload: as above; "" deposits nothing
@@ -73,17 +183,6 @@ RELEASE_LUA = """
 --   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE; recipe is the
 --   one kept in meta for "orphan" (the caller has its own otherwise: "" then).
 local pid, now = ARGV[1], ARGV[2]
-
-local function add_sums(hash, payload)
-  for field, inc in string.gmatch(payload, '([^\\t\\n]+)\\t([^\\n]+)') do
-    local cur = redis.call('HGET', hash, field)
-    if string.find(inc, '^-?%d+$') and (not cur or string.find(cur, '^-?%d+$')) then
-      redis.call('HINCRBY', hash, field, inc)
-    else
-      redis.call('HINCRBYFLOAT', hash, field, inc)
-    end
-  end
-end
 
 local out = {}
 for i = 0, #KEYS / 5 - 1 do
@@ -108,15 +207,17 @@ for i = 0, #KEYS / 5 - 1 do
       kind = 'json'
     elseif t == 'hash' then
       items = redis.call('HGETALL', partials)
-      kind = 'sums'
     end
     local stored = redis.call('HGET', meta, 'recipe') or recipe
     if mode == 'orphan' then
       recipe = stored
     end
+    if t == 'hash' then
+      kind = redis.call('HGET', meta, 'kind') or kind
+    end
     if t ~= 'none' then
       redis.call('RENAME', partials, exec)
-      redis.call('SET', exec_recipe, stored)
+      redis.call('SET', exec_recipe, kind .. '\\n' .. stored)
     end
     if left == 0 then
       redis.call('DEL', meta)
@@ -135,7 +236,7 @@ for i = 0, #KEYS / 5 - 1 do
       if kind == 'json' then
         redis.call('RPUSH', partials, payload)
       else
-        add_sums(partials, payload)
+        merge_pairs(partials, kind, payload_pairs(payload))
       end
       redis.call('HSET', meta, 'recipe', recipe, 'kind', kind)
       redis.call('HSETNX', meta, 'cached_ms', now)
@@ -167,20 +268,27 @@ for i = 0, #KEYS / 5 - 1 do
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
   redis.call('HDEL', nodes, dead)
   local t = redis.call('TYPE', exec)['ok']
-  if t == 'list' then
-    for _, v in ipairs(redis.call('LRANGE', exec, 0, -1)) do
-      redis.call('RPUSH', partials, v)
-    end
-  elseif t == 'hash' then
-    local kv = redis.call('HGETALL', exec)
-    for j = 1, #kv, 2 do
-      redis.call('HINCRBYFLOAT', partials, kv[j], kv[j + 1])
-    end
-  end
   if t ~= 'none' then
-    local recipe = redis.call('GET', exec_recipe)
-    if recipe then
-      redis.call('HSET', meta, 'recipe', recipe, 'kind', t == 'list' and 'json' or 'sums')
+    local saved = redis.call('GET', exec_recipe) or '\\n'
+    local nl = string.find(saved, '\\n', 1, true)
+    local kind, recipe = string.sub(saved, 1, nl - 1), string.sub(saved, nl + 1)
+    if kind == '' then kind = (t == 'list') and 'json' or 'sums' end
+    if redis.call('EXISTS', partials) == 0 then
+      redis.call('RENAME', exec, partials)
+    elseif t == 'list' then
+      for _, v in ipairs(redis.call('LRANGE', exec, 0, -1)) do
+        redis.call('RPUSH', partials, v)
+      end
+    else
+      local kv = redis.call('HGETALL', exec)
+      local j = -1
+      merge_pairs(partials, kind, function()
+        j = j + 2
+        return kv[j], kv[j + 1]
+      end)
+    end
+    if recipe ~= '' then
+      redis.call('HSET', meta, 'recipe', recipe, 'kind', kind)
     end
     redis.call('DEL', exec, exec_recipe)
     redis.call('HSETNX', meta, 'cached_ms', now)
@@ -215,6 +323,9 @@ return 0
 """
 
 # Scripts are passed as bytes so no client is needed to hash them; each call names its client.
+RELEASE_LUA = MERGE_LUA + RELEASE_LUA
+RECOVER_LUA = MERGE_LUA + RECOVER_LUA
+
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
