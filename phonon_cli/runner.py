@@ -33,6 +33,7 @@ import orjson
 from . import defaults
 from .cache import LruCache
 from .exceptions import EventError
+from .fields import Aggregate
 from .process import Process
 from .routing import Route, Router
 from .sources import Chunk, Source
@@ -189,7 +190,8 @@ class Runner:
         self._progress = progress
         self.control = control
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
-        self._sums = {id(r): _sums_fast(r) for r in router.routes}
+        self._fast = {id(r): _fast_merge(r) for r in router.routes}
+        self._triggers = {id(r): _triggers(r) for r in router.routes}
         self._read_to: dict[tuple[Source, str], int] = {}
         """Per (source, partition): the offset after the last line handled."""
         self._by_name = {s.name: s for s in self.sources}
@@ -295,7 +297,8 @@ class Runner:
         cache = self.cache
         entries = cache._entries
         loads = orjson.loads
-        sums_fast = self._sums
+        fast_merge = self._fast
+        triggers = self._triggers
         now_ms = self.process.clock()
         part: tuple[Source, str] | None = None
         offset = chunk.first_offset - 1
@@ -340,27 +343,39 @@ class Runner:
                         update.marks = {part: offset}
                     cache.set(key, update)
                     self.batcher.add_acquire(update)
-                    continue
-                if part is not None:
-                    marks = update.marks
-                    if marks is None:
-                        update.marks = {part: offset}
-                    elif part not in marks:
-                        marks[part] = offset
-                if sums_fast[key[0]]:
-                    merged = update.doc
-                    for k, v in doc.items():
-                        merged[k] = merged.get(k, 0) + v
+                else:
+                    if part is not None:
+                        marks = update.marks
+                        if marks is None:
+                            update.marks = {part: offset}
+                        elif part not in marks:
+                            marks[part] = offset
+                    fast = fast_merge[key[0]]
+                    if fast == "sums":
+                        merged = update.doc
+                        for k, v in doc.items():
+                            merged[k] = merged.get(k, 0) + v
+                    elif fast == "slots":
+                        update.merge_slots(doc)  # type: ignore[attr-defined]
+                    else:
+                        cache.set(key, self._new_update(route, id_, spec, doc))
+                        continue
                     update.events += 1
                     update.touched_ms = now_ms
                     entries.move_to_end(key)
-                else:
-                    cache.set(key, self._new_update(route, id_, spec, doc))
+                trigger = triggers[key[0]]
+                if trigger is not None and trigger(update, event):
+                    cache.expire(key)
 
     def _new_update(
         self, route: Route, id_: str, spec: dict[str, Any], doc: dict[str, Any]
     ) -> Update:
         opts = self.options
+        soft, hard = route.soft_session_s, route.hard_session_s
+        extra: dict[str, Any] = {}
+        fields = getattr(route, "fields", None)
+        if fields:
+            extra["fields"] = [f.field for f in fields]
         return route.update(
             self.process,
             id_,
@@ -369,12 +384,9 @@ class Runner:
             spec=spec,
             doc=doc,
             acquire=False,
-            soft_session=route.soft_session_s
-            if route.soft_session_s is not None
-            else opts.soft_session_s,
-            hard_session=route.hard_session_s
-            if route.hard_session_s is not None
-            else opts.hard_session_s,
+            soft_session=soft if soft is not None else opts.soft_session_s,
+            hard_session=hard if hard is not None else opts.hard_session_s,
+            **extra,
         )
 
     def _dead(self, source: str, line: bytes, reason: str) -> None:
@@ -407,10 +419,31 @@ class Runner:
         )
 
 
-def _sums_fast(route: Route) -> bool:
-    """Whether merging is plain summing, so the loop can add docs without building an Update."""
+def _fast_merge(route: Route) -> str | None:
+    """How the loop may merge an event into a cached update without building an Update:
+    "sums" (plain sums), "slots" (per-field strategies), or None (call ``merge``)."""
     cls = route.update
-    return issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge
+    if issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge:
+        return "sums"
+    if issubclass(cls, Aggregate) and cls.merge is Aggregate.merge:
+        return "slots"
+    return None
+
+
+def _triggers(route: Route) -> Callable[[Update, dict[str, Any]], bool] | None:
+    """What ends a key's session at once, after merging an event: ``max_events``
+    merged, or an event matching ``ends_when``. None when the route has neither."""
+    max_events: int | None = getattr(route, "max_events", None)
+    ends_when: Callable[[dict[str, Any]], bool] | None = getattr(route, "ends_when", None)
+    if not max_events and ends_when is None:
+        return None
+
+    def ended(update: Update, event: dict[str, Any]) -> bool:
+        if max_events and update.events >= max_events:
+            return True
+        return ends_when is not None and ends_when(event)
+
+    return ended
 
 
 def progress_printer(stream: IO[str] = sys.stderr) -> Callable[[str], None]:
