@@ -133,6 +133,8 @@ def helpers() -> object:
     h.wait_for = wait_for  # type: ignore[attr-defined]
     h.python_process = python_process  # type: ignore[attr-defined]
     h.helpers_dir = TESTS / "helpers"  # type: ignore[attr-defined]
+    h.start_worker = start_worker  # type: ignore[attr-defined]
+    h.events_read = events_read  # type: ignore[attr-defined]
     return h
 
 
@@ -181,3 +183,45 @@ def postgres_url() -> Iterator[str]:
     yield f"{url}{sep}options=-csearch_path%3D{schema}"
     with psycopg.connect(url, autocommit=True) as conn:  # type: ignore[arg-type]
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def start_worker(
+    redis_url: str,
+    namespace: str,
+    config: Path | str,
+    *run_args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real ``phonon run`` on the test's Redis, reading stdin until it is closed."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            namespace,
+            "--heartbeat-interval",
+            "0.2",
+            "run",
+            "-c",
+            str(config),
+            *run_args,
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def events_read(client: redis.Redis, namespace: str) -> dict[str, int]:
+    """Process id -> events read, as workers publish it with their heartbeat."""
+    out = {}
+    for pid in client.zrange(f"{namespace}:processes", 0, -1):
+        n = client.hget(f"{namespace}:process:{pid}", "events_read")
+        if n is not None:
+            out[pid] = int(n)
+    return out

@@ -306,35 +306,15 @@ def test_sigterm_mid_stream_loses_nothing(redis_url, namespace, tmp_path, client
     evs = events(3_000, 200, seed=4)
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=50)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phonon_cli",
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            namespace,
-            "--heartbeat-interval",
-            "0.2",
-            "run",
-            "-c",
-            str(cfg),
-        ],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = helpers.start_worker(redis_url, namespace, cfg)
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
     proc.stdin.flush()  # and keep stdin open: the worker is mid-stream
 
-    def read_all() -> bool:
-        for pid in client.zrange(f"{namespace}:processes", 0, -1):
-            if client.hget(f"{namespace}:process:{pid}", "events_read") == str(len(evs)):
-                return True
-        return False
-
-    helpers.wait_for(read_all, what="the worker to read every event")
+    helpers.wait_for(
+        lambda: len(evs) in helpers.events_read(client, namespace).values(),
+        what="the worker to read every event",
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     proc.stdin.close()
@@ -347,24 +327,7 @@ def test_sessions_expire_while_input_is_idle(redis_url, namespace, tmp_path, hel
     evs = events(300, 20, seed=8)
     db = tmp_path / "w.db"
     cfg = widget_config(tmp_path, f"sqlite:///{db}")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phonon_cli",
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            namespace,
-            "run",
-            "-c",
-            str(cfg),
-            "--soft-session",
-            "1s",
-        ],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = helpers.start_worker(redis_url, namespace, cfg, "--soft-session", "1s")
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
     proc.stdin.flush()  # no more input, but stdin stays open
@@ -412,20 +375,15 @@ def test_second_signal_caches_partials_and_flush_executes_them(
         "--heartbeat-interval",
         "0.2",
     ]
-    proc = subprocess.Popen(
-        [*base, "run", "-c", str(cfg)], stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
+    proc = helpers.start_worker(redis_url, namespace, cfg, env=env)
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
     proc.stdin.flush()
 
-    def read_all() -> bool:
-        for pid in client.zrange(f"{namespace}:processes", 0, -1):
-            if client.hget(f"{namespace}:process:{pid}", "events_read") == str(len(evs)):
-                return True
-        return False
-
-    helpers.wait_for(read_all, what="the worker to read every event")
+    helpers.wait_for(
+        lambda: len(evs) in helpers.events_read(client, namespace).values(),
+        what="the worker to read every event",
+    )
     proc.send_signal(signal.SIGTERM)  # warm stop: drain, a slow batch at a time
     helpers.wait_for(lambda: out.read_bytes(), what="the first batch to be written")
     proc.send_signal(signal.SIGTERM)  # now: cache the rest in redis and go
