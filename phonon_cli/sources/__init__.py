@@ -59,8 +59,14 @@ class Source(Protocol):
         Redis): a restart may resume there, and a stream may acknowledge them."""
 
 
-def open_source(spec: str, process: Process | None = None, *, group: str = "phonon",
-                follow: bool = False, start_from: str = "committed") -> Source:
+def open_source(
+    spec: str,
+    process: Process | None = None,
+    *,
+    group: str = "phonon",
+    follow: bool = False,
+    start_from: str = "committed",
+) -> Source:
     """The source a ``--source`` value names.
 
     Args:
@@ -80,8 +86,10 @@ def open_source(spec: str, process: Process | None = None, *, group: str = "phon
         return StdinSource()
     kind, _, rest = spec.partition(":")
     if kind not in ("file", "redis-pubsub", "redis-stream"):
-        raise SourceError(f"unknown source {spec!r}: use '-' (stdin), file:PATH, "
-                          "redis-pubsub:CHANNEL or redis-stream:KEY")
+        raise SourceError(
+            f"unknown source {spec!r}: use '-' (stdin), file:PATH, "
+            "redis-pubsub:CHANNEL or redis-stream:KEY"
+        )
     if not rest:
         raise SourceError(f"source {spec!r} names no {'path' if kind == 'file' else 'key'}")
     if process is None:
@@ -101,8 +109,14 @@ def open_source(spec: str, process: Process | None = None, *, group: str = "phon
     return StreamSource(spec, rest, process, group, start_from)
 
 
-def open_sources(specs: Sequence[str], process: Process, *, group: str = "phonon",
-                 follow: bool = False, start_from: str = "committed") -> list[Source]:
+def open_sources(
+    specs: Sequence[str],
+    process: Process,
+    *,
+    group: str = "phonon",
+    follow: bool = False,
+    start_from: str = "committed",
+) -> list[Source]:
     """Every ``--source`` of a run. A source named twice would be read twice, so it is refused.
 
     Raises:
@@ -113,12 +127,18 @@ def open_sources(specs: Sequence[str], process: Process, *, group: str = "phonon
     seen = [s for i, s in enumerate(specs) if s in specs[:i]]
     if seen:
         raise SourceError(f"source {seen[0]!r} is given twice")
-    return [open_source(s, process, group=group, follow=follow, start_from=start_from)
-            for s in specs]
+    return [
+        open_source(s, process, group=group, follow=follow, start_from=start_from) for s in specs
+    ]
 
 
-def put_or_tick(out: queue.Queue[Chunk], chunk: Chunk, stop: threading.Event, tick_s: float,
-                on_tick: Callable[[], object]) -> bool:
+def put_or_tick(
+    out: queue.Queue[Chunk],
+    chunk: Chunk,
+    stop: threading.Event,
+    tick_s: float,
+    on_tick: Callable[[], object],
+) -> bool:
     """Put ``chunk`` on the run loop's queue, doing the source's upkeep while it is full.
 
     A source waiting on a full queue must still extend its locks and heartbeat
@@ -186,8 +206,9 @@ class Group:
             log.debug("leaving group %s failed", self.key, exc_info=True)
 
 
-def assign(partitions: Sequence[str], members: Sequence[str],
-           owners: Mapping[str, str]) -> dict[str, list[str]]:
+def assign(
+    partitions: Sequence[str], members: Sequence[str], owners: Mapping[str, str]
+) -> dict[str, list[str]]:
     """Split partitions between members, as evenly as possible, moving as few as possible.
 
     Every member computes this for itself from the same inputs, so all agree
@@ -241,8 +262,7 @@ def bytes_client(process: Process) -> redis.Redis:
 
     pool = process.client.connection_pool
     kwargs = {**pool.connection_kwargs, "decode_responses": False}
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                  **kwargs))
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
 def split_payload(data: bytes, lines: list[bytes]) -> int:
