@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -9,10 +10,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+import redis
 
 from . import defaults, logs
 from .config import Config, load_config, parse_duration
 from .exceptions import ConfigError, PhononError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -50,8 +54,9 @@ class Context:
         url = self.redis_url or (config.store.url if config else None)
         namespace = self.namespace or (config.store.namespace if config else None)
         try:
-            return Process(url, namespace=namespace,
-                           heartbeat_interval=self.heartbeat_interval_s, **kwargs)
+            return Process(
+                url, namespace=namespace, heartbeat_interval=self.heartbeat_interval_s, **kwargs
+            )
         except PhononError as e:
             fail(e)
 
@@ -80,27 +85,53 @@ def load(config_path: str) -> Config:
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
-@click.option("--redis-url", envvar="PHONON_REDIS_URL", metavar="URL",
-              help="Redis to coordinate through (default: an embedded server under PHONON_HOME).")
-@click.option("--namespace", envvar="PHONON_NAMESPACE", metavar="NS",
-              help=f"Prefix of every Redis key (default: {defaults.NAMESPACE}).")
-@click.option("--heartbeat-interval", envvar="PHONON_HEARTBEAT_INTERVAL", type=float,
-              default=defaults.HEARTBEAT_INTERVAL_S, show_default=True, metavar="SECONDS",
-              help="Seconds between heartbeats; silent for three, a worker counts as dead.")
+@click.option(
+    "--redis-url",
+    envvar="PHONON_REDIS_URL",
+    metavar="URL",
+    help="Redis to coordinate through (default: an embedded server under PHONON_HOME).",
+)
+@click.option(
+    "--namespace",
+    envvar="PHONON_NAMESPACE",
+    metavar="NS",
+    help=f"Prefix of every Redis key (default: {defaults.NAMESPACE}).",
+)
+@click.option(
+    "--heartbeat-interval",
+    envvar="PHONON_HEARTBEAT_INTERVAL",
+    type=float,
+    default=defaults.HEARTBEAT_INTERVAL_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between heartbeats; silent for three, a worker counts as dead.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.version_option(package_name="phonon-cli")
 @click.pass_context
-def main(ctx: click.Context, redis_url: str | None, namespace: str | None,
-         heartbeat_interval: float, verbose: int, quiet: bool) -> None:
+def main(
+    ctx: click.Context,
+    redis_url: str | None,
+    namespace: str | None,
+    heartbeat_interval: float,
+    verbose: int,
+    quiet: bool,
+) -> None:
     """Aggregate JSON event streams across many workers: one database write per key per session."""
     logs.setup(verbose, quiet)
     ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet)
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", required=True, metavar="FILE",
-              help="TOML or YAML config: store, cache and routes.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    metavar="FILE",
+    help="TOML or YAML config: store, cache and routes.",
+)
 def check(config_path: str) -> None:
     """Validate a config and import its classes, without running."""
     config = load(config_path)
@@ -108,29 +139,72 @@ def check(config_path: str) -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", required=True, metavar="FILE",
-              help="TOML or YAML config: store, cache and routes.")
-@click.option("--source", "sources", multiple=True, default=["-"], show_default=True,
-              metavar="SRC", help="'-' (stdin), file:PATH, redis-pubsub:CHANNEL or "
-              "redis-stream:KEY (repeatable).")
-@click.option("--group", default="phonon", show_default=True,
-              help="Consumer group for sources with offsets.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    metavar="FILE",
+    help="TOML or YAML config: store, cache and routes.",
+)
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    default=["-"],
+    show_default=True,
+    metavar="SRC",
+    help="'-' (stdin), file:PATH, redis-pubsub:CHANNEL or redis-stream:KEY (repeatable).",
+)
+@click.option(
+    "--group", default="phonon", show_default=True, help="Consumer group for sources with offsets."
+)
 @click.option("--follow", is_flag=True, help="Keep reading sources that grow.")
-@click.option("--from", "start_from", type=click.Choice(["earliest", "committed"]),
-              default="committed", show_default=True, help="Where sources with offsets start.")
-@click.option("--max-entries", type=click.IntRange(min=1), metavar="N",
-              help="Keys in the local cache (default: the config's, else 10000).")
-@click.option("--soft-session", callback=duration, metavar="DUR",
-              help="Idle time after which a key's session ends (90, 90s, 15m, 1h).")
-@click.option("--hard-session", callback=duration, metavar="DUR",
-              help="Age after which a key's session ends regardless.")
-@click.option("--dead-letter", metavar="FILE",
-              help="Where malformed events go, with the reason "
-                   "(default: dead-letter.jsonl under PHONON_HOME).")
+@click.option(
+    "--from",
+    "start_from",
+    type=click.Choice(["earliest", "committed"]),
+    default="committed",
+    show_default=True,
+    help="Where sources with offsets start.",
+)
+@click.option(
+    "--max-entries",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Keys in the local cache (default: the config's, else 10000).",
+)
+@click.option(
+    "--soft-session",
+    callback=duration,
+    metavar="DUR",
+    help="Idle time after which a key's session ends (90, 90s, 15m, 1h).",
+)
+@click.option(
+    "--hard-session",
+    callback=duration,
+    metavar="DUR",
+    help="Age after which a key's session ends regardless.",
+)
+@click.option(
+    "--dead-letter",
+    metavar="FILE",
+    help="Where malformed events go, with the reason "
+    "(default: dead-letter.jsonl under PHONON_HOME).",
+)
 @pass_context
-def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, follow: bool,
-        start_from: str, max_entries: int | None, soft_session: float | None,
-        hard_session: float | None, dead_letter: str | None) -> None:
+def run(
+    ctx: Context,
+    config_path: str,
+    sources: tuple[str, ...],
+    group: str,
+    follow: bool,
+    start_from: str,
+    max_entries: int | None,
+    soft_session: float | None,
+    hard_session: float | None,
+    dead_letter: str | None,
+) -> None:
     """Consume events, aggregate them, and execute each key once per session.
 
     At end of input, or on SIGINT/SIGTERM, every session ends (executed, or
@@ -140,7 +214,7 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     from . import sinks
     from .control import Control
     from .routing import Router
-    from .runner import RunOptions, Runner, progress_printer
+    from .runner import Runner, RunOptions, progress_printer
     from .sources import open_sources
 
     config = load(config_path)
@@ -160,17 +234,25 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
     for route in config.routes:
         process.register(route.update)
     show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
-    runner = Runner(process, Router(config.routes), opened, options, progress=show,
-                    control=Control(process))
+    runner = Runner(
+        process, Router(config.routes), opened, options, progress=show, control=Control(process)
+    )
     runner.install_signal_handlers()
     try:
         stats = runner.run()
     except PhononError as e:
         fail(e)
+    except redis.RedisError as e:
+        # Sessions in memory are lost with the store; sources with offsets replay
+        # them (nothing was committed past them), stdin cannot.
+        raise Failure(f"lost the store at {process.settings.describe()}: {e}") from None
     finally:
         if runner.control is not None:
             runner.control.close()
-        process.stop()
+        try:
+            process.stop()
+        except redis.RedisError as e:
+            log.warning("could not unregister from the store: %s", e)
         sinks.close_all()
     if show is not None:
         sys.stderr.write("\n")
@@ -179,8 +261,10 @@ def run(ctx: Context, config_path: str, sources: tuple[str, ...], group: str, fo
         if stats.dead_lettered:
             click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)
     if stats.execute_failures:
-        raise Failure(f"{stats.execute_failures} aggregates could not be written; they are kept "
-                      "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')")
+        raise Failure(
+            f"{stats.execute_failures} aggregates could not be written; they are kept "
+            "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')"
+        )
 
 
 # -- status and flush ---------------------------------------------------------------------
@@ -191,8 +275,10 @@ def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
     so that reading or publishing never registers this command as a worker."""
     from .store import StoreSettings
 
-    settings = StoreSettings.from_env(ctx.redis_url or (config.store.url if config else None),
-                                      ctx.namespace or (config.store.namespace if config else None))
+    settings = StoreSettings.from_env(
+        ctx.redis_url or (config.store.url if config else None),
+        ctx.namespace or (config.store.namespace if config else None),
+    )
     try:
         return settings, settings.connect()
     except PhononError as e:
@@ -204,12 +290,24 @@ def _lost(settings: Any, error: Exception) -> NoReturn:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object (streamed; every reference unless --limit).")
-@click.option("--watch", type=click.FloatRange(min=0.1), metavar="SECONDS",
-              help="Redraw every SECONDS until interrupted.")
-@click.option("--limit", type=click.IntRange(min=0), metavar="N",
-              help="Rows per table section (default 20); with --json, the N oldest references.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object (streamed; every reference unless --limit).",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help="Redraw every SECONDS until interrupted.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Rows per table section (default 20); with --json, the N oldest references.",
+)
 @pass_context
 def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) -> None:
     """Show processes, references, orphaned partials and source offsets, read from Redis.
@@ -253,15 +351,35 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
 @main.command()
 @click.argument("resources", nargs=-1, metavar="[RESOURCE_OR_GLOB]...")
 @click.option("--all", "all_", is_flag=True, help="Every resource.")
-@click.option("--wait", is_flag=True,
-              help="Return once every running worker has expired its matching entries.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              metavar="SECONDS", help="How long --wait waits; then exit 1 naming the silent.")
-@click.option("-c", "--config", "config_path", metavar="FILE",
-              help="Execute orphaned partials (no live holder) whose classes this config names.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Return once every running worker has expired its matching entries.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long --wait waits; then exit 1 naming the silent.",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Execute orphaned partials (no live holder) whose classes this config names.",
+)
 @pass_context
-def flush(ctx: Context, resources: tuple[str, ...], all_: bool, wait: bool, timeout: float,
-          config_path: str | None) -> None:
+def flush(
+    ctx: Context,
+    resources: tuple[str, ...],
+    all_: bool,
+    wait: bool,
+    timeout: float,
+    config_path: str | None,
+) -> None:
     """Force expiry now of the resources named (fnmatch globs, e.g. 'widgets:*') or --all.
 
     Running workers expire their matching cache entries (executing as last holder,
@@ -291,17 +409,23 @@ def flush(ctx: Context, resources: tuple[str, ...], all_: bool, wait: bool, time
         ticket = publish_flush(client, keys, resources, all_)
         say(f"flush {ticket.request.id} sent to {len(ticket.waiting)} running worker(s)")
         if ticket.deaf:
-            say(f"{len(ticket.deaf)} live process(es) take no flush requests (not 'phonon run'): "
-                + ", ".join(ticket.deaf))
+            say(
+                f"{len(ticket.deaf)} live process(es) take no flush requests (not 'phonon run'): "
+                + ", ".join(ticket.deaf)
+            )
         if wait:
             answers = wait_for_acks(client, keys, ticket, timeout)
-            say(f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
-                + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else ""))
+            say(
+                f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
+                + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else "")
+            )
             if answers.silent:
                 problems.append(
                     f"{len(answers.silent)} worker(s) did not answer within {timeout:g}s: "
-                    + ", ".join(f"{s['id']} (host {s['host']}, pid {s['pid']})"
-                                for s in answers.silent))
+                    + ", ".join(
+                        f"{s['id']} (host {s['host']}, pid {s['pid']})" for s in answers.silent
+                    )
+                )
         if config is not None:
             process = ctx.process(config, recover_failed_processes=False)
             for route in config.routes:
@@ -314,19 +438,25 @@ def flush(ctx: Context, resources: tuple[str, ...], all_: bool, wait: bool, time
             for resource in claimed.left:
                 click.echo(resource)
             if claimed.left:
-                say(f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
-                    f"(class not in {config_path}, or its execute failed)")
+                say(
+                    f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
+                    f"(class not in {config_path}, or its execute failed)"
+                )
             if claimed.failures:
-                problems.append(f"{claimed.failures} orphaned partial(s) could not be written; "
-                                "they are kept in redis")
+                problems.append(
+                    f"{claimed.failures} orphaned partial(s) could not be written; "
+                    "they are kept in redis"
+                )
         else:
             found = 0
             for resource in orphans(Status(client, settings.namespace, ""), match):
                 click.echo(resource)
                 found += 1
             if found:
-                say(f"{found:,} orphaned partial(s) listed above have no live holder; execute "
-                    "them with: phonon flush -c CONFIG ...")
+                say(
+                    f"{found:,} orphaned partial(s) listed above have no live holder; execute "
+                    "them with: phonon flush -c CONFIG ..."
+                )
     except PhononError as e:
         fail(e)
     except redis.RedisError as e:

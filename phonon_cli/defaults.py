@@ -59,6 +59,12 @@ MAX_LINE_BYTES = 1 << 20
 PURGE_INTERVAL_S = 1.0
 """Seconds between scans of the cache for expired sessions."""
 
+COMMIT_INTERVAL_S = 0.2
+"""Seconds between source offset commits (each scans the cache for the watermark)."""
+
+STOP_GRACE_S = 1.0
+"""Seconds a stopping run keeps handling what its sources had already queued."""
+
 PROGRESS_INTERVAL_S = 0.5
 """Seconds between redraws of the progress line (when stderr is a terminal)."""
 

@@ -214,10 +214,21 @@ class Runner:
         for source in self.sources:
             source.start(self.queue)
         open_sources = len(self.sources)
-        next_purge = time.monotonic() + defaults.PURGE_INTERVAL_S
-        next_progress = time.monotonic() + defaults.PROGRESS_INTERVAL_S
+        now = time.monotonic()
+        next_purge = now + defaults.PURGE_INTERVAL_S
+        next_commit = now + defaults.COMMIT_INTERVAL_S
+        next_progress = now + defaults.PROGRESS_INTERVAL_S
+        stop_by: float | None = None
         try:
-            while open_sources and not self.signals:
+            while open_sources and self.signals < 2:
+                if self.signals and stop_by is None:
+                    # Sources were told to stop: what they already queued is still
+                    # handled (a stream's entries would otherwise stay pending), for
+                    # as long as they take to say they ended, within a grace period
+                    # (a stdin read can block until its next line).
+                    stop_by = time.monotonic() + defaults.STOP_GRACE_S
+                if stop_by is not None and time.monotonic() >= stop_by:
+                    break
                 try:
                     chunk = self.queue.get(timeout=self.options.batch_max_age_s)
                 except queue.Empty:
@@ -231,14 +242,15 @@ class Runner:
                     for request in self.control.poll():
                         self._flush(request)
                 now = time.monotonic()
-                if self.batcher.due(now):
-                    self.batcher.flush()
                 if now >= next_purge:
                     self.cache.purge()
-                    self.batcher.flush()
-                    self._commit()
                     self._publish()
                     next_purge = now + defaults.PURGE_INTERVAL_S
+                if self.batcher.due(now) or now >= next_commit:
+                    self.batcher.flush()
+                    if now >= next_commit:
+                        self._commit()  # right after a flush: nothing is in flight
+                        next_commit = now + defaults.COMMIT_INTERVAL_S
                 if self._progress is not None and now >= next_progress:
                     self._progress(self._progress_line())
                     next_progress = now + defaults.PROGRESS_INTERVAL_S

@@ -190,7 +190,8 @@ def test_every_kind_of_bad_line_is_dead_lettered(redis_url, namespace, tmp_path)
         (b"[1, 2, 3]", "not a JSON object"),
         (b'"just a string"', "not a JSON object"),
         (b'{"parent_post_id": 1, "event_type": "clicks"}', "missing field 'target_post_id'"),
-        (b'{"a": "' + b"x" * (2 << 20) + b'"}', "line longer than"),
+        # 5 MiB: several reads' worth, yet one dead letter
+        (b'{"a": "' + b"x" * (5 << 20) + b'"}', "line longer than"),
     ]
     lines = [orjson.dumps(e) for e in good]
     for i, (line, _) in enumerate(bad):

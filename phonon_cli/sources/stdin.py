@@ -46,10 +46,12 @@ class StdinSource:
             data = read(READ_SIZE)
             if not data:
                 break
+            if skipping and b"\n" not in data:
+                continue  # still inside the line that was too long: drop it
             lines = (rest + data).split(b"\n")
             rest = lines.pop()
             chunk = Chunk(self.name, lines)
-            if skipping and lines:
+            if skipping:
                 lines.pop(0)  # the tail of the long line
                 skipping = False
             if len(rest) > limit:
