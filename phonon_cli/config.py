@@ -21,8 +21,10 @@ from typing import Any, NoReturn
 
 from . import defaults
 from .exceptions import ConfigError
+from .fieldconfig import parse_fields
+from .fields import Aggregate
 from .keys import Keys
-from .routing import Route, Scalar, Template
+from .routing import Route, Scalar, Template, matcher
 from .update import Update
 
 if sys.version_info >= (3, 11):
@@ -175,7 +177,14 @@ _ROUTE_KEYS = (
     "doc",
     "soft_session",
     "hard_session",
+    "idle",
+    "max_age",
+    "fields",
+    "max_events",
+    "ends_when",
 )
+_SESSION_ALIASES = (("idle", "soft_session"), ("max_age", "hard_session"))
+"""Per-route session keys: the issue's names and the older ones, which still work."""
 _URL_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -301,10 +310,26 @@ class _Validator:
         for name in ("collection", "database"):
             if name in route:
                 optional[name] = self.string(route[name], f"{key}.{name}")
-        for name in ("soft_session", "hard_session"):
-            if name in route:
-                optional[f"{name}_s"] = self.duration(route[name], f"{key}.{name}")
-        return Route(
+        for name, old in _SESSION_ALIASES:
+            if name in route and old in route:
+                self.fail(f"{key}.{name}", f"{name!r} and {old!r} are the same setting: give one")
+            for given in (name, old):
+                if given in route:
+                    optional[f"{old}_s"] = self.duration(route[given], f"{key}.{given}")
+        optional.update(self.triggers(route, key))
+        if "fields" in route:
+            if "doc" in route:
+                self.fail(f"{key}.fields", "give 'doc' (sums) or 'fields' (strategies), not both")
+            if not issubclass(update, Aggregate):
+                self.fail(
+                    f"{key}.update",
+                    f"{update_path!r} cannot merge fields: it must subclass "
+                    "phonon_cli.fields.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
+                )
+            optional["fields"] = parse_fields(self, route["fields"], f"{key}.fields")
+        elif issubclass(update, Aggregate):
+            self.fail(f"{key}.fields", f"missing: {update_path!r} aggregates declared fields")
+        built = Route(
             update=update,
             update_path=update_path,
             id=self.template(route["id"], f"{key}.id"),
@@ -313,6 +338,30 @@ class _Validator:
             doc=self.doc(route.get("doc", {}), f"{key}.doc"),
             **optional,
         )
+        check = getattr(update, "check_route", None)
+        if check is not None:
+            # The sink's own checks (a SQL table needs a spec, distinct column names):
+            # better at load than at the first write, half an hour into the run.
+            try:
+                check(built)
+            except ConfigError as e:
+                self.fail(f"{key}.{e.key}" if e.key else key, e.reason)
+        return built
+
+    def triggers(self, route: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """``max_events`` and ``ends_when``: what ends a key's session at once."""
+        out: dict[str, Any] = {}
+        if "max_events" in route:
+            n = route["max_events"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                self.fail(f"{key}.max_events", f"expected a positive integer, got {n!r}")
+            out["max_events"] = n
+        if "ends_when" in route:
+            when = self.when(route["ends_when"], f"{key}.ends_when")
+            if not when:
+                self.fail(f"{key}.ends_when", "empty: it would end every session at each event")
+            out["ends_when"] = matcher(when)
+        return out
 
     def when(self, value: Any, key: str) -> dict[str, tuple[Scalar, ...]]:
         """Field path -> allowed values. A nested table is a nested field, so TOML's

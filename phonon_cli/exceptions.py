@@ -13,6 +13,8 @@ class ConfigError(PhononError):
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
         self.path = path
         self.key = key
+        self.reason = message
+        """What is wrong, without the file and key (to re-raise it under another key)."""
         where = ": ".join(p for p in (path, key) if p)
         super().__init__(f"{where}: {message}" if where else message)
 

@@ -178,13 +178,13 @@ def decode_slot(slot: str, text: str) -> Any:
     if op in ("first", "last"):
         key, _, value = text.partition(" ")
         return (_parse_number(key), value)
+    if op == "hll":  # hex, not JSON: checked before the JSON parse below
+        return bytearray.fromhex(text)
     items = orjson.loads(text)
     if op == "set":
         return set(items) if isinstance(items, list) else set()
     if op in ("list", "top"):
         return [(_parse_number(k), t) for k, t in items] if isinstance(items, list) else []
-    if op == "hll":
-        return bytearray.fromhex(text)
     raise SerializationError(f"unknown slot {slot!r}")
 
 

@@ -32,6 +32,18 @@ local function add_sum(hash, field, inc)
   end
 end
 
+-- Byte order, as Python compares str: Lua's < on strings follows the server's
+-- locale (Redis sets LC_COLLATE from the environment), so ties broken with it
+-- could keep different items than the Python merge does.
+local function str_lt(a, b)
+  if a == b then return false end
+  for j = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, j), string.byte(b, j)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
 local function split_first(s)
   local sp = string.find(s, ' ', 1, true)
   return tonumber(string.sub(s, 1, sp - 1)), string.sub(s, sp + 1)
@@ -62,9 +74,9 @@ local function merge_field(hash, field, value)
     local tc, ec = split_first(cur)
     local better
     if op == 'first' then
-      better = tv < tc or (tv == tc and ev < ec)
+      better = tv < tc or (tv == tc and str_lt(ev, ec))
     else
-      better = tv > tc or (tv == tc and ev > ec)
+      better = tv > tc or (tv == tc and str_lt(ec, ev))
     end
     if better then redis.call('HSET', hash, field, value) end
   elseif op == 'set' then
@@ -88,13 +100,13 @@ local function merge_field(hash, field, value)
       table.sort(items, function(a, b)
         local x, y = tonumber(a[1]), tonumber(b[1])
         if x ~= y then return x < y end
-        return a[2] < b[2]
+        return str_lt(a[2], b[2])
       end)
     else
       table.sort(items, function(a, b)
         local x, y = tonumber(a[1]), tonumber(b[1])
         if x ~= y then return x > y end
-        return a[2] < b[2]
+        return str_lt(a[2], b[2])
       end)
     end
     local cap = tonumber(n) or 0

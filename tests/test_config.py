@@ -59,7 +59,10 @@ id = "{a}"
 """
 """The smallest valid route, appended to configs that test something else."""
 
-ROUTE_KEYS = "collection, database, doc, hard_session, id, soft_session, spec, update, when"
+ROUTE_KEYS = (
+    "collection, database, doc, ends_when, fields, hard_session, id, idle, max_age, max_events, "
+    "soft_session, spec, update, when"
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "phonon.toml") -> Path:

@@ -11,10 +11,12 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
 from ..exceptions import SinkError
+from ..fields import Aggregate
 from ..update import ConflictFreeUpdate, Failures, Update
 
 _write_lock = threading.Lock()
@@ -23,15 +25,16 @@ _write_lock = threading.Lock()
 
 
 def line(update: Update) -> bytes:
-    """The JSON line written for an executed update."""
+    """The JSON line written for an executed update: its ``doc``, or for an
+    aggregate of fields the executed ``values`` (name -> value)."""
+    body: dict[str, Any] = {"id": update._id, "collection": update.collection, "spec": update.spec}
+    if isinstance(update, Aggregate):
+        body["values"] = update.values()
+    else:
+        body["doc"] = update.doc
     try:
         return orjson.dumps(
-            {
-                "id": update._id,
-                "collection": update.collection,
-                "spec": update.spec,
-                "doc": update.doc,
-            },
+            body,
             option=orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE,
         )
     except TypeError as e:
@@ -50,6 +53,39 @@ def _append(path: str, data: bytes) -> None:
             view = view[f.write(view) or 0 :]
 
 
+def _execute_lines(updates: Sequence[Update]) -> Failures:
+    """Write each target's lines at once; if that write fails, so did its batch."""
+    failures: Failures = []
+    targets: dict[str, list[bytes]] = {}
+    owners: dict[str, list[Update]] = {}
+    for u in updates:
+        target = "-" if u.database in (None, "-") else u.database
+        try:
+            if not isinstance(target, str) or not target:
+                raise SinkError(f"{u.resource}: database {target!r} is not '-' or a path")
+            data = line(u)
+        except SinkError as e:
+            failures.append((u, e))
+            continue
+        targets.setdefault(target, []).append(data)
+        owners.setdefault(target, []).append(u)
+    for target, lines in targets.items():
+        data = b"".join(lines)
+        try:
+            with _write_lock:
+                if target == "-":
+                    # Looked up now, not at import: the CLI and tests swap sys.stdout.
+                    sys.stdout.write(data.decode())
+                    sys.stdout.flush()
+                else:
+                    _append(target, data)
+        except (OSError, ValueError) as e:
+            error = SinkError(f"{'stdout' if target == '-' else target}: cannot write: {e}")
+            error.__cause__ = e
+            failures += [(u, error) for u in owners[target]]
+    return failures
+
+
 class Lines(ConflictFreeUpdate):
     """Writes ``{"id", "collection", "spec", "doc"}`` per executed key, one per line.
 
@@ -65,32 +101,19 @@ class Lines(ConflictFreeUpdate):
     @classmethod
     def execute_many(cls, updates: Sequence[Update]) -> Failures:
         """Write each target's lines at once; if that write fails, so did its batch."""
-        failures: Failures = []
-        targets: dict[str, list[bytes]] = {}
-        owners: dict[str, list[Update]] = {}
-        for u in updates:
-            target = "-" if u.database in (None, "-") else u.database
-            try:
-                if not isinstance(target, str) or not target:
-                    raise SinkError(f"{u.resource}: database {target!r} is not '-' or a path")
-                data = line(u)
-            except SinkError as e:
-                failures.append((u, e))
-                continue
-            targets.setdefault(target, []).append(data)
-            owners.setdefault(target, []).append(u)
-        for target, lines in targets.items():
-            data = b"".join(lines)
-            try:
-                with _write_lock:
-                    if target == "-":
-                        # Looked up now, not at import: the CLI and tests swap sys.stdout.
-                        sys.stdout.write(data.decode())
-                        sys.stdout.flush()
-                    else:
-                        _append(target, data)
-            except (OSError, ValueError) as e:
-                error = SinkError(f"{'stdout' if target == '-' else target}: cannot write: {e}")
-                error.__cause__ = e
-                failures += [(u, error) for u in owners[target]]
-        return failures
+        return _execute_lines(updates)
+
+
+class AggregateLines(Aggregate):
+    """Writes ``{"id", "collection", "spec", "values"}`` per executed key of a route
+    with ``fields``: each field's executed value (a set as a sorted list, a mean as
+    a number...). ``database`` as for ``Lines``."""
+
+    def execute(self) -> None:
+        failures = type(self).execute_many([self])
+        if failures:
+            raise failures[0][1]
+
+    @classmethod
+    def execute_many(cls, updates: Sequence[Update]) -> Failures:
+        return _execute_lines(updates)

@@ -1,0 +1,85 @@
+"""Shared by the fields tests: a recording Aggregate, a route using every strategy,
+and an independent computation of what that route must produce.
+
+``expected`` is written from the strategies' definitions (docs/aggregation.md),
+not from phonon_cli.fields, so that a wrong merge rule cannot agree with itself.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, ClassVar
+
+import orjson
+
+from phonon_cli.fields import Aggregate
+
+FIELDS: dict[str, dict[str, Any]] = {
+    "revenue": {"value": "{amount}", "merge": "sum"},
+    "events": {"merge": "count"},
+    "low": {"value": "{amount}", "merge": "min"},
+    "high": {"value": "{amount}", "merge": "max"},
+    "entry": {"value": "{page}", "merge": "first", "by": "{ts}"},
+    "exit": {"value": "{page}", "merge": "last", "by": "{ts}"},
+    "pages": {"value": "{page}", "merge": "set"},
+    "trail": {"value": "{page}", "merge": "list", "n": 3, "by": "{ts}"},
+    "history": {"value": "{page}", "merge": "list", "by": "{ts}"},
+    "biggest": {"value": "{page}", "merge": "top", "n": 2, "score": "{amount}"},
+    "visitors": {"value": "{visitor}", "merge": "distinct_count"},
+    "avg": {"value": "{amount}", "merge": "mean"},
+}
+"""Every strategy; the ordered ones by event time, so the result is order-free."""
+
+
+def fields_toml(fields: dict[str, dict[str, Any]] = FIELDS) -> str:
+    """The ``fields.NAME = { ... }`` lines of a TOML route."""
+    lines = []
+    for name, spec in fields.items():
+        body = ", ".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in spec.items())
+        lines.append(f"fields.{name} = {{ {body} }}")
+    return "\n".join(lines) + "\n"
+
+
+def canonical(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def expected(events: list[dict[str, Any]], key: str = "user") -> dict[Any, dict[str, Any]]:
+    """What FIELDS must give per key, computed directly from all the events.
+
+    Ties (same time, same score) go to the smaller JSON text for first and in
+    lists and top, to the larger for last: the documented tie rule.
+    ``visitors`` is the exact distinct count (the sink's is an estimate).
+    """
+    by_key: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for e in events:
+        by_key[e[key]].append(e)
+    out = {}
+    for k, evs in by_key.items():
+        amounts = [e["amount"] for e in evs]
+        timed = sorted((e["ts"], canonical(e["page"])) for e in evs)
+        ranked = sorted((-e["amount"], canonical(e["page"])) for e in evs)
+        out[k] = {
+            "revenue": sum(amounts),
+            "events": len(evs),
+            "low": min(amounts),
+            "high": max(amounts),
+            "entry": orjson.loads(timed[0][1]),
+            "exit": orjson.loads(timed[-1][1]),
+            "pages": [orjson.loads(t) for t in sorted({canonical(e["page"]) for e in evs})],
+            "trail": [orjson.loads(t) for _, t in timed[-3:]],
+            "history": [orjson.loads(t) for _, t in timed],
+            "biggest": [[-s, orjson.loads(t)] for s, t in ranked[:2]],
+            "visitors": len({canonical(e["visitor"]) for e in evs}),
+            "avg": sum(amounts) / len(amounts),
+        }
+    return out
+
+
+class Recorder(Aggregate):
+    """Records the slots of every execution: (resource, doc)."""
+
+    executed: ClassVar[list[tuple[str, dict[str, Any]]]] = []
+
+    def execute(self) -> None:
+        Recorder.executed.append((self.resource, dict(self.doc)))
