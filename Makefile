@@ -42,4 +42,6 @@ typecheck mypy: $(STAMP)
 	$(BIN)/mypy phonon_cli
 
 clean:
-	rm -rf $(VENV) .phonon build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	-test -x $(BIN)/python && $(BIN)/python -c \
+	  "from phonon_cli.store import EmbeddedServer; EmbeddedServer('.phonon').stop()"
+	rm -rf $(VENV) .phonon widgets.db custom.db sessions.db build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,5 +11,7 @@ with sqlite3.connect(db) as conn:
         f'SELECT count(*), sum(clicks), sum(impressions) FROM "{table}"'
     ).fetchone()
     print(f"{db}: {n} rows in {table}, {clicks} clicks, {imps} impressions in all; the top 5:")
-    for row in conn.execute(f'SELECT * FROM "{table}" ORDER BY impressions DESC LIMIT 5'):
-        print("  ", row)
+    cursor = conn.execute(f'SELECT * FROM "{table}" ORDER BY impressions DESC LIMIT 5')
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        print("  ", ", ".join(f"{k}={v}" for k, v in zip(names, row)))
