@@ -96,16 +96,15 @@ class Process:
             )
         )
         self.started_ms = self.clock()
-        self.heartbeat(
-            self.client,
-            extra={
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started_ms": self.started_ms,
-                "heartbeat_interval_s": self.heartbeat_interval_s,
-            },
-            load_scripts=True,
-        )
+        self.identity: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self.started_ms,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        }
+        """Sent with every heartbeat: a process wrongly recovered as dead (paused past
+        its TTL) whose hash was deleted comes back whole on its next beat."""
+        self.heartbeat(self.client, load_scripts=True)
         self._thread: threading.Thread | None = None
         if start_heartbeat:
             self._thread = threading.Thread(
@@ -125,7 +124,7 @@ class Process:
     ) -> None:
         """Say we are alive: refresh the TTL'd alive key, the registry score and our figures."""
         now = self.clock()
-        fields: dict[str, Any] = {"last_heartbeat_ms": now}
+        fields: dict[str, Any] = {"last_heartbeat_ms": now, **self.identity}
         fields.update(extra or {})
         fields.update({k: v for k, v in self.stats.items() if v is not None})
         pipe = (client or self._heartbeat_client).pipeline(transaction=False)
@@ -234,19 +233,27 @@ class Process:
             except LockNotOwned:
                 log.warning("recovery took longer than its lock; another survivor may have helped")
 
-    def release_all_of(self, pid: str) -> list[str]:
+    def release_all_of(self, pid: str, scan_executing: bool = True) -> list[str]:
         """Remove process ``pid`` from everything it held; return resources left orphaned.
 
         Idempotent, so a survivor that dies half way leaves work the next one can redo.
+
+        Args:
+            scan_executing: also SCAN for partials ``pid`` took to execute and never
+                forgot (it died mid-write). A process stopping cleanly has none
+                (it forgets them right after each write), so it skips the SCAN of
+                the whole namespace.
         """
         resources = cast("set[str]", self.client.smembers(self.keys.held(pid)))
         entries: list[tuple[str, str, str]] = []
         for resource in resources:
             entries.append((resource, *self.keys.resource(resource).executing(pid, 0)))
-        for key in self.client.scan_iter(match=self.keys.executing_pattern(pid), count=1000):
-            of = self.keys.resource_of(key)
-            if of is not None and not Keys.is_recipe(key):
-                entries.append((of, key, f"{key}:recipe"))
+        if scan_executing:
+            pattern = self.keys.executing_pattern(pid)
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                of = self.keys.resource_of(key)
+                if of is not None and not Keys.is_recipe(key):
+                    entries.append((of, key, f"{key}:recipe"))
         orphans = []
         now = self.clock()
         for start in range(0, len(entries), defaults.BATCH_MAX_KEYS):
@@ -289,7 +296,7 @@ class Process:
                     lock.release()
                 except LockNotOwned:
                     pass
-        orphans = self.release_all_of(self.id)
+        orphans = self.release_all_of(self.id, scan_executing=False)
         if orphans:
             from .update import claim_orphans
 
