@@ -329,7 +329,10 @@ def test_parse_database_refuses(url, message) -> None:
             {"collection": None, "spec": {"k": 1}},
             "collection None is not a valid SQL identifier (empty or NUL)",
         ),
-        ({"collection": "t", "spec": {}}, "t: a Counter needs a non-empty spec (the primary key)"),
+        (
+            {"collection": "t", "spec": {}},
+            "t: the Counter sink needs a non-empty spec (the primary key)",
+        ),
     ],
 )
 def test_counter_refuses_a_config_it_cannot_write(make_process, client, kwargs, message) -> None:

@@ -137,14 +137,10 @@ def _write_aggregates(db: Database, updates: list[Update]) -> Failures:
     return write(db, updates, sqlfields.prepare, sqlfields.write_table)
 
 
-class Counter(ConflictFreeUpdate):
-    """Sums per key in a SQL table: ``database`` is ``sqlite:///PATH`` or ``postgresql://...``,
-    ``collection`` the table, ``spec`` its primary key, ``doc`` the numbers to add.
-
-    Raises:
-        SinkError: at construction, when the database URL, collection or spec is unusable
-            (better at the first event than at the first write, half an hour later).
-    """
+class Table:
+    """What both SQL sinks share: they check their table when built (better at the
+    first event than at the first write, half an hour later), and ``execute`` is a
+    batch of one."""
 
     def __init__(
         self,
@@ -159,13 +155,25 @@ class Counter(ConflictFreeUpdate):
     ) -> None:
         table = checked_table(database, collection)
         if not spec:
-            raise SinkError(f"{table}: a Counter needs a non-empty spec (the primary key)")
-        super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)
+            raise SinkError(
+                f"{table}: the {type(self).__name__} sink needs a non-empty spec (the primary key)"
+            )
+        super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)  # type: ignore[call-arg]
 
     def execute(self) -> None:
-        failures = type(self).execute_many([self])
+        failures = type(self).execute_many([self])  # type: ignore[attr-defined]
         if failures:
             raise failures[0][1]
+
+
+class Counter(Table, ConflictFreeUpdate):
+    """Sums per key in a SQL table: ``database`` is ``sqlite:///PATH`` or ``postgresql://...``,
+    ``collection`` the table, ``spec`` its primary key, ``doc`` the numbers to add.
+
+    Raises:
+        SinkError: at construction, when the database URL, collection or spec is unusable
+            (better at the first event than at the first write, half an hour later).
+    """
 
     @classmethod
     def execute_many(cls, updates: Sequence[Update]) -> Failures:
@@ -173,7 +181,7 @@ class Counter(ConflictFreeUpdate):
         return execute_by_database(updates, _write_counters)
 
 
-class Aggregate(FieldsAggregate):
+class Aggregate(Table, FieldsAggregate):
     """Per-field strategies per key in a SQL table, merged with the row it finds.
 
     ``collection`` is the table, ``spec`` its primary key, and each of the route's
@@ -184,22 +192,6 @@ class Aggregate(FieldsAggregate):
     Raises:
         SinkError: at construction, when the database URL, collection or spec is unusable.
     """
-
-    def __init__(
-        self,
-        process: Process,
-        _id: Any,
-        database: Any = None,
-        collection: str | None = None,
-        spec: dict[str, Any] | None = None,
-        doc: dict[str, Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        table = checked_table(database, collection)
-        if not spec:
-            raise SinkError(f"{table}: an Aggregate needs a non-empty spec (the primary key)")
-        super().__init__(process, _id, database, collection, spec, doc, *args, **kwargs)
 
     @classmethod
     def check_route(cls, route: Route) -> None:
@@ -219,11 +211,6 @@ class Aggregate(FieldsAggregate):
             raise ConfigError("missing: the table's primary key, e.g. { id = '{id}' }", key="spec")
         backend = BACKENDS[sqlfields.backend_kind(route.database)]
         sqlfields.check_layout(backend, list(route.spec), [f.field for f in route.fields])
-
-    def execute(self) -> None:
-        failures = type(self).execute_many([self])
-        if failures:
-            raise failures[0][1]
 
     @classmethod
     def execute_many(cls, updates: Sequence[Update]) -> Failures:
