@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -75,28 +73,17 @@ def totals(db: Path, table: str) -> dict[str, int]:
 class Worker:
     """A real ``phonon run`` reading events from our pipe; it runs until the pipe closes."""
 
-    def __init__(self, redis_url: str, namespace: str, config: Path, tmp_path: Path) -> None:
+    def __init__(
+        self, redis_url: str, namespace: str, config: Path, tmp_path: Path, helpers: object
+    ) -> None:
         self.redis_url, self.namespace = redis_url, namespace
         self.sent = 0
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "phonon_cli",
-                "--redis-url",
-                redis_url,
-                "--namespace",
-                namespace,
-                "--heartbeat-interval",
-                "0.2",
-                "run",
-                "-c",
-                str(config),
-                "--dead-letter",
-                str(tmp_path / "dead.jsonl"),
-            ],
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        self.proc = helpers.start_worker(  # type: ignore[attr-defined]
+            redis_url,
+            namespace,
+            config,
+            "--dead-letter",
+            str(tmp_path / "dead.jsonl"),
             cwd=tmp_path,
         )
 
@@ -131,7 +118,7 @@ def events(kind: str, counts: dict[str, int]) -> list[dict]:
 def test_flush_all_wait_executes_everything_while_the_worker_runs(
     redis_url, namespace, config, db, tmp_path, helpers, client
 ) -> None:
-    w = Worker(redis_url, namespace, config, tmp_path)
+    w = Worker(redis_url, namespace, config, tmp_path, helpers)
     try:
         wid = w.send(events("w", {"a": 5, "b": 3, "c": 1}), helpers)
         assert totals(db, "widgets") == {}  # sessions are long: nothing written yet
@@ -152,7 +139,7 @@ def test_flush_all_wait_executes_everything_while_the_worker_runs(
 def test_flush_by_glob_touches_only_matching_keys(
     redis_url, namespace, config, db, tmp_path, helpers
 ) -> None:
-    w = Worker(redis_url, namespace, config, tmp_path)
+    w = Worker(redis_url, namespace, config, tmp_path, helpers)
     try:
         w.send(events("w", {"a": 2, "b": 1}) + events("g", {"a": 4}), helpers)
         code, _, err = cli(redis_url, namespace, "flush", "widgets:*", "--wait")
@@ -173,7 +160,7 @@ def test_flush_by_glob_touches_only_matching_keys(
 def test_killed_worker_is_dead_and_flush_c_executes_its_orphans(
     redis_url, namespace, config, db, tmp_path, helpers, make_process, client
 ) -> None:
-    w = Worker(redis_url, namespace, config, tmp_path)
+    w = Worker(redis_url, namespace, config, tmp_path, helpers)
     wid = w.send(events("w", {"a": 3}), helpers)
     # Another process ends its session for the same key while the worker holds it:
     # its partial is cached in redis for the worker to execute ...

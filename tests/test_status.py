@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -53,30 +52,6 @@ def status_json(redis_url: str, namespace: str, *args: str) -> dict:
     return orjson.loads(out)
 
 
-def worker(redis_url: str, namespace: str, config: Path, tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phonon_cli",
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            namespace,
-            "--heartbeat-interval",
-            "0.2",
-            "run",
-            "-c",
-            str(config),
-            "--dead-letter",
-            str(tmp_path / "dead.jsonl"),
-        ],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-    )
-
-
 def send(proc: subprocess.Popen, events: list[dict]) -> None:
     assert proc.stdin is not None
     proc.stdin.write(b"".join(orjson.dumps(e) + b"\n" for e in events))
@@ -103,7 +78,9 @@ def test_status_never_prints_the_password() -> None:
 def test_live_worker_and_its_references_then_gone(
     redis_url, namespace, config, tmp_path, helpers
 ) -> None:
-    proc = worker(redis_url, namespace, config, tmp_path)
+    proc = helpers.start_worker(
+        redis_url, namespace, config, "--dead-letter", str(tmp_path / "dead.jsonl"), cwd=tmp_path
+    )
     try:
         send(proc, [{"k": f"a{i % 3}", "n": 1} for i in range(12)])
 
