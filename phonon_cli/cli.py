@@ -280,7 +280,7 @@ def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
         ctx.namespace or (config.store.namespace if config else None),
     )
     try:
-        return settings, settings.connect()
+        return settings, settings.connect(create=False)
     except PhononError as e:
         fail(e)
 

@@ -72,11 +72,17 @@ class StoreSettings:
         server = EmbeddedServer(self.home)
         return f"embedded redis at {server.socket_path} (data in {server.home})"
 
-    def connect(self) -> redis.Redis:
-        """A client for this store, checked with a PING. Raises ``StoreUnavailable``."""
+    def connect(self, create: bool = True) -> redis.Redis:
+        """A client for this store, checked with a PING. Raises ``StoreUnavailable``.
+
+        Args:
+            create: start an embedded server in a home that has none yet. Commands
+                that only look (``status``, ``flush``) pass False, so that a typo'd
+                PHONON_HOME is an error rather than a new, empty store left running.
+        """
         if self.url:
             return connect(self.url)
-        return connect(EmbeddedServer(self.home).ensure_running())
+        return connect(EmbeddedServer(self.home).ensure_running(create=create))
 
 
 def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
@@ -143,10 +149,22 @@ class EmbeddedServer:
         finally:
             client.close()
 
-    def ensure_running(self) -> str:
-        """Start the server unless it runs already; return its URL."""
+    def has_data(self) -> bool:
+        return (self.home / "appendonly.aof").exists() or (self.home / "phonon.rdb").exists()
+
+    def ensure_running(self, create: bool = True) -> str:
+        """Start the server unless it runs already; return its URL.
+
+        Raises:
+            StoreUnavailable: ``create`` is False and this home holds no store.
+        """
         if self.is_running():
             return self.url
+        if not create and not self.has_data():
+            raise StoreUnavailable(
+                f"no embedded store in {self.home}: nothing has run with this PHONON_HOME "
+                "(set PHONON_HOME, or --redis-url)"
+            )
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "start.lock", "w") as lockfile:
             fcntl.flock(lockfile, fcntl.LOCK_EX)

@@ -39,3 +39,18 @@ def test_settings_from_env(monkeypatch) -> None:
     s = StoreSettings.from_env()
     assert (s.url, s.namespace) == ("redis://h:1/2", "ns1")
     assert StoreSettings.from_env(url="redis://x/0", namespace="n2").namespace == "n2"
+
+
+def test_status_and_flush_never_start_a_store_in_an_empty_home(tmp_path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from phonon_cli.cli import main
+
+    home = tmp_path / "typo"
+    monkeypatch.delenv("PHONON_REDIS_URL", raising=False)
+    monkeypatch.setenv("PHONON_HOME", str(home))
+    for args in (["status"], ["flush", "--all"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 3, result.output
+        assert f"no embedded store in {home}" in result.output
+    assert not home.exists()
