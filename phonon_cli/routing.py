@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .codegen import fuse
 from .exceptions import EventError
 from .templates import Event, Getter, Template, _missing, _short, _text
 
@@ -139,6 +140,11 @@ class Route:
     """The compiled ``when``; None when there is none (no call at all then)."""
     _entry: Callable[[Event], Routed] = field(init=False, repr=False, compare=False, hash=False)
     """The compiled ``build``, returning the ``Router.route`` entry directly."""
+    _fused: Callable[[Event], Routed | None] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+    """``matches`` and ``build`` as one generated function (codegen.py): None when
+    the filter does not match. The run loop's path."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the derived fields are set once, here
@@ -151,6 +157,11 @@ class Route:
             return route, id_text(event), spec(event), doc(event)
 
         set_(self, "_entry", entry)
+        conditions = [
+            (path, tuple(v) if isinstance(v, (list, tuple)) else (v,))
+            for path, v in self.when.items()
+        ]
+        set_(self, "_fused", fuse(self, spec, doc, conditions))
 
     def matches(self, event: Event) -> bool:
         """True when every ``when`` field is present and equals one of its values."""
@@ -280,11 +291,11 @@ class Router:
         routes: the routes; several may match one event.
     """
 
-    __slots__ = ("routes", "_compiled")
+    __slots__ = ("routes", "_fused")
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = tuple(routes)
-        self._compiled = tuple((r._match, r._entry) for r in self.routes)
+        self._fused = tuple(r._fused for r in self.routes)
 
     def route(self, event: Event) -> list[Routed]:
         """``(route, id, spec, doc)`` for every route matching ``event``; ``[]`` if none.
@@ -298,7 +309,8 @@ class Router:
                 route counts an event another route rejected.
         """
         out: list[Routed] = []
-        for match, entry in self._compiled:
-            if match is None or match(event):
-                out.append(entry(event))
+        for fused in self._fused:
+            routed = fused(event)
+            if routed is not None:
+                out.append(routed)
         return out
