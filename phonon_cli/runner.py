@@ -35,7 +35,7 @@ from .cache import LruCache
 from .exceptions import EventError
 from .fields import Aggregate
 from .process import Process
-from .routing import Route, Router
+from .routing import Route, Routed, Router
 from .sources import Chunk, Source
 from .sources.stdin import TOO_LONG
 from .update import ConflictFreeUpdate, Update, end_sessions
@@ -313,6 +313,8 @@ class Runner:
         loads = orjson.loads
         info = self._info
         single = self._single_route
+        route_one = self.router.routes[0]._fused if single else None  # no list per event
+        routed: Sequence[Routed]
         now_ms = self.process.clock()
         part: tuple[Source, str] | None = None
         offset = chunk.first_offset - 1
@@ -341,7 +343,11 @@ class Runner:
                 self._dead(chunk.source, line, f"not a JSON object: {type(event).__name__}")
                 continue
             try:
-                routed = route_event(event)
+                if route_one is None:
+                    routed = route_event(event)
+                else:
+                    one = route_one(event)
+                    routed = () if one is None else (one,)
             except EventError as e:
                 self._dead(chunk.source, line, str(e))
                 continue
