@@ -22,7 +22,7 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -315,6 +315,8 @@ class Runner:
         single = self._single_route
         route_one = self.router.routes[0]._fused if single else None  # no list per event
         routed: Sequence[Routed]
+        fast, trigger = info[id(self.router.routes[0])] if single else (None, None)
+        key: Hashable
         now_ms = self.process.clock()
         part: tuple[Source, str] | None = None
         offset = chunk.first_offset - 1
@@ -356,9 +358,11 @@ class Runner:
                 continue
             routed_n += 1
             for route, id_, spec, doc in routed:
-                # One route: the id alone is the key (no tuple to build and hash).
-                key = id_ if single else (id(route), id_)
-                fast, trigger = info[id(route)]
+                if single:  # the id alone is the key: no tuple to build and hash
+                    key = id_
+                else:
+                    key = (id(route), id_)
+                    fast, trigger = info[id(route)]
                 update = entries.get(key)
                 if update is None:
                     update = self._new_update(route, id_, spec, doc)

@@ -409,3 +409,25 @@ def test_second_signal_caches_partials_and_flush_executes_them(
     assert r.returncode == 0, r.stderr
     assert written() == want
     assert helpers.namespace_keys(client, namespace) == []
+
+
+def test_several_routes_feed_from_one_event(redis_url, namespace, tmp_path) -> None:
+    evs = events(2_000, 60, seed=21)
+    db = tmp_path / "w.db"
+    cfg = widget_config(tmp_path, f"sqlite:///{db}", max_entries=7)
+    cfg.write_text(
+        cfg.read_text() + (ROOT / "configs" / "lines.toml").read_text().split("\n", 1)[1]
+    )
+    r = phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace, stdin=as_lines(evs))
+    assert r.returncode == 0, r.stderr
+    assert sqlite_totals(db) == totals(evs)
+    per_target: Counter = Counter()
+    for line in r.stdout.splitlines():
+        x = orjson.loads(line)
+        for kind, n in x["doc"].items():
+            per_target[(x["spec"]["target_post_id"], kind)] += n
+    want: Counter = Counter()
+    for e in evs:
+        want[(e["target_post_id"], e["event_type"])] += 1
+    assert per_target == want
+    assert f"events read {len(evs)}, routed {len(evs)}," in r.stderr.decode()
