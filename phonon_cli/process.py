@@ -87,6 +87,7 @@ class Process:
         """Update classes this process may rebuild partials with: never import from data."""
         self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
         self._exec_seq = 0
+        self._registered: set[type] = set()
         self._stop = threading.Event()
         self._stopped = False
         pool = self.client.connection_pool
@@ -189,11 +190,14 @@ class Process:
 
     def register(self, cls: type[Update]) -> None:
         """Allow partials of ``cls`` to be rebuilt by this process (recovery, flush)."""
-        self.known_classes.setdefault(class_name(cls), cls)
+        if cls not in self._registered:  # every Update registers its class: keep it cheap
+            self._registered.add(cls)
+            self.known_classes.setdefault(class_name(cls), cls)
 
-    def next_exec_keys(self, resource: str) -> tuple[str, str]:
+    def next_exec_seq(self) -> int:
+        """A number that makes each execution's keys unique within this process."""
         self._exec_seq += 1
-        return self.keys.resource(resource).executing(self.id, self._exec_seq)
+        return self._exec_seq
 
     # -- recovery -----------------------------------------------------------------
 

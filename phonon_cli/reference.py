@@ -13,6 +13,7 @@ from .lock import Lock
 if TYPE_CHECKING:
     from redis.client import Pipeline
 
+    from .keys import ResourceKeys
     from .process import Process
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,11 @@ def release_many(
     if not releases and not acquire:
         return []
     now = process.clock()
+    resource_keys = []
     for rel in releases:
-        rel.exec_keys = process.next_exec_keys(rel.resource)
+        rk = process.keys.resource(rel.resource)
+        rel.exec_keys = rk.executing(process.id, process.next_exec_seq())
+        resource_keys.append(rk)
     leaving = [r.resource for r in releases if r.mode != "orphan"]
     chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
 
@@ -105,8 +109,8 @@ def release_many(
         for start in chunks:
             keys: list[str] = []
             args: list[Any] = [process.id, now]
-            for rel in releases[start : start + defaults.BATCH_MAX_KEYS]:
-                rk = process.keys.resource(rel.resource)
+            end = start + defaults.BATCH_MAX_KEYS
+            for rel, rk in zip(releases[start:end], resource_keys[start:end]):
                 keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys]
                 args += [rel.mode, rel.kind, rel.recipe, rel.payload]
             scripts.queue(pipe, scripts.RELEASE, keys, args)
@@ -153,9 +157,13 @@ class Reference:
         self.process = process
         self.resource = resource
         self.block = block
-        self.keys = process.keys.resource(resource)
         self.force_expiry = False
         """When set, ``dereference`` runs its callback even if others still hold the resource."""
+
+    @property
+    def keys(self) -> ResourceKeys:
+        """Built when asked: the run loop makes a Reference per key and rarely needs them."""
+        return self.process.keys.resource(self.resource)
 
     def acquire(self) -> None:
         acquire_many(self.process, [self.resource])
