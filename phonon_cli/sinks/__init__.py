@@ -12,6 +12,7 @@ for every later batch. ``close_all()`` closes them at exit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -64,6 +65,22 @@ class Database:
 
 
 def parse_database(url: object) -> Database:
+    """Parse a SQL sink's ``database`` URL (cached: every executed key asks).
+
+    Raises:
+        SinkError: see ``_parse_database``.
+    """
+    if isinstance(url, str):
+        return _parse_database_cached(url)
+    return _parse_database(url)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_database_cached(url: str) -> Database:
+    return _parse_database(url)
+
+
+def _parse_database(url: object) -> Database:
     """Parse a SQL sink's ``database`` URL.
 
     Accepted: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,

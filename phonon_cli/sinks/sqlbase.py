@@ -183,6 +183,7 @@ class SQLite(Connection):
                 pause_s = min(pause_s * 2, 0.1)
 
     @staticmethod
+    @functools.lru_cache(maxsize=4096)  # the same few column names, for every key
     def fold(name: str) -> str:
         return name.translate(_ASCII_LOWER)  # SQLite ignores ASCII case, and only that
 
