@@ -158,6 +158,31 @@ def put_or_tick(
             on_tick()
 
 
+class ThreadedSource:
+    """A source whose reading runs on a daemon thread of its own, so it never blocks
+    the run loop (and never holds up exit). Subclasses set ``name`` and write
+    ``_run(out)``, watching ``self._stop``; ``stop`` only sets that event, which
+    makes it safe to call from a signal handler."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, out: queue.Queue[Chunk]) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(out,), daemon=True, name=f"phonon-source-{self.name}"
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, out: queue.Queue[Chunk]) -> None:
+        raise NotImplementedError
+
+
 class Group:
     """The workers of one consumer group reading one source.
 

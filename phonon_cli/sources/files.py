@@ -37,7 +37,7 @@ import redis
 
 from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
-from . import Chunk, Group, assign, put_or_tick
+from . import Chunk, Group, ThreadedSource, assign, put_or_tick
 from .stdin import TOO_LONG
 
 if TYPE_CHECKING:
@@ -211,7 +211,7 @@ class Owned:
     starts after it instead of counting our unsafe events twice."""
 
 
-class FileSource:
+class FileSource(ThreadedSource):
     """A topic on disk, read by one member of a consumer group (see the module docstring).
 
     Args:
@@ -227,6 +227,7 @@ class FileSource:
     def __init__(
         self, name: str, path: Path, process: Process, group: str, follow: bool, start_from: str
     ) -> None:
+        super().__init__()
         if not path.exists():
             raise SourceError(f"{name}: no such file or directory")
         self.name = name
@@ -244,20 +245,8 @@ class FileSource:
         self._read_to: dict[str, int] = {}
         """Per partition read earlier in this run: where we stopped (see ``_take``)."""
         self._mutex = threading.Lock()  # _owned is shared with commit() on the main thread
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- the Source protocol --------------------------------------------------------
-
-    def start(self, out: queue.Queue[Chunk]) -> None:
-        self._thread = threading.Thread(
-            target=self._run, args=(out,), daemon=True, name=f"phonon-{self.name}"
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop reading (called from a signal handler: no I/O here)."""
-        self._stop.set()
 
     def commit(self, partition: str, offset: int) -> None:
         """Write the committed offset, if we still own the partition and it moves forward.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ import orjson
 import redis
 
 from ..exceptions import AlreadyLocked, LockNotOwned
-from . import Chunk, bytes_client, put_or_tick, split_payload
+from . import Chunk, ThreadedSource, bytes_client, put_or_tick, split_payload
 
 if TYPE_CHECKING:
     from ..process import Process
@@ -39,7 +38,7 @@ WAIT_S = 0.1
 """Seconds to wait for a message before doing upkeep (and noticing a stop)."""
 
 
-class PubSubSource:
+class PubSubSource(ThreadedSource):
     """Subscribes on its own connection and forwards each message's lines.
 
     Args:
@@ -50,6 +49,7 @@ class PubSubSource:
     """
 
     def __init__(self, name: str, channel: str, process: Process, group: str) -> None:
+        super().__init__()
         self.name = name
         self.channel = channel
         self.pattern = any(c in channel for c in "*?[")
@@ -58,17 +58,8 @@ class PubSubSource:
         self._info_key = keys.source_info(group, name)
         self._lock = process.make_lock(keys.source_lock(group, name, "subscriber"), block=False)
         self._lock.ttl_ms = process.process_ttl_ms
-        self._stop = threading.Event()
         self._received = 0
         self._standby_logged = False
-
-    def start(self, out: queue.Queue[Chunk]) -> None:
-        threading.Thread(
-            target=self._run, args=(out,), daemon=True, name=f"phonon-{self.name}"
-        ).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def commit(self, partition: str, offset: int) -> None:
         """Pub/sub keeps nothing to acknowledge: chunks carry no partition."""

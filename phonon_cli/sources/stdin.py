@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import queue
 import sys
-import threading
 from typing import BinaryIO
 
 from .. import defaults
-from . import Chunk
+from . import Chunk, ThreadedSource
 
 READ_SIZE = 1 << 16
 """Bytes per read from the pipe."""
 
 
-class StdinSource:
+class StdinSource(ThreadedSource):
     """Reads stdin on a daemon thread, a chunk of whole lines at a time.
 
     A line longer than ``MAX_LINE_BYTES`` is not kept whole: its first KiB goes
@@ -25,19 +24,13 @@ class StdinSource:
     name = "-"
 
     def __init__(self, stream: BinaryIO | None = None) -> None:
+        super().__init__()
         self.stream = stream if stream is not None else sys.stdin.buffer
-        self._stop = threading.Event()
-
-    def start(self, out: queue.Queue[Chunk]) -> None:
-        threading.Thread(target=self._read, args=(out,), name="phonon-stdin", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def commit(self, partition: str, offset: int) -> None:
         """Stdin cannot be replayed: there is nothing to commit."""
 
-    def _read(self, out: queue.Queue[Chunk]) -> None:
+    def _run(self, out: queue.Queue[Chunk]) -> None:
         limit = defaults.MAX_LINE_BYTES
         read = getattr(self.stream, "read1", self.stream.read)
         rest = b""

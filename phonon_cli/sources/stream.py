@@ -33,7 +33,7 @@ import redis
 from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
 from ..lock import Lock
-from . import Chunk, Group, bytes_client, put_or_tick
+from . import Chunk, Group, ThreadedSource, bytes_client, put_or_tick
 from .stdin import TOO_LONG
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def parse_spec(rest: str) -> tuple[str, str]:
     return key, options["field"][-1] or "data"
 
 
-class StreamSource:
+class StreamSource(ThreadedSource):
     """A consumer of a group on one stream (see the module docstring).
 
     Args:
@@ -81,6 +81,7 @@ class StreamSource:
     """
 
     def __init__(self, name: str, rest: str, process: Process, group: str, start_from: str) -> None:
+        super().__init__()
         self.name = name
         self.key, field = parse_spec(rest)
         self.field = None if field == "*" else field.encode()
@@ -95,19 +96,8 @@ class StreamSource:
         """(offset, entry id) handed to the run loop and not yet acknowledged."""
         self._next = 0
         self._mutex = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- the Source protocol --------------------------------------------------------
-
-    def start(self, out: queue.Queue[Chunk]) -> None:
-        self._thread = threading.Thread(
-            target=self._run, args=(out,), daemon=True, name=f"phonon-{self.name}"
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def commit(self, partition: str, offset: int) -> None:
         """XACK every entry below ``offset``; after the final commit, leave the group tidy."""
