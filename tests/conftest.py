@@ -134,6 +134,7 @@ def helpers() -> object:
     h.python_process = python_process  # type: ignore[attr-defined]
     h.helpers_dir = TESTS / "helpers"  # type: ignore[attr-defined]
     h.start_worker = start_worker  # type: ignore[attr-defined]
+    h.phonon_command = phonon_command  # type: ignore[attr-defined]
     h.events_read = events_read  # type: ignore[attr-defined]
     return h
 
@@ -185,6 +186,21 @@ def postgres_url() -> Iterator[str]:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def phonon_command(redis_url: str, namespace: str) -> list[str]:
+    """The ``phonon`` command line on the test's Redis and namespace, fast heartbeats."""
+    return [
+        sys.executable,
+        "-m",
+        "phonon_cli",
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--heartbeat-interval",
+        "0.2",
+    ]
+
+
 def start_worker(
     redis_url: str,
     namespace: str,
@@ -195,21 +211,7 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """A real ``phonon run`` on the test's Redis, reading stdin until it is closed."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "phonon_cli",
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            namespace,
-            "--heartbeat-interval",
-            "0.2",
-            "run",
-            "-c",
-            str(config),
-            *run_args,
-        ],
+        [*phonon_command(redis_url, namespace), "run", "-c", str(config), *run_args],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

@@ -365,17 +365,7 @@ def test_second_signal_caches_partials_and_flush_executes_them(
         "PYTHONPATH": str(helpers.helpers_dir),
     }
     evs = events(9_000, 3_000, seed=12)
-    base = [
-        sys.executable,
-        "-m",
-        "phonon_cli",
-        "--redis-url",
-        redis_url,
-        "--namespace",
-        namespace,
-        "--heartbeat-interval",
-        "0.2",
-    ]
+    base = helpers.phonon_command(redis_url, namespace)
     proc = helpers.start_worker(redis_url, namespace, cfg, env=env)
     assert proc.stdin is not None
     proc.stdin.write(as_lines(evs))
