@@ -43,5 +43,5 @@ typecheck mypy: $(STAMP)
 
 clean:
 	-test -x $(BIN)/python && $(BIN)/python -c \
-	  "from phonon_cli.store import EmbeddedServer; EmbeddedServer('.phonon').stop()"
+	  "from phonon_cli.store.connection import EmbeddedServer; EmbeddedServer('.phonon').stop()"
 	rm -rf $(VENV) .phonon widgets.db custom.db sessions.db build *.egg-info .pytest_cache .mypy_cache .ruff_cache

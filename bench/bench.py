@@ -89,7 +89,7 @@ def phonon(path: Path, db: Path, home: Path, max_entries: int) -> tuple[float, f
         check=True,
         capture_output=True,
     )
-    from phonon_cli.store import EmbeddedServer
+    from phonon_cli.store.connection import EmbeddedServer
 
     EmbeddedServer(home).ensure_running()
     started = time.perf_counter()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .cache import LruCache
+from .core.cache import LruCache
+from .core.process import Process
+from .core.reference import Reference
+from .core.update import ConflictFreeUpdate, Update
 from .exceptions import (
     AlreadyLocked,
     ConfigError,
@@ -14,10 +17,7 @@ from .exceptions import (
     SourceError,
     StoreUnavailable,
 )
-from .lock import Lock
-from .process import Process
-from .reference import Reference
-from .update import ConflictFreeUpdate, Update
+from .store.lock import Lock
 
 __all__ = [
     "AlreadyLocked",

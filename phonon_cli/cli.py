@@ -49,7 +49,7 @@ class Context:
 
     def process(self, config: Config | None = None, **kwargs: Any) -> Any:
         """A ``Process`` on the store the options (then the config, then the default) name."""
-        from .process import Process
+        from .core.process import Process
 
         url = self.redis_url or (config.store.url if config else None)
         namespace = self.namespace or (config.store.namespace if config else None)
@@ -212,9 +212,9 @@ def run(
     code is 0. A second signal caches every partial in Redis and exits at once.
     """
     from . import sinks
-    from .control import Control
-    from .routing import Router
-    from .runner import Runner, RunOptions, progress_printer
+    from .ops.flush import Control
+    from .routing.routes import Router
+    from .run.loop import Runner, RunOptions, progress_printer
     from .sources import open_sources
 
     config = load(config_path)
@@ -273,7 +273,7 @@ def run(
 def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
     """Settings and a client for the store the options (then the config) name; no Process,
     so that reading or publishing never registers this command as a worker."""
-    from .store import StoreSettings
+    from .store.connection import StoreSettings
 
     settings = StoreSettings.from_env(
         ctx.redis_url or (config.store.url if config else None),
@@ -320,7 +320,7 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
 
     import redis
 
-    from .status import Status, render
+    from .ops.status import Status, render
 
     settings, client = _connect(ctx)
     reader = Status(client, settings.namespace, settings.describe())
@@ -389,9 +389,9 @@ def flush(
     """
     import redis
 
-    from .control import claim_matching, matcher, orphans, publish_flush, wait_for_acks
-    from .keys import Keys
-    from .status import Status
+    from .ops.flush import claim_matching, matcher, orphans, publish_flush, wait_for_acks
+    from .ops.status import Status
+    from .store.keys import Keys
 
     if not resources and not all_:
         raise click.UsageError("name resources or globs to flush, or use --all")

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import defaults
+from .core.update import Update
 from .exceptions import ConfigError
-from .fieldconfig import parse_fields
-from .fields import Aggregate
-from .keys import Keys
-from .routing import Route, Scalar, Template, matcher
-from .update import Update
+from .fields.strategies import Aggregate
+from .routing.fields import parse_fields
+from .routing.filters import Scalar, matcher
+from .routing.routes import Route, Template
+from .store.keys import Keys
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -114,7 +115,7 @@ def resolve_update(import_path: str) -> type[Update]:
     if not isinstance(target, type):
         raise ValueError(f"{import_path!r} is not a class")
     if not issubclass(target, Update):
-        raise ValueError(f"{import_path!r} is not a subclass of phonon_cli.update.Update")
+        raise ValueError(f"{import_path!r} is not a subclass of phonon_cli.Update")
     return target
 
 
@@ -324,7 +325,7 @@ class _Validator:
                 self.fail(
                     f"{key}.update",
                     f"{update_path!r} cannot merge fields: it must subclass "
-                    "phonon_cli.fields.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
+                    "phonon_cli.fields.strategies.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
                 )
             optional["fields"] = parse_fields(self, route["fields"], f"{key}.fields")
         elif issubclass(update, Aggregate):

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from phonon_cli.process import Process
-from phonon_cli.store import EmbeddedServer, connect
+from phonon_cli.core.process import Process
+from phonon_cli.store.connection import EmbeddedServer, connect
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TESTS = Path(__file__).parent

@@ -19,7 +19,7 @@ import pytest
 from aggregates import FIELDS, canonical, expected, fields_toml
 
 from phonon_cli.config import Config
-from phonon_cli.fields import hll_add, merge_slot
+from phonon_cli.fields.strategies import hll_add, merge_slot
 from phonon_cli.sinks import close_all
 
 ROOT = Path(__file__).parent.parent
@@ -486,8 +486,8 @@ def test_sessions_example_runs(redis_url: str, namespace: str, tmp_path: Path) -
 def test_orphan_partial_is_written_without_its_route(make_process: Any, db_url: str) -> None:
     """A partial left in Redis is rebuilt from its recipe alone (no route, no fields)
     and written by any worker that knows the class: the slot names say how."""
+    from phonon_cli.core.recovery import claim_orphans
     from phonon_cli.sinks.sql import Aggregate
-    from phonon_cli.update import claim_orphans
 
     route = Config.from_mapping(
         {"routes": [{"update": "aggregates:Recorder", "id": "{user}", "fields": FIELDS}]}

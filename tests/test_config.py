@@ -15,9 +15,9 @@ from phonon_cli.config import (
     load_config,
     parse_duration,
 )
+from phonon_cli.core.update import ConflictFreeUpdate
 from phonon_cli.exceptions import ConfigError
-from phonon_cli.routing import Router, Template
-from phonon_cli.update import ConflictFreeUpdate
+from phonon_cli.routing.routes import Router, Template
 
 WIDGET_TOML = """\
 [cache]
@@ -266,7 +266,7 @@ def test_from_mapping_validates_dicts() -> None:
         (
             ROUTE.replace("phonon_cli.update:ConflictFreeUpdate", "phonon_cli.process:Process"),
             "routes[0].update",
-            "'phonon_cli.process:Process' is not a subclass of phonon_cli.update.Update",
+            "'phonon_cli.process:Process' is not a subclass of phonon_cli.Update",
         ),
         (
             ROUTE.replace("phonon_cli.update:ConflictFreeUpdate", "phonon_cli.defaults:HOME"),

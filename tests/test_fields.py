@@ -13,12 +13,12 @@ from aggregates import FIELDS, Recorder, expected, fields_toml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phonon_cli import fieldconfig
-from phonon_cli.cache import LruCache
 from phonon_cli.config import Config, load_config
+from phonon_cli.core.cache import LruCache
 from phonon_cli.exceptions import ConfigError, EventError
-from phonon_cli.fields import Field, hll_add, hll_estimate, merge_slot
-from phonon_cli.routing import Route, Router
+from phonon_cli.fields.strategies import Field, hll_add, hll_estimate, merge_slot
+from phonon_cli.routing import fields as fieldconfig
+from phonon_cli.routing.routes import Route, Router
 
 ROUTE = {
     "update": "aggregates:Recorder",
@@ -192,7 +192,7 @@ SQL_ERRORS = [
     (
         SQL.replace("sql:Aggregate", "sql:Counter") + 'fields.n = { merge = "count" }\n',
         "routes[0].update",
-        "it must subclass phonon_cli.fields.Aggregate",
+        "it must subclass phonon_cli.fields.strategies.Aggregate",
     ),
     (SQL, "routes[0].fields", "missing: 'phonon_cli.sinks.sql:Aggregate' aggregates declared"),
 ]

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from phonon_cli.cli import main
-from phonon_cli.control import Control, matcher
+from phonon_cli.ops.flush import Control, matcher
 from phonon_cli.sinks.sql import Counter
 
 CONFIG = """

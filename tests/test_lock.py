@@ -6,7 +6,7 @@ import time
 import pytest
 
 from phonon_cli import AlreadyLocked, LockNotOwned, Process
-from phonon_cli.lock import Lock
+from phonon_cli.store.lock import Lock
 
 
 def test_non_blocking_refusal(make_process) -> None:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from widgets import WidgetUpdate
 
-from phonon_cli.reference import Release, release_many
+from phonon_cli.core.reference import Release, release_many
 
 pytestmark = pytest.mark.slow
 

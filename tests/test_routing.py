@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from phonon_cli.core.update import ConflictFreeUpdate
 from phonon_cli.exceptions import EventError
-from phonon_cli.routing import Route, Router, Template
-from phonon_cli.update import ConflictFreeUpdate
+from phonon_cli.routing.routes import Route, Router, Template
 
 WIDGET_EVENT = {"event_type": "clicks", "parent_post_id": 12, "target_post_id": 34, "user": "u"}
 

@@ -298,7 +298,7 @@ def test_embedded_default_store(tmp_path) -> None:
         assert sqlite_totals(db) == totals(evs)
         assert (tmp_path / "home" / "redis.pid").exists()
     finally:
-        from phonon_cli.store import EmbeddedServer
+        from phonon_cli.store.connection import EmbeddedServer
 
         EmbeddedServer(tmp_path / "home").stop()
 

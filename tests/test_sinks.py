@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from phonon_cli import SinkError
+from phonon_cli.core.update import acquire_updates, end_sessions
 from phonon_cli.sinks import Sink, close_all, parse_database
 from phonon_cli.sinks import sql as sql_sink
 from phonon_cli.sinks.jsonl import Lines
 from phonon_cli.sinks.sql import Counter
-from phonon_cli.update import acquire_updates, end_sessions
 
 
 @pytest.fixture(autouse=True)
@@ -205,7 +205,7 @@ def test_threads_use_their_own_connections(make_process, db_url) -> None:
 
 WRITER = """
 import sys
-from phonon_cli.process import Process
+from phonon_cli.core.process import Process
 from phonon_cli.sinks import close_all
 from phonon_cli.sinks.sql import Counter
 redis_url, namespace, db, worker = sys.argv[1:5]

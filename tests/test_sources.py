@@ -23,7 +23,8 @@ import orjson
 import pytest
 import redis
 
-from phonon_cli.sources import Chunk, assign, open_source
+from phonon_cli.sources import open_source
+from phonon_cli.sources.base import Chunk, assign
 from phonon_cli.sources.files import PartitionReader
 from phonon_cli.sources.stdin import TOO_LONG
 

@@ -12,12 +12,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from phonon_cli import status as status_mod
 from phonon_cli.cli import main
-from phonon_cli.keys import Keys
-from phonon_cli.reference import acquire_many
+from phonon_cli.core.reference import acquire_many
+from phonon_cli.ops import status as status_mod
+from phonon_cli.ops.status import Status, render
 from phonon_cli.sinks.sql import Counter
-from phonon_cli.status import Status, render
+from phonon_cli.store.keys import Keys
 
 DOCS = Path(__file__).parent.parent / "docs" / "status.md"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from phonon_cli.exceptions import StoreUnavailable
-from phonon_cli.store import EmbeddedServer, StoreSettings, connect, redact
+from phonon_cli.store.connection import EmbeddedServer, StoreSettings, connect, redact
 
 
 def test_redact_hides_password() -> None:

@@ -5,7 +5,7 @@ import pytest
 from widgets import CountingUpdate, SeenUpdate, WidgetUpdate
 
 from phonon_cli import Process, Update
-from phonon_cli.update import end_sessions
+from phonon_cli.core.update import end_sessions
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +153,7 @@ def test_unknown_class_is_never_imported_from_redis(make_process, client) -> Non
     meta = p1.keys.resource("evil").meta
     client.hset(meta, "recipe", orjson.dumps({"cls": "os:system", "id": "x"}).decode())
     p2 = make_process()
-    from phonon_cli.update import claim_orphans
+    from phonon_cli.core.recovery import claim_orphans
 
     assert claim_orphans(p2, ["evil"]) == ([], ["evil"])
     assert client.exists(p1.keys.resource("evil").partials)

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from ..exceptions import SinkError
-from ..store import redact
+from ..store.connection import redact
 
 if TYPE_CHECKING:
-    from ..update import Failures, Update
+    from ..core.update import Failures, Update
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
+from ..core.update import ConflictFreeUpdate, Failures, Update
 from ..exceptions import SinkError
-from ..fields import Aggregate
-from ..update import ConflictFreeUpdate, Failures, Update
+from ..fields.strategies import Aggregate
 
 _write_lock = threading.Lock()
 """One writer at a time in this process: the run loop and the heartbeat thread

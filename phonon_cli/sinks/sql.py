@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..core.update import ConflictFreeUpdate, Failures, Update
 from ..exceptions import ConfigError, SinkError
-from ..fields import Aggregate as FieldsAggregate
-from ..update import ConflictFreeUpdate, Failures, Update
+from ..fields.strategies import Aggregate as FieldsAggregate
 from . import Database, sqlfields
 from .sqlbase import (
     BACKENDS,
@@ -39,8 +39,8 @@ from .sqlbase import (
 )
 
 if TYPE_CHECKING:
-    from ..process import Process
-    from ..routing import Route
+    from ..core.process import Process
+    from ..routing.routes import Route
 
 __all__ = ["Aggregate", "Counter"]
 

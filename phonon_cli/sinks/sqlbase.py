@@ -30,7 +30,7 @@ from ..exceptions import SinkError
 from . import Database, discard, parse_database, thread_handle
 
 if TYPE_CHECKING:
-    from ..update import Failures, Update
+    from ..core.update import Failures, Update
 
 INT64 = 2**63
 MARK = "\x00"

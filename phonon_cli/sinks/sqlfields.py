@@ -40,9 +40,9 @@ from typing import Any
 
 import orjson
 
+from ..core.update import Failures, Update
 from ..exceptions import ConfigError, SinkError
-from ..fields import Field, fields_of, hll_estimate, merge_slot
-from ..update import Failures, Update
+from ..fields.strategies import Field, fields_of, hll_estimate, merge_slot
 from . import parse_database
 from .sqlbase import (
     INT64,

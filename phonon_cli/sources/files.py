@@ -37,12 +37,11 @@ import redis
 
 from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
-from . import Chunk, Group, ThreadedSource, assign, put_or_tick
-from .stdin import TOO_LONG
+from .base import TOO_LONG, Chunk, Group, ThreadedSource, assign, put_or_tick
 
 if TYPE_CHECKING:
-    from ..lock import Lock
-    from ..process import Process
+    from ..core.process import Process
+    from ..store.lock import Lock
 
 log = logging.getLogger(__name__)
 

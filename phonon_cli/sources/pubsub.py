@@ -23,10 +23,10 @@ import orjson
 import redis
 
 from ..exceptions import AlreadyLocked, LockNotOwned
-from . import Chunk, ThreadedSource, bytes_client, put_or_tick, split_payload
+from .base import Chunk, ThreadedSource, bytes_client, put_or_tick, split_payload
 
 if TYPE_CHECKING:
-    from ..process import Process
+    from ..core.process import Process
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import sys
 from typing import BinaryIO
 
 from .. import defaults
-from . import Chunk, ThreadedSource
+from .base import TOO_LONG, Chunk, ThreadedSource
 
 READ_SIZE = 1 << 16
 """Bytes per read from the pipe."""
@@ -57,7 +57,3 @@ class StdinSource(ThreadedSource):
         if rest and not skipping:
             out.put(Chunk(self.name, [rest]))
         out.put(Chunk(self.name, end=True))
-
-
-TOO_LONG = b"\x00too-long\x00"
-"""Prefix of a stub that stands for a line over the limit (never valid JSON)."""

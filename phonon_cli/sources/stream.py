@@ -32,12 +32,11 @@ import redis
 
 from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
-from ..lock import Lock
-from . import Chunk, Group, ThreadedSource, bytes_client, put_or_tick
-from .stdin import TOO_LONG
+from ..store.lock import Lock
+from .base import TOO_LONG, Chunk, Group, ThreadedSource, bytes_client, put_or_tick
 
 if TYPE_CHECKING:
-    from ..process import Process
+    from ..core.process import Process
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 and an independent computation of what that route must produce.
 
 ``expected`` is written from the strategies' definitions (docs/aggregation.md),
-not from phonon_cli.fields, so that a wrong merge rule cannot agree with itself.
+not from phonon_cli.fields.strategies, so that a wrong merge rule cannot agree with itself.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from phonon_cli.fields import Aggregate
+from phonon_cli.fields.strategies import Aggregate
 
 FIELDS: dict[str, dict[str, Any]] = {
     "revenue": {"value": "{amount}", "merge": "sum"},

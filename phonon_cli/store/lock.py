@@ -8,8 +8,9 @@ from types import TracebackType
 
 import redis
 
-from . import defaults, scripts
-from .exceptions import AlreadyLocked, LockNotOwned
+from .. import defaults
+from ..exceptions import AlreadyLocked, LockNotOwned
+from . import scripts
 
 
 class Lock:

@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
-from . import defaults
-from .keys import Keys
+from .. import defaults
+from ..store.keys import Keys
 from .status import Status
 
 if TYPE_CHECKING:
-    from . import runner
-    from .process import Process
+    from ..core.process import Process
+    from ..run import loop as runner
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
     executes the dead processes' own orphans, whatever their names, when
     their class is known.
     """
-    from .update import claim_orphans
+    from ..core.recovery import claim_orphans
 
     stats = process.stats
     executed_before = stats.get("keys_executed", 0)

@@ -24,8 +24,8 @@ from typing import IO, Any
 import orjson
 import redis
 
-from .clock import Clock, now_ms
-from .keys import Keys
+from ..clock import Clock, now_ms
+from ..store.keys import Keys
 
 SCAN_PAGE = 1000
 """Keys asked for per SCAN call; each page's details are read in one pipeline."""

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from .clock import now_ms
-from .fields import NUMERIC, STRATEGIES, Field
+from ..clock import now_ms
+from ..fields.strategies import NUMERIC, STRATEGIES, Field
 
 if TYPE_CHECKING:
-    from .routing import Event, Template
+    from .routes import Event, Template
 
 __all__ = ["FIELD_KEYS", "RouteField", "parse_fields"]
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .filters import condition
 from .templates import _missing, _parse, _text
 
 if TYPE_CHECKING:
-    from .routing import Route, Routed
+    from .routes import Route, Routed
 
 Fused = Callable[[dict[str, Any]], "Routed | None"]
 
@@ -115,6 +116,4 @@ def fuse(
 
 
 def route_condition(path: str, allowed: tuple[Any, ...]) -> Callable[[dict[str, Any]], bool]:
-    from .routing import _condition
-
-    return _condition(tuple(path.split(".")), allowed)
+    return condition(tuple(path.split(".")), allowed)

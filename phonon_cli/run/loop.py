@@ -30,15 +30,15 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from . import defaults
-from .cache import LruCache
-from .exceptions import EventError
-from .fields import Aggregate
-from .process import Process
-from .routing import Route, Routed, Router
-from .sources import Chunk, Source
-from .sources.stdin import TOO_LONG
-from .update import ConflictFreeUpdate, Update, end_sessions
+from .. import defaults
+from ..core.cache import LruCache
+from ..core.process import Process
+from ..core.update import ConflictFreeUpdate, Update, end_sessions
+from ..exceptions import EventError
+from ..fields.strategies import Aggregate
+from ..routing.routes import Route, Routed, Router
+from ..sources import Chunk, Source
+from ..sources.base import TOO_LONG
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import defaults
-from .exceptions import StoreUnavailable
+from .. import defaults
+from ..exceptions import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from .exceptions import EventError
+from ..exceptions import EventError
 
 __all__ = ["Event", "Getter", "Template"]
 

@@ -1,4 +1,4 @@
-"""From an event to the updates it feeds: filters and routes (templates: ``templates``).
+"""From an event to the updates it feeds: routes (filters: ``filters``; templates: ``templates``).
 
 Everything a route needs is compiled once, when the config is loaded, into small
 closures, so that routing one event is a handful of dict lookups: no template is
@@ -13,80 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import EventError
 from .codegen import fuse
-from .exceptions import EventError
+from .filters import Scalar, matcher
 from .templates import Event, Getter, Template, _missing, _short, _text
 
 if TYPE_CHECKING:
-    from .fieldconfig import RouteField
-    from .update import Update
+    from ..core.update import Update
+    from .fields import RouteField
 
 __all__ = ["Built", "Event", "Route", "Routed", "Router", "Scalar", "Template", "matcher"]
-
-Scalar = str | int | float | bool | None
-"""What a ``when`` filter compares a field with."""
-
-_MISSING: Any = object()
-"""Stands for an absent field where ``None`` (JSON null) is a legitimate value."""
-
-
-def _probe(path: tuple[str, ...]) -> Getter:
-    """Like ``templates._getter`` but returns ``_MISSING`` instead of raising: for filters,
-    where an absent field simply means "no match"."""
-    if len(path) == 1:
-        (key,) = path
-
-        def probe(event: Event) -> Any:
-            return event.get(key, _MISSING)
-
-        return probe
-
-    def probe_nested(event: Event) -> Any:
-        value: Any = event
-        for key in path:
-            if value.__class__ is not dict:
-                return _MISSING
-            value = value.get(key, _MISSING)
-        return value
-
-    return probe_nested
-
-
-# -- filters --------------------------------------------------------------------------
-
-
-def _same(value: Any, wanted: Any) -> bool:
-    """JSON equality: ``true`` is not ``1``, though Python says ``True == 1``."""
-    return bool(value == wanted) and (value.__class__ is bool) == (wanted.__class__ is bool)
-
-
-def _condition(path: tuple[str, ...], allowed: tuple[Scalar, ...]) -> Callable[[Event], bool]:
-    """A test of one field against the value(s) a ``when`` filter allows."""
-    probe = _probe(path)
-    if all(a.__class__ is str for a in allowed):
-        # The common case (event types, names): a str compares with str only, so
-        # a hash lookup decides; the class test keeps unhashable values out of it.
-        if len(allowed) == 1 and len(path) == 1:
-            (key,), (wanted,) = path, allowed
-            return lambda event: event.get(key) == wanted
-        strings = frozenset(allowed)
-        if len(path) == 1:
-            (key,) = path
-            # A missing field gives None, which is not a str: no match, no sentinel.
-            return lambda event: (v := event.get(key)).__class__ is str and v in strings
-        return lambda event: (v := probe(event)).__class__ is str and v in strings
-
-    def test(event: Event) -> bool:
-        value = probe(event)
-        if value is _MISSING:
-            return False
-        return any(_same(value, a) for a in allowed)
-
-    return test
-
-
-# -- routes ---------------------------------------------------------------------------
-
 
 Built = tuple[str, dict[str, Any], dict[str, Any]]
 """What a route makes of an event: the id, the spec and the doc."""
@@ -176,27 +112,6 @@ class Route:
         """
         _, id_, spec, doc = self._entry(event)
         return id_, spec, doc
-
-
-def matcher(when: Mapping[str, tuple[Scalar, ...]]) -> Callable[[Event], bool] | None:
-    """The compiled test of a ``when`` (or ``ends_when``) table; None when it is empty."""
-    tests = tuple(
-        # A bare value (a Route built by hand) is one allowed value, not a sequence.
-        _condition(tuple(path.split(".")), tuple(v) if isinstance(v, (list, tuple)) else (v,))
-        for path, v in when.items()
-    )
-    if not tests:
-        return None
-    if len(tests) == 1:
-        return tests[0]
-
-    def all_match(event: Event) -> bool:
-        for test in tests:
-            if not test(event):
-                return False
-        return True
-
-    return all_match
 
 
 def _spec_builder(spec: Mapping[str, Template]) -> Callable[[Event], dict[str, Any]]:

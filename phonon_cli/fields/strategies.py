@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from .exceptions import EventError, SerializationError
-from .update import Update
+from ..core.update import Update
+from ..exceptions import EventError, SerializationError
 
 if TYPE_CHECKING:
-    from .process import Process
+    from ..core.process import Process
 
 STRATEGIES = (
     "sum",

@@ -1,0 +1,237 @@
+"""One worker's identity in Redis: heartbeat, held references, recovery of the dead."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
+
+import redis
+
+from .. import defaults
+from ..clock import Clock, now_ms
+from ..exceptions import AlreadyLocked, LockNotOwned
+from ..store import scripts
+from ..store.connection import StoreSettings
+from ..store.keys import Keys
+from ..store.lock import Lock
+from . import recovery
+from .update import class_name
+
+if TYPE_CHECKING:
+    from .reference import Reference
+    from .update import Update
+
+log = logging.getLogger(__name__)
+
+
+class Process:
+    """A worker: its Redis connection, heartbeat, and the references it holds.
+
+    Args:
+        redis_url: the store; unset, ``PHONON_REDIS_URL``, then the embedded server.
+        namespace: key prefix; unset, ``PHONON_NAMESPACE``, then ``phonon``.
+        heartbeat_interval: seconds between heartbeats.
+        process_ttl: seconds without a heartbeat after which this process counts
+            as dead; default three heartbeat intervals.
+        recover_failed_processes: recover what dead processes held, on every heartbeat.
+        client: an existing connection to use instead of ``redis_url``.
+        home: ``PHONON_HOME`` for the embedded server.
+        clock: epoch-ms clock (tests inject one).
+        start_heartbeat: start the heartbeat thread (tests may drive ``heartbeat()``).
+
+    Raises:
+        StoreUnavailable: the store cannot be reached.
+    """
+
+    AlreadyLocked = AlreadyLocked
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        namespace: str | None = None,
+        heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL_S,
+        process_ttl: float | None = None,
+        recover_failed_processes: bool = True,
+        *,
+        client: redis.Redis | None = None,
+        home: str | None = None,
+        clock: Clock = now_ms,
+        start_heartbeat: bool = True,
+    ) -> None:
+        settings = StoreSettings.from_env(redis_url, namespace, home)
+        self.settings = settings
+        self.client: redis.Redis = client if client is not None else settings.connect()
+        self.keys = Keys(settings.namespace)
+        self.id = secrets.token_hex(8)
+        self.clock = clock
+        self.heartbeat_interval_s = float(heartbeat_interval)
+        ttl_s = (
+            process_ttl
+            if process_ttl is not None
+            else (self.heartbeat_interval_s * defaults.DEAD_AFTER_HEARTBEATS)
+        )
+        self.process_ttl_ms = max(1, int(ttl_s * 1000))
+        self.recover_failed_processes = recover_failed_processes
+        self.stats: dict[str, Any] = {}
+        """Figures published with each heartbeat, for ``phonon status``."""
+        self.known_classes: dict[str, type[Update]] = {}
+        """Update classes this process may rebuild partials with: never import from data."""
+        self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
+        self._exec_seq = 0
+        self._registered: set[type] = set()
+        self._stop = threading.Event()
+        self._stopped = False
+        pool = self.client.connection_pool
+        self._heartbeat_client = redis.Redis(
+            connection_pool=type(pool)(
+                connection_class=pool.connection_class, **pool.connection_kwargs
+            )
+        )
+        self.started_ms = self.clock()
+        self.identity: dict[str, Any] = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self.started_ms,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        }
+        """Sent with every heartbeat: a process wrongly recovered as dead (paused past
+        its TTL) whose hash was deleted comes back whole on its next beat."""
+        self.heartbeat(self.client, load_scripts=True)
+        self._thread: threading.Thread | None = None
+        if start_heartbeat:
+            self._thread = threading.Thread(
+                target=self._heartbeat_loop, name=f"phonon-heartbeat-{self.id}", daemon=True
+            )
+            self._thread.start()
+        if recover_failed_processes:
+            self.recover()
+
+    # -- identity and liveness -------------------------------------------------
+
+    def heartbeat(
+        self,
+        client: redis.Redis | None = None,
+        extra: dict[str, Any] | None = None,
+        load_scripts: bool = False,
+    ) -> None:
+        """Say we are alive: refresh the TTL'd alive key, the registry score and our figures."""
+        now = self.clock()
+        fields: dict[str, Any] = {"last_heartbeat_ms": now, **self.identity}
+        fields.update(extra or {})
+        fields.update({k: v for k, v in self.stats.items() if v is not None})
+        pipe = (client or self._heartbeat_client).pipeline(transaction=False)
+        pipe.set(self.keys.alive(self.id), now, px=self.process_ttl_ms)
+        pipe.hset(self.keys.process(self.id), mapping=fields)  # type: ignore[arg-type]
+        pipe.zadd(self.keys.processes, {self.id: now})
+        if load_scripts:
+            scripts.load(pipe)
+        pipe.execute()
+
+    def _heartbeat_loop(self) -> None:
+        # A failing tick is logged and the loop goes on: one Redis hiccup must not
+        # silently end the heartbeat (the original re-armed a Timer and died).
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat()
+                if self.recover_failed_processes:
+                    self.recover()
+            except Exception:
+                log.exception("heartbeat of process %s failed; retrying next interval", self.id)
+
+    def live_processes(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        pipe = self.client.pipeline(transaction=False)
+        for pid in ids:
+            pipe.exists(self.keys.alive(pid))
+        return {pid for pid, alive in zip(ids, pipe.execute()) if alive}
+
+    # -- references and locks ----------------------------------------------------
+
+    def create_reference(self, resource: str, block: bool = True) -> Reference:
+        """Take a reference on ``resource`` (one round trip)."""
+        from .reference import Reference
+
+        ref = Reference(self, resource, block=block)
+        ref.acquire()
+        return ref
+
+    def lock(
+        self, key: str, block: bool = True, timeout_s: float = defaults.LOCK_TIMEOUT_S
+    ) -> Lock:
+        """A lock on ``key``, to use as a context manager; ``stop()`` releases it if still held."""
+        return self.make_lock(self.keys.lock(key), block=block, timeout_s=timeout_s)
+
+    def make_lock(
+        self, redis_key: str, block: bool = True, timeout_s: float = defaults.LOCK_TIMEOUT_S
+    ) -> Lock:
+        lock = Lock(self.client, redis_key, block=block, timeout_s=timeout_s)
+        self._locks.add(lock)
+        return lock
+
+    def register(self, cls: type[Update]) -> None:
+        """Allow partials of ``cls`` to be rebuilt by this process (recovery, flush)."""
+        if cls not in self._registered:  # every Update registers its class: keep it cheap
+            self._registered.add(cls)
+            self.known_classes.setdefault(class_name(cls), cls)
+
+    def next_exec_seq(self) -> int:
+        """A number that makes each execution's keys unique within this process."""
+        self._exec_seq += 1
+        return self._exec_seq
+
+    def recover(self) -> int:
+        """Clean up after every dead process (see ``recovery.recover``); how many."""
+        return recovery.recover(self)
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the heartbeat, release our locks, leave every reference, and unregister.
+
+        References still held are released as a survivor would release a dead
+        process's: partials left with no holder are executed here when their
+        class is known, and otherwise stay in Redis for ``phonon flush``.
+        Updates still in a local cache are not ended: expire them first.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for lock in list(self._locks):
+            if lock.token is not None:
+                try:
+                    lock.release()
+                except LockNotOwned:
+                    pass
+        orphans = recovery.release_all_of(self, self.id, scan_executing=False)
+        if orphans:
+            recovery.claim_orphans(self, orphans)
+        self._heartbeat_client.close()
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def held_resources(self) -> set[str]:
+        return cast("set[str]", self.client.smembers(self.keys.held(self.id)))
+
+    def holders_by_resource(self, resources: Iterable[str]) -> dict[str, list[str]]:
+        resources = list(resources)
+        pipe = self.client.pipeline(transaction=False)
+        for r in resources:
+            pipe.hkeys(self.keys.resource(r).nodes)
+        out: dict[str, list[str]] = defaultdict(list)
+        for r, holders in zip(resources, pipe.execute()):
+            out[r] = holders
+        return out

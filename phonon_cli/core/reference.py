@@ -1,0 +1,218 @@
+"""A process's claim on a shared resource, and the batched scripts that take and leave them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import defaults
+from ..store import scripts
+from ..store.lock import Lock
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+    from ..store.keys import ResourceKeys
+    from .process import Process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Taken:
+    """What a last holder took out of Redis: the partials the others left."""
+
+    kind: str
+    recipe: str
+    items: list[str]
+    exec_keys: tuple[str, str]
+
+
+@dataclass
+class Release:
+    """One resource to leave: how, and what to deposit if this is not the last holder."""
+
+    resource: str
+    mode: str = "end"  # end | force | cache | orphan (see scripts.RELEASE_LUA)
+    kind: str = "json"
+    recipe: str = ""
+    payload: str = ""
+    exec_keys: tuple[str, str] = field(default=("", ""))
+
+
+def acquire_many(
+    process: Process, resources: Sequence[str], absorb: Sequence[bool] | None = None
+) -> list[tuple[str, list[str]] | None]:
+    """Take references on many resources: one round trip per ``BATCH_MAX_KEYS``.
+
+    The resources go into this process's held registry first (in the same
+    pipeline), so a crash between the two leaves recovery something harmless to
+    undo rather than a nodelist entry nobody knows about.
+
+    Returns, per resource, ``(kind, items)`` of the partials absorbed, or None.
+    """
+    if not resources:
+        return []
+    flags = absorb or [False] * len(resources)
+    now = process.clock()
+
+    def build(pipe: Pipeline) -> None:
+        _queue_acquire(pipe, process, resources, flags, now)
+
+    out: list[tuple[str, list[str]] | None] = []
+    for result in scripts.run(process.client, build)[1:]:
+        out += [(r[0], list(r[1:])) if r else None for r in result]
+    return out
+
+
+def _queue_acquire(
+    pipe: Pipeline, process: Process, resources: Sequence[str], absorb: Sequence[bool], now: int
+) -> None:
+    pipe.sadd(process.keys.held(process.id), *resources)
+    for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
+        keys: list[str] = []
+        args: list[Any] = [process.id, now]
+        for resource, flag in zip(
+            resources[start : start + defaults.BATCH_MAX_KEYS],
+            absorb[start : start + defaults.BATCH_MAX_KEYS],
+        ):
+            rk = process.keys.resource(resource)
+            keys += [rk.nodes, rk.meta, rk.partials]
+            args.append("1" if flag else "0")
+        scripts.queue(pipe, scripts.ACQUIRE, keys, args)
+
+
+def release_many(
+    process: Process, releases: Sequence[Release], acquire: Sequence[str] = ()
+) -> list[Taken | None]:
+    """Leave many resources (and take others) in one round trip.
+
+    Each is left atomically with its deposit (the invariant). ``acquire`` names
+    resources to take references on in the same round trip, after the
+    releases, so a key that left the cache and came back within one batch
+    ends up held. Returns, per release, what was taken when this process was
+    the last holder (or forced).
+    """
+    if not releases and not acquire:
+        return []
+    now = process.clock()
+    resource_keys = []
+    for rel in releases:
+        rk = process.keys.resource(rel.resource)
+        rel.exec_keys = rk.executing(process.id, process.next_exec_seq())
+        resource_keys.append(rk)
+    leaving = [r.resource for r in releases if r.mode != "orphan"]
+    chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
+
+    def build(pipe: Pipeline) -> None:
+        for start in chunks:
+            keys: list[str] = []
+            args: list[Any] = [process.id, now]
+            end = start + defaults.BATCH_MAX_KEYS
+            for rel, rk in zip(releases[start:end], resource_keys[start:end]):
+                keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys]
+                args += [rel.mode, rel.kind, rel.recipe, rel.payload]
+            scripts.queue(pipe, scripts.RELEASE, keys, args)
+        if leaving:
+            pipe.srem(process.keys.held(process.id), *leaving)
+        if acquire:
+            _queue_acquire(pipe, process, acquire, [False] * len(acquire), now)
+
+    results = scripts.run(process.client, build)
+    replies = [reply for result in results[: len(chunks)] for reply in result]
+    return [
+        None
+        if r[0] == 0
+        else Taken(kind=r[1], recipe=r[2], items=list(r[3:]), exec_keys=rel.exec_keys)
+        for rel, r in zip(releases, replies)
+    ]
+
+
+def put_back(resource: str, taken: Taken) -> list[Release]:
+    """The releases that deposit ``taken`` again, untouched."""
+    if taken.kind in ("sums", "fields"):
+        pairs = zip(taken.items[::2], taken.items[1::2])
+        payload = "".join(f"{f}\t{v}\n" for f, v in pairs)
+        return [Release(resource, "cache", taken.kind, taken.recipe, payload)]
+    return [Release(resource, "cache", "json", taken.recipe, item) for item in taken.items]
+
+
+def finish(process: Process, taken: Sequence[Taken]) -> None:
+    """Forget partials once their write is done (one round trip for all, none if
+    nothing was taken: the script only keeps partials it found)."""
+    keys = [k for t in taken if t.items for k in t.exec_keys]
+    if keys:
+        process.client.delete(*keys)
+
+
+class Reference:
+    """A process's claim on ``resource``.
+
+    ``count()`` tells how many live processes hold it; ``dereference`` tells
+    this process whether it was the last, and only then runs the callback.
+    """
+
+    def __init__(self, process: Process, resource: str, block: bool = True) -> None:
+        self.process = process
+        self.resource = resource
+        self.block = block
+        self.force_expiry = False
+        """When set, ``dereference`` runs its callback even if others still hold the resource."""
+
+    @property
+    def keys(self) -> ResourceKeys:
+        """Built when asked: the run loop makes a Reference per key and rarely needs them."""
+        return self.process.keys.resource(self.resource)
+
+    def acquire(self) -> None:
+        acquire_many(self.process, [self.resource])
+
+    def lock(self, block: bool | None = None) -> Lock:
+        """The resource's lock, as a context manager. Raises ``Process.AlreadyLocked``."""
+        return self.process.make_lock(self.keys.lock, block=self.block if block is None else block)
+
+    def count(self) -> int:
+        """How many live processes hold this resource."""
+        holders: list[str] = self.process.client.hkeys(self.keys.nodes)  # type: ignore[assignment]
+        return len(self.process.live_processes(holders)) if holders else 0
+
+    def refresh_session(self) -> None:
+        """Record activity on the resource (shown by ``phonon status``)."""
+        self.process.client.hset(self.keys.meta, "touched_ms", self.process.clock())
+
+    def increment_times_modified(self) -> int:
+        return int(self.process.client.hincrby(self.keys.meta, "times_modified", 1))
+
+    def get_times_modified(self) -> int:
+        return int(self.process.client.hget(self.keys.meta, "times_modified") or 0)
+
+    def dereference(
+        self,
+        callback: Callable[..., Any] | None = None,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        block: bool | None = None,
+    ) -> bool:
+        """Leave the resource; True (and the callback run) only for the last holder.
+
+        ``block`` is accepted for the seed's signature: leaving takes no lock.
+        """
+        mode = "force" if self.force_expiry else "end"
+        (taken,) = release_many(self.process, [Release(self.resource, mode=mode)])
+        if taken is None:
+            return False
+        if taken.items:
+            # A bare reference has no state to merge partials into: they belong to
+            # Updates of the same resource, so they go back for the next holder.
+            log.warning(
+                "%s: a bare reference took %d partials; putting them back",
+                self.resource,
+                len(taken.items),
+            )
+            release_many(self.process, put_back(self.resource, taken))
+        if callback is not None:
+            callback(*(args or ()), **(kwargs or {}))
+        finish(self.process, [taken])
+        return True

@@ -1,0 +1,399 @@
+"""An aggregate for one key, merged locally and written once per session by the last holder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from .. import defaults
+from ..exceptions import SerializationError
+from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
+
+if TYPE_CHECKING:
+    from .process import Process
+
+log = logging.getLogger(__name__)
+
+
+def class_name(cls: type) -> str:
+    """The ``module:Qualname`` that names an Update class in recipes and configs."""
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+Failures = list[tuple["Update", BaseException]]
+
+
+class Update:
+    """Subclass it: override ``merge`` and ``execute`` (and ``state``/``clear`` if you
+    keep attributes of your own). The framework decides when to cache and when to
+    execute.
+
+    Constructing one takes its reference in Redis (one round trip), unless
+    ``acquire=False`` (the run loop takes references in batches instead).
+
+    Args:
+        process: the worker this update belongs to.
+        _id: the key; with ``collection`` it names the shared resource.
+        database, collection, spec, doc: as in the seed: where and what to write.
+        init_cache: take the partials already cached in Redis into this update now.
+        block: default for ``self.ref.lock()``.
+        hard_session: seconds from the first event after which the session ends.
+        soft_session: seconds of idleness (no merge) after which the session ends.
+    """
+
+    kind: ClassVar[str] = "json"
+    """How partials are kept in Redis: "json" (a list of JSON partials the last
+    holder merges with ``merge``) or "sums" (a hash summed inside Redis)."""
+    execute_attempts: ClassVar[int] = defaults.EXECUTE_ATTEMPTS
+    execute_backoff_s: ClassVar[float] = defaults.EXECUTE_BACKOFF_S
+
+    def __init__(
+        self,
+        process: Process,
+        _id: Any,
+        database: Any = None,
+        collection: str | None = None,
+        spec: dict[str, Any] | None = None,
+        doc: dict[str, Any] | None = None,
+        init_cache: bool = False,
+        block: bool = True,
+        hard_session: float | None = defaults.HARD_SESSION_S,
+        soft_session: float | None = defaults.SOFT_SESSION_S,
+        *,
+        acquire: bool = True,
+    ) -> None:
+        self.process = process
+        self._id = _id
+        self.database = database
+        self.collection = collection
+        self.spec: dict[str, Any] = dict(spec or {})
+        self.doc: dict[str, Any] = dict(doc or {})
+        self.hard_session_ms = None if hard_session is None else int(hard_session * 1000)
+        self.soft_session_ms = None if soft_session is None else int(soft_session * 1000)
+        now = process.clock()
+        self.started_ms = now
+        self.touched_ms = now
+        self.events = 1
+        """How many updates were merged into this one (itself included)."""
+        self.marks: dict[Any, int] | None = None
+        """Per source partition, the offset of the first event merged in: the run loop
+        commits no offset beyond an event whose aggregate is still only in memory."""
+        self.error: BaseException | None = None
+        """Why the last ``execute`` failed (the aggregate was then cached back in Redis)."""
+        self._force = False
+        resource = str(_id) if collection is None else f"{collection}:{_id}"
+        self.ref = Reference(process, resource, block=block)
+        process.register(type(self))
+        if acquire:
+            (absorbed,) = acquire_many(process, [resource], [init_cache])
+            if absorbed is not None:
+                self.absorb(*absorbed)
+
+    # -- what subclasses override ---------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Attributes you set yourself (JSON-able), beyond ``doc``. None? Don't override."""
+        return {}
+
+    def clear(self) -> None:
+        """Reset so that executing would change nothing (the spec still finds the record)."""
+        self.doc = {}
+
+    def merge(self, other: Update) -> None:
+        """Combine ``other`` (always of the same type) into ``self``."""
+        raise NotImplementedError(f"{class_name(type(self))} must define merge()")
+
+    def execute(self) -> None:
+        """Write the aggregate to the database. When is the framework's business."""
+        raise NotImplementedError(f"{class_name(type(self))} must define execute()")
+
+    @classmethod
+    def execute_many(cls, updates: Sequence[Update]) -> Failures:
+        """Execute several; return those that failed. Sinks override this to write
+        a whole batch in one transaction (and then fail or succeed together)."""
+        failures: Failures = []
+        for update in updates:
+            try:
+                update.execute()
+            except Exception as e:  # noqa: BLE001 - any failure keeps the aggregate
+                failures.append((update, e))
+        return failures
+
+    # -- what the framework provides ------------------------------------------------
+
+    @property
+    def resource(self) -> str:
+        return self.ref.resource
+
+    def refresh(self, other: Update) -> None:
+        """Merge a newer update for the same key; renews the soft session."""
+        self.merge(other)
+        self.events += other.events
+        self.touched_ms = self.process.clock()
+
+    def is_expired(self, now_ms: int | None = None) -> bool:
+        if self._force:
+            return True
+        return (now_ms if now_ms is not None else self.process.clock()) >= self.expires_at_ms()
+
+    def expires_at_ms(self) -> float:
+        """When the soft or hard session ends, whichever is first (epoch ms)."""
+        soft = (
+            float("inf") if self.soft_session_ms is None else self.touched_ms + self.soft_session_ms
+        )
+        hard = (
+            float("inf") if self.hard_session_ms is None else self.started_ms + self.hard_session_ms
+        )
+        return min(soft, hard)
+
+    def end_session(self) -> bool:
+        """Leave the resource: execute if last holder, else cache. True if executed."""
+        return end_sessions([self])[0]
+
+    def cache(self) -> None:
+        """Deposit this partial in Redis and leave, even if last (the next holder, a
+        survivor or ``phonon flush`` executes it)."""
+        end_sessions([self], mode="cache")
+
+    def set_force_expiry(self, flag: bool = True) -> None:
+        """Expire at the next purge, and execute then even if others still hold the key."""
+        self._force = flag
+        self.ref.force_expiry = flag
+
+    def force_expiry(self) -> bool:
+        self.set_force_expiry(True)
+        return self.end_session()
+
+    def recipe(self) -> str:
+        """JSON naming the class and arguments that rebuild this update (no pickle)."""
+        return orjson.dumps(
+            {
+                "cls": class_name(type(self)),
+                "id": self._id,
+                "database": self.database,
+                "collection": self.collection,
+                "spec": self.spec,
+            },
+            option=orjson.OPT_NON_STR_KEYS,
+        ).decode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"doc": self.doc, "state": self.state()}
+
+    def load(self, data: dict[str, Any]) -> None:
+        """Take the state of a partial (from ``to_dict``) as this update's own."""
+        self.doc = data.get("doc") or {}
+        for name, value in (data.get("state") or {}).items():
+            setattr(self, name, value)
+
+    def payload(self) -> str:
+        """This partial as deposited in Redis."""
+        try:
+            return orjson.dumps(self.to_dict()).decode()
+        except TypeError as e:
+            raise SerializationError(f"{self.resource}: state is not JSON: {e}") from e
+
+    def blank(self) -> Update:
+        """A fresh update for the same key, holding nothing, taking no reference."""
+        other = type(self)(
+            self.process,
+            self._id,
+            database=self.database,
+            collection=self.collection,
+            spec=self.spec,
+            doc={},
+            acquire=False,
+        )
+        other.clear()
+        return other
+
+    def absorb(self, kind: str, items: Sequence[str]) -> None:
+        """Merge partials taken out of Redis into this update."""
+        for item in items:
+            other = self.blank()
+            try:
+                other.load(orjson.loads(item))
+            except orjson.JSONDecodeError as e:
+                raise SerializationError(f"{self.resource}: bad partial in redis: {e}") from e
+            self.merge(other)
+
+
+class ConflictFreeUpdate(Update):
+    """An update whose ``doc`` is numbers that add up: partials are summed inside
+    Redis (HINCRBY/HINCRBYFLOAT), so caching needs no lock and no merge code, and
+    one eviction is one round trip."""
+
+    kind: ClassVar[str] = "sums"
+
+    def merge(self, other: Update) -> None:
+        doc = self.doc
+        for field, value in other.doc.items():
+            doc[field] = doc.get(field, 0) + value
+
+    def payload(self) -> str:
+        lines = []
+        for field, value in self.doc.items():
+            if not isinstance(field, str) or "\t" in field or "\n" in field:
+                raise SerializationError(f"{self.resource}: field name {field!r} cannot be summed")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SerializationError(f"{self.resource}: {field}={value!r} is not a number")
+            if value:
+                lines.append(f"{field}\t{value!r}\n")
+        return "".join(lines)
+
+    def absorb(self, kind: str, items: Sequence[str]) -> None:
+        if kind != "sums":
+            return super().absorb(kind, items)
+        doc = self.doc
+        for field, raw in zip(items[::2], items[1::2]):
+            try:
+                value: int | float = int(raw)
+            except ValueError:
+                value = float(raw)
+            doc[field] = doc.get(field, 0) + value
+
+
+# -- batched session ends ------------------------------------------------------------
+
+
+def acquire_updates(updates: Sequence[Update], init_cache: bool = False) -> None:
+    """Take the references of updates built with ``acquire=False``: one round trip."""
+    absorbed = (
+        acquire_many(updates[0].process, [u.resource for u in updates], [init_cache] * len(updates))
+        if updates
+        else []
+    )
+    for update, got in zip(updates, absorbed):
+        if got is not None:
+            update.absorb(*got)
+
+
+def end_sessions(
+    updates: Sequence[Update], mode: str | None = None, acquire: Sequence[Update] = ()
+) -> list[bool]:
+    """End many sessions at once; True where this process executed.
+
+    One script call (per ``BATCH_MAX_KEYS``) leaves every resource, each either
+    depositing its partial or, as last holder, taking the others'. Then the
+    taken ones are merged and executed, a batch per class, with retries; any
+    that still fail are cached back in Redis (never dropped) with ``.error`` set.
+
+    Args:
+        mode: None to execute as last holder (or when forced), "cache" to deposit
+            every partial regardless (fast shutdown).
+        acquire: updates built with ``acquire=False`` whose references to take in
+            the same round trip (all of one process).
+    """
+    to_acquire = [u.resource for u in acquire]
+    if not updates:
+        if acquire:
+            release_many(acquire[0].process, [], to_acquire)
+        return []
+    by_process: dict[int, list[int]] = defaultdict(list)
+    for i, u in enumerate(updates):
+        by_process[id(u.process)].append(i)
+    if acquire and id(acquire[0].process) not in by_process:
+        release_many(acquire[0].process, [], to_acquire)
+    executed = [False] * len(updates)
+    for key, indexes in by_process.items():
+        group = [updates[i] for i in indexes]
+        mine = to_acquire if acquire and id(acquire[0].process) == key else []
+        for i, done in zip(indexes, _end_sessions(group, mode, mine)):
+            executed[i] = done
+    return executed
+
+
+def _end_sessions(
+    updates: Sequence[Update], mode: str | None, acquire: Sequence[str]
+) -> list[bool]:
+    process = updates[0].process
+    releases = [
+        Release(
+            u.resource, mode or ("force" if u._force else "end"), u.kind, u.recipe(), u.payload()
+        )
+        for u in updates
+    ]
+    taken = release_many(process, releases, acquire)
+    ready = []
+    for update, release, got in zip(updates, releases, taken):
+        if got is None:
+            continue
+        try:
+            update.absorb(got.kind, got.items)
+        except Exception as e:  # noqa: BLE001 - a bad partial must not lose the others
+            log.error("%s: cannot merge cached partials (%s); left in redis", update.resource, e)
+            update.error = e
+            release_many(
+                process,
+                [
+                    *put_back(update.resource, got),
+                    Release(update.resource, "cache", update.kind, release.recipe, release.payload),
+                ],
+            )
+            finish(process, [got])
+            continue
+        ready.append((update, got))
+    _count(process, "keys_cached", len(updates) - len(ready))
+    done = execute_taken(process, ready)
+    return [update in done for update in updates]
+
+
+def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> set[Update]:
+    """Execute merged aggregates, a batch per class; cache back what fails. Returns the executed."""
+    by_class: dict[type[Update], list[tuple[Update, Taken]]] = defaultdict(list)
+    for update, got in ready:
+        by_class[type(update)].append((update, got))
+    executed: set[Update] = set()
+    for cls, pairs in by_class.items():
+        failed = _execute_with_retries(cls, [u for u, _ in pairs])
+        failed_ids = {id(u) for u, _ in failed}
+        for update, error in failed:
+            update.error = error
+            log.error(
+                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                update.resource,
+                cls.execute_attempts,
+                error,
+            )
+        if failed:
+            release_many(
+                process,
+                [Release(u.resource, "cache", u.kind, u.recipe(), u.payload()) for u, _ in failed],
+            )
+        finish(process, [got for _, got in pairs])
+        executed.update(u for u, _ in pairs if id(u) not in failed_ids)
+        _count(process, "keys_executed", len(pairs) - len(failed))
+        _count(process, "execute_failures", len(failed))
+    return executed
+
+
+def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
+    pause = cls.execute_backoff_s
+    for attempt in range(1, cls.execute_attempts + 1):
+        try:
+            failures = cls.execute_many(updates)
+        except Exception as e:  # noqa: BLE001 - the batch failed as a whole
+            failures = [(u, e) for u in updates]
+        if not failures or attempt == cls.execute_attempts:
+            return failures
+        log.warning(
+            "%s: %d executes failed (%s); %d attempts left",
+            class_name(cls),
+            len(failures),
+            failures[0][1],
+            cls.execute_attempts - attempt,
+        )
+        time.sleep(pause)
+        pause *= 2
+        updates = [u for u, _ in failures]
+    return []
+
+
+def _count(process: Process, name: str, n: int) -> None:
+    if n:
+        process.stats[name] = process.stats.get(name, 0) + n

@@ -1,0 +1,1 @@
+"""The run loop: sources in, routed updates through the cache, batched Redis work."""

@@ -1,0 +1,237 @@
+"""The contract every source keeps, and what they share.
+
+Each source feeds chunks of raw lines to the run loop.
+
+Fairness between sources: each source has its own thread putting chunks on the
+run loop's one bounded FIFO queue. A thread blocked on the full queue waits its
+turn behind the chunks already queued, so with several sources the loop takes
+chunks roughly in turn and a busy source cannot starve a quiet one: it can only
+fill its share of the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import redis
+
+    from ..core.process import Process
+
+log = logging.getLogger(__name__)
+
+TOO_LONG = b"\x00too-long\x00"
+"""Marks a stub line standing for one over the line limit: the run loop dead-letters it."""
+
+
+@dataclass
+class Chunk:
+    """Raw lines read from one source; ``end`` marks the source exhausted."""
+
+    source: str
+    lines: list[bytes] = field(default_factory=list)
+    end: bool = False
+    too_long: int = 0
+    """Lines dropped for exceeding the line limit (each also sent as a stub line)."""
+    partition: str | None = None
+    """Where offsets are kept for this chunk; None for sources with nothing to commit."""
+    first_offset: int = 0
+    """Offset of ``lines[0]``; line i has offset ``first_offset + i``."""
+
+
+class Source(Protocol):
+    """A reader that runs on its own thread and puts ``Chunk``s on the run loop's queue.
+
+    A source must never block the run loop: reading happens on the source's
+    thread, and the bounded queue pushes back when the loop falls behind.
+    """
+
+    name: str
+
+    def start(self, out: queue.Queue[Chunk]) -> None:
+        """Begin reading into ``out``; put a ``Chunk(end=True)`` when done."""
+
+    def stop(self) -> None:
+        """Stop reading soon (the thread is a daemon: it never holds up exit)."""
+
+    def commit(self, partition: str, offset: int) -> None:
+        """Every event of ``partition`` below ``offset`` is safe (executed or cached in
+        Redis): a restart may resume there, and a stream may acknowledge them."""
+
+
+def put_or_tick(
+    out: queue.Queue[Chunk],
+    chunk: Chunk,
+    stop: threading.Event,
+    tick_s: float,
+    on_tick: Callable[[], object],
+) -> bool:
+    """Put ``chunk`` on the run loop's queue, doing the source's upkeep while it is full.
+
+    A source waiting on a full queue must still extend its locks and heartbeat
+    its group membership, or a slow run loop would cost it its partitions.
+    Once ``stop`` is set the loop may never read again: give up instead of waiting.
+
+    Returns:
+        Whether the chunk was put.
+    """
+    while True:
+        try:
+            out.put(chunk, timeout=tick_s)
+            return True
+        except queue.Full:
+            if stop.is_set():
+                return False
+            on_tick()
+
+
+class ThreadedSource:
+    """A source whose reading runs on a daemon thread of its own, so it never blocks
+    the run loop (and never holds up exit). Subclasses set ``name`` and write
+    ``_run(out)``, watching ``self._stop``; ``stop`` only sets that event, which
+    makes it safe to call from a signal handler."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, out: queue.Queue[Chunk]) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(out,), daemon=True, name=f"phonon-source-{self.name}"
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, out: queue.Queue[Chunk]) -> None:
+        raise NotImplementedError
+
+
+class Group:
+    """The workers of one consumer group reading one source.
+
+    A sorted set of process ids (score: last seen, epoch ms) that each member
+    re-adds every tick; a member is live while its process is (its ``alive``
+    key, refreshed by the process heartbeat), so a killed worker drops out
+    within three heartbeats without anyone having to notice its exit.
+    """
+
+    def __init__(self, process: Process, key: str) -> None:
+        self.process = process
+        self.key = key
+        self.dead: set[str] = set()
+        """Members seen at the last refresh whose process is dead."""
+
+    def refresh(self, join: bool = True, prune: bool = True) -> set[str]:
+        """Rejoin (unless ``join`` is False) and return the live members (us included).
+
+        Args:
+            join: add this worker (False once it has stopped reading).
+            prune: forget dead members at once (a stream first claims their entries).
+        """
+        me = self.process.id
+        pipe = self.process.client.pipeline(transaction=False)
+        if join:
+            pipe.zadd(self.key, {me: self.process.clock()})
+        pipe.zrange(self.key, 0, -1)
+        ids = set(pipe.execute()[-1])
+        others = ids - {me}
+        live = self.process.live_processes(others) if others else set()
+        self.dead = others - live
+        if prune and self.dead:
+            self.forget(self.dead)
+        return live | ({me} if join else set())
+
+    def forget(self, ids: Iterable[str]) -> None:
+        ids = list(ids)
+        if ids:
+            self.process.client.zrem(self.key, *ids)
+
+    def leave(self) -> None:
+        """Stop being assigned work (called from the reading thread, not a signal handler)."""
+        try:
+            self.forget([self.process.id])
+        except Exception:  # noqa: BLE001 - a dead member is pruned by the others anyway
+            log.debug("leaving group %s failed", self.key, exc_info=True)
+
+
+def assign(
+    partitions: Sequence[str], members: Sequence[str], owners: Mapping[str, str]
+) -> dict[str, list[str]]:
+    """Split partitions between members, as evenly as possible, moving as few as possible.
+
+    Every member computes this for itself from the same inputs, so all agree
+    without talking. It is sticky: a partition stays with its current owner
+    while that owner has room, and the members owning most get the larger
+    shares. Plain ``i % n`` would also reshuffle survivors' partitions when one
+    member dies, and each move of a partition whose events are not yet safe
+    may count them twice.
+
+    Args:
+        partitions: every partition, in a fixed order.
+        members: the live members, in a fixed order.
+        owners: partition -> its current owner (live members only).
+
+    Returns:
+        member -> its partitions, in the order of ``partitions``.
+    """
+    if not members:
+        return {}
+    base, extra = divmod(len(partitions), len(members))
+    held = {m: 0 for m in members}
+    for p in partitions:
+        if owners.get(p) in held:
+            held[owners[p]] += 1
+    by_share = sorted(members, key=lambda m: (-held[m], m))
+    room = {m: base + (1 if i < extra else 0) for i, m in enumerate(by_share)}
+    plan: dict[str, list[str]] = {m: [] for m in members}
+    rest = []
+    for p in partitions:
+        owner = owners.get(p)
+        if owner is not None and room.get(owner, 0) > 0:
+            plan[owner].append(p)
+            room[owner] -= 1
+        else:
+            rest.append(p)
+    for p in rest:
+        member = next(m for m in members if room[m] > 0)
+        plan[member].append(p)
+        room[member] -= 1
+    order = {p: i for i, p in enumerate(partitions)}
+    return {m: sorted(ps, key=order.__getitem__) for m, ps in plan.items()}
+
+
+def bytes_client(process: Process) -> redis.Redis:
+    """A connection like the process's, but answering bytes.
+
+    Event payloads need not be UTF-8: the process's decoding client would raise
+    on one and kill the reader, where the run loop dead-letters it with a reason.
+    """
+    import redis
+
+    pool = process.client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": False}
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+
+
+def split_payload(data: bytes, lines: list[bytes]) -> int:
+    """Append a message's lines to ``lines`` (blank ones dropped); return how many were
+    too long (each replaced by a ``TOO_LONG`` stub for the dead-letter file)."""
+    from .. import defaults
+
+    too_long = 0
+    for line in data.split(b"\n"):
+        if len(line) > defaults.MAX_LINE_BYTES:
+            lines.append(TOO_LONG + line[:1024])
+            too_long += 1
+        elif line.strip():
+            lines.append(line)
+    return too_long

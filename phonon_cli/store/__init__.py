@@ -1,0 +1,11 @@
+"""The Redis layer: connection and embedded server, key names, Lua scripts, locks.
+
+Nothing here knows about updates or events; everything above reaches Redis
+through it.
+"""
+
+from __future__ import annotations
+
+from .connection import EmbeddedServer, StoreSettings, connect, redact
+
+__all__ = ["EmbeddedServer", "StoreSettings", "connect", "redact"]
