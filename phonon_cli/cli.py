@@ -212,7 +212,7 @@ def run(
     code is 0. A second signal caches every partial in Redis and exits at once.
     """
     from . import sinks
-    from .ops.flush import Control
+    from .ops.flush import FlushSubscription
     from .routing.routes import Router
     from .run.loop import Runner, RunOptions, progress_printer
     from .sources import open_sources
@@ -235,7 +235,12 @@ def run(
         process.register(route.update)
     show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
     runner = Runner(
-        process, Router(config.routes), opened, options, progress=show, control=Control(process)
+        process,
+        Router(config.routes),
+        opened,
+        options,
+        progress=show,
+        control=FlushSubscription(process),
     )
     runner.install_signal_handlers()
     try:
@@ -334,7 +339,6 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
                 if watch and sys.stdout.isatty():
                     click.echo("\x1b[H\x1b[2J", nl=False)
                 click.echo(render(snap), nl=False)
-                code = snap.exit_code
             if not watch:
                 break
             sys.stdout.flush()

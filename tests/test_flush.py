@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from phonon_cli.cli import main
-from phonon_cli.ops.flush import Control, matcher
+from phonon_cli.ops.flush import FlushSubscription, matcher
 from phonon_cli.sinks.sql import Counter
 
 CONFIG = """
@@ -216,7 +216,7 @@ def test_library_orphan_listed_then_claimed_by_glob(
 
 def test_wait_names_workers_that_do_not_answer(redis_url, namespace, make_process, client) -> None:
     p = make_process()
-    control = Control(p)  # subscribed, but nobody polls it
+    control = FlushSubscription(p)  # subscribed, but nobody polls it
     try:
         code, _, err = cli(redis_url, namespace, "flush", "--all", "--wait", "--timeout", "0.3")
         assert code == 1
@@ -239,7 +239,7 @@ def test_library_processes_are_not_waited_for(redis_url, namespace, make_process
 
 def test_idle_poll_sends_nothing(make_process, round_trips, client, helpers) -> None:
     p = make_process(start_heartbeat=False)
-    control = Control(p)
+    control = FlushSubscription(p)
     try:
         with round_trips(p) as sent:
             assert [control.poll() for _ in range(50)] == [[]] * 50

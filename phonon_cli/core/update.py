@@ -114,8 +114,12 @@ class Update:
 
     @classmethod
     def execute_many(cls, updates: Sequence[Update]) -> Failures:
-        """Execute several; return those that failed. Sinks override this to write
-        a whole batch in one transaction (and then fail or succeed together)."""
+        """Execute several; return those that failed, with why.
+
+        Sinks override this to write a whole batch in one transaction (and then
+        fail or succeed together). The framework retries the failures and then
+        caches them back in Redis, so a sink must never report success for a
+        write it did not make."""
         failures: Failures = []
         for update in updates:
             try:

@@ -128,8 +128,8 @@ class FlushRequest:
         return cls(rid, globs, all_)
 
 
-class Control:
-    """A worker's end of the control channel (implements ``runner.Control``).
+class FlushSubscription:
+    """A worker's end of the control channel (implements ``run.loop.FlushInbox``).
 
     The subscription has a connection of its own; ``poll`` only reads what is
     already in that socket's buffer, so an idle run loop calling it every 50 ms

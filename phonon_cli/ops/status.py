@@ -139,13 +139,6 @@ class Snapshot:
     orphans: list[ReferenceInfo] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
 
-    @property
-    def exit_code(self) -> int:
-        """Always 0: status is informational. Dead processes and orphaned partials are
-        states to show, not failures of this command (an unreachable store is exit 3,
-        raised before any snapshot exists). Scripts read ``totals`` in ``--json``."""
-        return EXIT_OK
-
 
 class Status:
     """Reads the state of one namespace.

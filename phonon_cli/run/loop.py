@@ -135,12 +135,12 @@ class Batcher:
         if self.first_at is None:
             self.first_at = time.monotonic()
         if len(self) >= self.max_keys:
-            self.flush()
+            self.send()
 
     def due(self, now: float) -> bool:
         return self.first_at is not None and now - self.first_at >= self.max_age_s
 
-    def flush(self, mode: str | None = None) -> None:
+    def send(self, mode: str | None = None) -> None:
         """Send the batch. A key acquired and released within it needs no reference."""
         if not len(self):
             return
@@ -157,7 +157,7 @@ class FlushRequest(Protocol):
     def ack(self, expired: int) -> None: ...
 
 
-class Control(Protocol):
+class FlushInbox(Protocol):
     """Requests from ``phonon flush``, delivered to the run loop between chunks."""
 
     def poll(self) -> list[FlushRequest]: ...
@@ -175,7 +175,7 @@ class Runner:
         sources: Sequence[Source],
         options: RunOptions,
         progress: Callable[[str], None] | None = None,
-        control: Control | None = None,
+        control: FlushInbox | None = None,
     ) -> None:
         self.process = process
         self.router = router
@@ -240,14 +240,14 @@ class Runner:
                         self._handle(chunk)
                 if self.control is not None:
                     for request in self.control.poll():
-                        self._flush(request)
+                        self._expire_requested(request)
                 now = time.monotonic()
                 if now >= next_purge:
                     self.cache.purge()
                     self._publish()
                     next_purge = now + defaults.PURGE_INTERVAL_S
                 if self.batcher.due(now) or now >= next_commit:
-                    self.batcher.flush()
+                    self.batcher.send()
                     if now >= next_commit:
                         self._commit()  # right after a flush: nothing is in flight
                         next_commit = now + defaults.COMMIT_INTERVAL_S
@@ -269,17 +269,17 @@ class Runner:
             if self.signals >= 2:
                 break
             self.cache.expire_many(keys[start : start + step])
-            self.batcher.flush()
+            self.batcher.send()
         if self.cache.size():
             self.batcher.mode = "cache"
             self.cache.expire_all()
-        self.batcher.flush()
+        self.batcher.send()
 
-    def _flush(self, request: FlushRequest) -> None:
+    def _expire_requested(self, request: FlushRequest) -> None:
         """Expire the cached keys a ``phonon flush`` names, send them, then say so."""
         keys = [k for k, u in self.cache._entries.items() if request.matches(u.resource)]
         self.cache.expire_many(keys)
-        self.batcher.flush()
+        self.batcher.send()
         request.ack(len(keys))
 
     def _commit(self) -> None:

@@ -1,7 +1,7 @@
 """Built-in sinks: updates that write their aggregate somewhere, so a config needs no code.
 
-What they share lives here: the ``Sink`` protocol the framework calls, the
-parsing of ``database`` URLs, and the per-thread connection cache.
+What they share lives here: the parsing of ``database`` URLs, and the
+per-thread connection cache.
 
 Why per thread: a worker executes from its run loop, and its heartbeat thread
 may execute partials it recovered from a dead worker at the same moment. A
@@ -15,29 +15,16 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from ..exceptions import SinkError
 from ..store.connection import redact
 
-if TYPE_CHECKING:
-    from ..core.update import Failures, Update
-
 log = logging.getLogger(__name__)
 
-__all__ = ["Database", "Sink", "close_all", "discard", "parse_database", "thread_handle"]
-
-
-class Sink(Protocol):
-    """What the framework asks of a sink: an ``Update`` class whose ``execute_many``
-    writes a whole batch of executed aggregates (one transaction where the
-    backend has them) and returns the updates that failed, with why. The
-    framework retries those and then caches them back in Redis, so a sink must
-    never report success for a write it did not make."""
-
-    def execute_many(self, updates: Sequence[Update]) -> Failures: ...
+__all__ = ["Database", "close_all", "discard", "parse_database", "thread_handle"]
 
 
 class Closeable(Protocol):

@@ -79,9 +79,6 @@ class Keys:
     def is_recipe(key: str) -> bool:
         return key.endswith(":recipe")
 
-    def all_pattern(self) -> str:
-        return f"{self.namespace}:*"
-
     def process(self, process_id: str) -> str:
         """Hash: host, pid, started_ms, last heartbeat and the figures status shows."""
         return f"{self.namespace}:process:{process_id}"
