@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import redis
@@ -15,6 +15,9 @@ import redis
 from . import defaults, logs
 from .config import Config, load_config, parse_duration
 from .exceptions import ConfigError, PhononError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .core.process import Process
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class Context:
     verbose: int
     quiet: bool
 
-    def process(self, config: Config | None = None, **kwargs: Any) -> Any:
+    def process(self, config: Config | None = None, **kwargs: Any) -> Process:
         """A ``Process`` on the store the options (then the config, then the default) name."""
         from .core.process import Process
 
@@ -391,76 +394,37 @@ def flush(
     holds are executed here with -c CONFIG, and listed on stdout without it.
     Exit 1 if a worker did not answer --wait in time or an execute failed.
     """
-    import redis
-
-    from .ops.flush import claim_matching, matcher, orphans, publish_flush, wait_for_acks
-    from .ops.status import Status
+    from .ops.flush import flush as flush_now
     from .store.keys import Keys
 
     if not resources and not all_:
         raise click.UsageError("name resources or globs to flush, or use --all")
     config = load(config_path) if config_path else None
     settings, client = _connect(ctx, config)
-    keys = Keys(settings.namespace)
+
+    def executor() -> Process:
+        assert config is not None
+        process = ctx.process(config, recover_failed_processes=False)
+        for route in config.routes:
+            process.register(route.update)
+        return process
 
     def say(message: str) -> None:
         if not ctx.quiet:
             click.echo(f"phonon: {message}", err=True)
 
-    problems: list[str] = []
-    match = matcher(resources, all_)
     try:
-        ticket = publish_flush(client, keys, resources, all_)
-        say(f"flush {ticket.request.id} sent to {len(ticket.waiting)} running worker(s)")
-        if ticket.deaf:
-            say(
-                f"{len(ticket.deaf)} live process(es) take no flush requests (not 'phonon run'): "
-                + ", ".join(ticket.deaf)
-            )
-        if wait:
-            answers = wait_for_acks(client, keys, ticket, timeout)
-            say(
-                f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
-                + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else "")
-            )
-            if answers.silent:
-                problems.append(
-                    f"{len(answers.silent)} worker(s) did not answer within {timeout:g}s: "
-                    + ", ".join(
-                        f"{s['id']} (host {s['host']}, pid {s['pid']})" for s in answers.silent
-                    )
-                )
-        if config is not None:
-            process = ctx.process(config, recover_failed_processes=False)
-            for route in config.routes:
-                process.register(route.update)
-            try:
-                claimed = claim_matching(process, match)
-            finally:
-                process.stop()
-            say(f"executed {claimed.executed:,} orphaned partial(s)")
-            for resource in claimed.left:
-                click.echo(resource)
-            if claimed.left:
-                say(
-                    f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
-                    f"(class not in {config_path}, or its execute failed)"
-                )
-            if claimed.failures:
-                problems.append(
-                    f"{claimed.failures} orphaned partial(s) could not be written; "
-                    "they are kept in redis"
-                )
-        else:
-            found = 0
-            for resource in orphans(Status(client, settings.namespace, ""), match):
-                click.echo(resource)
-                found += 1
-            if found:
-                say(
-                    f"{found:,} orphaned partial(s) listed above have no live holder; execute "
-                    "them with: phonon flush -c CONFIG ..."
-                )
+        problems = flush_now(
+            client,
+            Keys(settings.namespace),
+            resources,
+            all_,
+            wait_s=timeout if wait else None,
+            executor=executor if config is not None else None,
+            config_name=str(config_path),
+            say=say,
+            show=click.echo,
+        )
     except PhononError as e:
         fail(e)
     except redis.RedisError as e:

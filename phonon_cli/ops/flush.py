@@ -197,8 +197,6 @@ class Ticket:
     """Live processes that listen: the ones to wait for."""
     deaf: list[str]
     """Live processes that do not listen (library code, not ``phonon run``)."""
-    receivers: int = 0
-    """Subscribers Redis delivered the message to."""
 
 
 @dataclass
@@ -231,8 +229,8 @@ def publish_flush(
         if replies[2 * i]:
             (waiting if replies[2 * i + 1] == "1" else deaf).append(pid)
     request = FlushRequest(secrets.token_hex(8), list(globs), all_)
-    receivers = int(client.publish(keys.control, request.to_json()))
-    return Ticket(request, waiting, deaf, receivers)
+    client.publish(keys.control, request.to_json())
+    return Ticket(request, waiting, deaf)
 
 
 def wait_for_acks(
@@ -288,8 +286,6 @@ class Claimed:
     executed: int = 0
     left: list[str] = field(default_factory=list)
     """Orphans not executed: class not in the config, or its execute failed."""
-    skipped: int = 0
-    """Taken by a holder or another process between our read and our claim."""
     failures: int = 0
 
 
@@ -313,9 +309,10 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
     batch: list[str] = []
 
     def claim(resources: list[str]) -> None:
-        executed, left = claim_orphans(process, resources)
+        # Those neither executed nor left were taken meanwhile by a holder or
+        # another process: theirs to write, not ours.
+        _executed, left = claim_orphans(process, resources)
         result.left += left
-        result.skipped += len(resources) - len(executed) - len(left)
 
     for resource in orphans(status, match):
         batch.append(resource)
@@ -327,3 +324,77 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
     result.executed = stats.get("keys_executed", 0) - executed_before
     result.failures = stats.get("execute_failures", 0) - failures_before
     return result
+
+
+# -- the whole command ----------------------------------------------------------------
+
+
+def flush(
+    client: redis.Redis,
+    keys: Keys,
+    globs: Sequence[str],
+    all_: bool,
+    *,
+    wait_s: float | None,
+    executor: Callable[[], Process] | None,
+    config_name: str = "the config",
+    say: Callable[[str], None],
+    show: Callable[[str], None],
+) -> list[str]:
+    """``phonon flush``: ask running workers to expire what matches, then deal with
+    orphans: execute them with ``executor()`` (a process knowing the config's
+    classes, stopped here) or, without one, list them. Returns the problems that
+    make the command fail (silent workers, failed executes).
+
+    ``say`` gets the progress lines as they happen, so a user watching a long
+    ``--wait`` sees the request go out before the answers come back; ``show`` gets
+    the orphans not executed, one resource each (data, for stdout).
+    """
+    problems: list[str] = []
+    match = matcher(globs, all_)
+    ticket = publish_flush(client, keys, globs, all_)
+    say(f"flush {ticket.request.id} sent to {len(ticket.waiting)} running worker(s)")
+    if ticket.deaf:
+        say(
+            f"{len(ticket.deaf)} live process(es) take no flush requests (not 'phonon run'): "
+            + ", ".join(ticket.deaf)
+        )
+    if wait_s is not None:
+        answers = wait_for_acks(client, keys, ticket, wait_s)
+        say(
+            f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
+            + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else "")
+        )
+        if answers.silent:
+            problems.append(
+                f"{len(answers.silent)} worker(s) did not answer within {wait_s:g}s: "
+                + ", ".join(f"{s['id']} (host {s['host']}, pid {s['pid']})" for s in answers.silent)
+            )
+    if executor is None:
+        listed = list(orphans(Status(client, keys.namespace, ""), match))
+        for resource in listed:
+            show(resource)
+        if listed:
+            say(
+                f"{len(listed):,} orphaned partial(s) listed above have no live holder; "
+                "execute them with: phonon flush -c CONFIG ..."
+            )
+        return problems
+    process = executor()
+    try:
+        claimed = claim_matching(process, match)
+    finally:
+        process.stop()
+    say(f"executed {claimed.executed:,} orphaned partial(s)")
+    for resource in claimed.left:
+        show(resource)
+    if claimed.left:
+        say(
+            f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
+            f"(class not in {config_name}, or its execute failed)"
+        )
+    if claimed.failures:
+        problems.append(
+            f"{claimed.failures} orphaned partial(s) could not be written; they are kept in redis"
+        )
+    return problems
