@@ -87,6 +87,8 @@ class Process:
         self._exec_seq = 0
         self._registered: set[type] = set()
         self._stop = threading.Event()
+        """Ends the heartbeat thread: set last, once the references are released."""
+        self._stop_recovery = threading.Event()
         self._stopped = False
         pool = self.client.connection_pool
         self._heartbeat_client = redis.Redis(
@@ -105,11 +107,17 @@ class Process:
         its TTL) whose hash was deleted comes back whole on its next beat."""
         self.heartbeat(self.client, load_scripts=True)
         self._thread: threading.Thread | None = None
+        self._recovery_thread: threading.Thread | None = None
         if start_heartbeat:
             self._thread = threading.Thread(
                 target=self._heartbeat_loop, name=f"phonon-heartbeat-{self.id}", daemon=True
             )
             self._thread.start()
+            if recover_failed_processes:
+                self._recovery_thread = threading.Thread(
+                    target=self._recovery_loop, name=f"phonon-recovery-{self.id}", daemon=True
+                )
+                self._recovery_thread.start()
         if recover_failed_processes:
             self.recover()
 
@@ -135,15 +143,24 @@ class Process:
         pipe.execute()
 
     def _heartbeat_loop(self) -> None:
-        # A failing tick is logged and the loop goes on: one Redis hiccup must not
-        # silently end the heartbeat (the original re-armed a Timer and died).
+        # Only the heartbeat, nothing that can wait on a sink: recovery executes
+        # partials into databases that may be locked for longer than the dead
+        # timeout, and a survivor whose beat waited on that would itself be
+        # declared dead while alive. A failing tick is logged and the loop goes
+        # on: one Redis hiccup must not silently end the heartbeat.
         while not self._stop.wait(self.heartbeat_interval_s):
             try:
                 self.heartbeat()
-                if self.recover_failed_processes:
-                    self.recover()
             except Exception:
                 log.exception("heartbeat of process %s failed; retrying next interval", self.id)
+
+    def _recovery_loop(self) -> None:
+        # Its own thread, so a slow sink delays recovery, never the heartbeat.
+        while not self._stop_recovery.wait(self.heartbeat_interval_s):
+            try:
+                self.recover()
+            except Exception:
+                log.exception("recovery by process %s failed; retrying next interval", self.id)
 
     def live_processes(self, ids: Iterable[str]) -> set[str]:
         ids = list(ids)
@@ -203,18 +220,26 @@ class Process:
         if self._stopped:
             return
         self._stopped = True
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_recovery.set()
+        if self._recovery_thread is not None:
+            self._recovery_thread.join()
         for lock in list(self._locks):
             if lock.token is not None:
                 try:
                     lock.release()
                 except LockNotOwned:
                     pass
-        orphans = recovery.release_all_of(self, self.id, scan_executing=False)
-        if orphans:
-            recovery.claim_orphans(self, orphans)
+        try:
+            # Still beating: executing what we leave orphaned may wait on a sink,
+            # and others must not recover us meanwhile.
+            orphans = recovery.release_resources_of(self, self.id, scan_executing=False)
+            if orphans:
+                recovery.claim_orphans(self, orphans)
+        finally:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+        recovery.unregister(self, self.id)
         self._heartbeat_client.close()
 
     def __enter__(self) -> Process:

@@ -76,7 +76,23 @@ def recover(process: Process) -> int:
 
 
 def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> list[str]:
-    """Remove process ``pid`` from everything it held; return resources left orphaned.
+    """Remove process ``pid`` from everything it held and unregister it; return
+    resources left orphaned."""
+    orphans = release_resources_of(process, pid, scan_executing)
+    unregister(process, pid)
+    return orphans
+
+
+def unregister(process: Process, pid: str) -> None:
+    """Forget process ``pid``: its registry entry, figures, held set and alive key."""
+    pipe = process.client.pipeline(transaction=False)
+    pipe.delete(process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid))
+    pipe.zrem(process.keys.processes, pid)
+    pipe.execute()
+
+
+def release_resources_of(process: Process, pid: str, scan_executing: bool = True) -> list[str]:
+    """Remove process ``pid`` from every nodelist; return resources left orphaned.
 
     Idempotent, so a survivor that dies half way leaves work the next one can redo.
 
@@ -106,10 +122,6 @@ def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> l
             keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key]
         results = scripts.RECOVER(keys=keys, args=[pid, now], client=process.client)
         orphans += [r for (r, _, _), (left, cached) in zip(chunk, results) if not left and cached]
-    pipe = process.client.pipeline(transaction=False)
-    pipe.delete(process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid))
-    pipe.zrem(process.keys.processes, pid)
-    pipe.execute()
     if resources or entries:
         log.info("recovered process %s: released %d references", pid, len(entries))
     return sorted(set(orphans))

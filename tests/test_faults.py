@@ -1,0 +1,149 @@
+"""Faults real deployments see, injected into real worker processes on a real Redis.
+
+Each test compares what reached the database with exact totals of the input.
+Destructive faults (a stopped worker, a locked database) touch only the test's
+own processes, files and namespace; nothing here is sent to a shared server
+that other tests could feel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import phonon_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+CONFIG = """
+[cache]
+soft_session = "1h"
+hard_session = "1h"
+
+[[routes]]
+update = "phonon_cli.sinks.sql:Counter"
+id = "{{k}}"
+collection = "totals"
+database = "sqlite:///{db}"
+spec = {{ k = "{{k}}" }}
+doc = {{ c = 1 }}
+"""
+
+
+def config(tmp_path: Path) -> tuple[Path, Path]:
+    db = tmp_path / "totals.db"
+    path = tmp_path / "totals.toml"
+    path.write_text(CONFIG.format(db=db))
+    return path, db
+
+
+def lines(keys: range, times: int = 1) -> bytes:
+    return b"".join(orjson.dumps({"k": f"k{i}"}) + b"\n" for _ in range(times) for i in keys)
+
+
+def table(db: Path) -> Counter[str]:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return Counter(dict(conn.execute("SELECT k, c FROM totals").fetchall()))
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return Counter()
+        raise
+    finally:
+        conn.close()
+
+
+def feed(worker: subprocess.Popen[bytes], data: bytes, close: bool = False) -> None:
+    assert worker.stdin is not None
+    worker.stdin.write(data)
+    worker.stdin.flush()
+    if close:
+        worker.stdin.close()
+
+
+def start(
+    redis_url: str, namespace: str, cfg: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``phonon run`` reading stdin; its stderr goes to a file (a pipe nobody reads
+    could fill up and block a worker that logs a lot)."""
+    log = cfg.parent / f"worker-{time.monotonic_ns()}.log"
+    cmd = [*phonon_command(redis_url, namespace), "run", "-c", str(cfg), *args]
+    with open(log, "wb") as err:
+        worker = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stderr=err, env={**os.environ, **(env or {})}
+        )
+    worker.log = log  # type: ignore[attr-defined]
+    return worker
+
+
+def finish(worker: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
+    """Close its input, wait for its exit; (exit code, stderr)."""
+    if worker.stdin is not None and not worker.stdin.closed:
+        worker.stdin.close()
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+    return worker.returncode, worker.log.read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+def alive_ids(client, namespace: str) -> set[str]:
+    ids = client.zrange(f"{namespace}:processes", 0, -1)
+    return {pid for pid in ids if client.exists(f"{namespace}:process:{pid}:alive")}
+
+
+def exec_keys(client, namespace: str) -> list[str]:
+    return list(client.scan_iter(match=f"{namespace}:ref:*:exec:*", count=1000))
+
+
+def test_survivor_writing_to_a_locked_database_is_not_declared_dead(
+    redis_url, namespace, tmp_path, client, helpers
+) -> None:
+    """Recovery executes a dead worker's orphans into a database locked for longer
+    than the dead timeout: the survivor doing it keeps beating, nobody declares it
+    dead, and the totals come out exact once the lock is gone."""
+    cfg, db = config(tmp_path)
+    survivors = [start(redis_url, namespace, cfg) for _ in range(2)]
+    holder = start(redis_url, namespace, cfg)
+    feed(holder, lines(range(10)))  # holds k0..k9; its own events die with it
+    helpers.wait_for(lambda: helpers.events_read(client, namespace).get, what="start")
+    helpers.wait_for(
+        lambda: sum(helpers.events_read(client, namespace).values()) >= 10, what="holder read"
+    )
+    helpers.wait_for(
+        lambda: client.hlen(f"{namespace}:ref:{{totals:k9}}:nodes") == 1, what="references"
+    )
+    cacher = start(redis_url, namespace, cfg)
+    feed(cacher, lines(range(10), times=3), close=True)
+    assert finish(cacher)[0] == 0  # deposited: the holder still holds every key
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("PRAGMA journal_mode=WAL")
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        ids = alive_ids(client, namespace)
+        assert len(ids) == 3
+        holder.send_signal(signal.SIGKILL)
+        finish(holder)
+        helpers.wait_for(lambda: exec_keys(client, namespace), what="a survivor executing")
+        survivor_ids = alive_ids(client, namespace)
+        assert len(survivor_ids) == 2
+        until = time.monotonic() + 2.0  # over three times the 0.6 s dead timeout
+        while time.monotonic() < until:
+            assert alive_ids(client, namespace) >= survivor_ids, "a live survivor was declared dead"
+            time.sleep(0.02)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    helpers.wait_for(lambda: table(db) == Counter({f"k{i}": 3 for i in range(10)}), what="totals")
+    for worker in survivors:
+        code, err = finish(worker)
+        assert code == 0, err
+    assert table(db) == Counter({f"k{i}": 3 for i in range(10)})
