@@ -76,6 +76,17 @@ def duration(_ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(e), param=param) from None
 
 
+def workers_count(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from .run.workers import count_workers
+
+    try:
+        return count_workers(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a positive number of workers nor 'auto'", param=param
+        ) from None
+
+
 def load(config_path: str) -> Config:
     """Load a config; modules next to it, or in the working directory, are importable."""
     for folder in (os.getcwd(), str(Path(config_path).resolve().parent)):
@@ -195,6 +206,15 @@ def check(config_path: str) -> None:
     help="Where malformed events go, with the reason "
     "(default: dead-letter.jsonl under PHONON_HOME).",
 )
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    callback=workers_count,
+    metavar="N|auto",
+    help="Worker processes on this machine, each a full member (auto: one per core).",
+)
+@click.option("--worker-report-fd", type=int, hidden=True)
 @pass_context
 def run(
     ctx: Context,
@@ -207,26 +227,35 @@ def run(
     soft_session: float | None,
     hard_session: float | None,
     dead_letter: str | None,
+    workers: int,
+    worker_report_fd: int | None,
 ) -> None:
     """Consume events, aggregate them, and execute each key once per session.
 
     At end of input, or on SIGINT/SIGTERM, every session ends (executed, or
     cached in Redis for the workers that still hold the key) and the exit
     code is 0. A second signal caches every partial in Redis and exits at once.
+    With --workers N, N processes do this together (stdin handed out between
+    them); the exit code is 1 if one of them was killed.
     """
     from . import sinks
     from .ops.flush import FlushSubscription
     from .routing.routes import Router
     from .run.loop import Runner, RunOptions, progress_printer
+    from .run.workers import Report, watch_parent
     from .sources import open_sources
 
     config = load(config_path)
     home = os.environ.get("PHONON_HOME") or defaults.HOME
+    dead_letter = dead_letter or str(Path(home) / "dead-letter.jsonl")
+    if workers > 1 and worker_report_fd is None:
+        run_workers(ctx, config, workers, "-" in sources, dead_letter)
+        return
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
         soft_session_s=soft_session if soft_session is not None else config.cache.soft_session_s,
         hard_session_s=hard_session if hard_session is not None else config.cache.hard_session_s,
-        dead_letter=dead_letter or str(Path(home) / "dead-letter.jsonl"),
+        dead_letter=dead_letter,
     )
     process = ctx.process(config)
     try:
@@ -236,7 +265,8 @@ def run(
         raise click.BadParameter(str(e), param_hint="--source") from None
     for route in config.routes:
         process.register(route.update)
-    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
+    report = Report(worker_report_fd) if worker_report_fd is not None else None
+    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet and not report else None
     runner = Runner(
         process,
         Router(config.routes),
@@ -244,8 +274,11 @@ def run(
         options,
         progress=show,
         control=FlushSubscription(process),
+        report=report.write if report else None,
     )
     runner.install_signal_handlers()
+    if report is not None:
+        watch_parent(runner.request_stop)
     try:
         stats = runner.run()
     except PhononError as e:
@@ -264,7 +297,10 @@ def run(
         sinks.close_all()
     if show is not None:
         sys.stderr.write("\n")
-    if not ctx.quiet:
+    if report is not None:  # the parent prints one summary for every worker
+        report.write(stats.figures(), final=True)
+        report.close()
+    elif not ctx.quiet:
         click.echo(f"phonon: {stats.summary()}", err=True)
         if stats.dead_lettered:
             click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)
@@ -273,6 +309,52 @@ def run(
             f"{stats.execute_failures} aggregates could not be written; they are kept "
             "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')"
         )
+
+
+def run_workers(
+    ctx: Context, config: Config, workers: int, feed_stdin: bool, dead_letter: str
+) -> None:
+    """``run --workers N``: start N workers with this command line, print their summary."""
+    import time
+
+    from .run.loop import RunStats, progress_printer
+    from .run.workers import Supervisor
+    from .store.connection import StoreSettings
+
+    settings = StoreSettings.from_env(
+        ctx.redis_url or config.store.url, ctx.namespace or config.store.namespace
+    )
+    try:  # once here, so that N workers do not each report the store missing (or start it)
+        settings.connect().close()
+    except PhononError as e:
+        fail(e)
+    started = time.monotonic()
+    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
+
+    def progress(figures: dict[str, int]) -> None:
+        assert show is not None
+        show(RunStats.added_up(figures, started).progress(figures["entries"]))
+
+    supervisor = Supervisor(
+        [sys.executable, "-m", "phonon_cli", *sys.argv[1:]],
+        workers,
+        feed_stdin,
+        progress=progress if show else None,
+    )
+    supervisor.install_signal_handlers()
+    supervisor.start()
+    outcome = supervisor.run()
+    if show is not None:
+        sys.stderr.write("\n")
+    stats = RunStats.added_up(outcome.figures, started)
+    if not ctx.quiet:
+        click.echo(f"phonon: {stats.summary()}; {workers} workers", err=True)
+        if stats.dead_lettered:
+            click.echo(f"phonon: dead letters in {dead_letter}", err=True)
+    for problem in outcome.problems:
+        click.echo(f"phonon: error: {problem}", err=True)
+    if outcome.exit_code:
+        click.get_current_context().exit(outcome.exit_code)
 
 
 # -- status and flush ---------------------------------------------------------------------

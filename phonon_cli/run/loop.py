@@ -71,6 +71,41 @@ class RunStats:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
 
+    def figures(self, entries: int = 0) -> dict[str, int]:
+        """The counts, for a ``--workers`` parent to add up (``run.workers``)."""
+        return {
+            "events_read": self.events_read,
+            "routed": self.routed,
+            "unmatched": self.unmatched,
+            "dead_lettered": self.dead_lettered,
+            "keys_executed": self.keys_executed,
+            "keys_cached": self.keys_cached,
+            "execute_failures": self.execute_failures,
+            "entries": entries,
+        }
+
+    @classmethod
+    def added_up(cls, figures: dict[str, int], started: float) -> RunStats:
+        """The stats of several workers together, timed from ``started`` (monotonic)."""
+        names = (
+            "events_read",
+            "routed",
+            "unmatched",
+            "dead_lettered",
+            "keys_executed",
+            "keys_cached",
+            "execute_failures",
+        )
+        return cls(**{n: int(figures.get(n, 0)) for n in names}, started=started)
+
+    def progress(self, entries: int) -> str:
+        """The progress line: what was read and how fast, what is cached and written."""
+        rate = self.events_read / self.elapsed_s if self.elapsed_s else 0
+        return (
+            f"{self.events_read:,} events ({rate:,.0f}/s), {entries:,} keys cached, "
+            f"{self.keys_executed:,} executed, {self.dead_lettered:,} dead-lettered"
+        )
+
     def summary(self) -> str:
         elapsed = self.elapsed_s
         rate = self.events_read / elapsed if elapsed > 0 else 0.0
@@ -176,6 +211,7 @@ class Runner:
         options: RunOptions,
         progress: Callable[[str], None] | None = None,
         control: FlushInbox | None = None,
+        report: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.process = process
         self.router = router
@@ -188,6 +224,8 @@ class Runner:
         self.queue: queue.Queue[Chunk] = queue.Queue(maxsize=defaults.QUEUE_CHUNKS)
         self.signals = 0
         self._progress = progress
+        self._report = report
+        """Called with this worker's figures at each publish (a ``--workers`` worker)."""
         self.control = control
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
         self._info = {id(r): (_fast_merge(r), _triggers(r)) for r in router.routes}
@@ -204,6 +242,10 @@ class Runner:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """As a signal: the first stops the sources (warm stop), the second ends at once."""
         self.signals += 1
         for source in self.sources:
             source.stop()
@@ -434,15 +476,12 @@ class Runner:
                 "pid": os.getpid(),
             }
         )
+        if self._report is not None:
+            self._report(self.stats.figures(self.cache.size()))
 
     def _progress_line(self) -> str:
         self._publish()
-        st = self.stats
-        rate = st.events_read / st.elapsed_s if st.elapsed_s else 0
-        return (
-            f"{st.events_read:,} events ({rate:,.0f}/s), {self.cache.size():,} keys cached, "
-            f"{st.keys_executed:,} executed, {st.dead_lettered:,} dead-lettered"
-        )
+        return self.stats.progress(self.cache.size())
 
 
 def _fast_merge(route: Route) -> str | None:
