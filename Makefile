@@ -24,8 +24,9 @@ run: $(STAMP)
 	  | $(BIN)/phonon run -c configs/widgets.toml --dead-letter .phonon/dead-letter.jsonl
 	$(BIN)/python configs/show.py widgets.db widgets
 
+# Branch coverage of the in-process tests (worker subprocesses are not measured).
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
@@ -44,4 +45,4 @@ typecheck mypy: $(STAMP)
 clean:
 	-test -x $(BIN)/python && $(BIN)/python -c \
 	  "from phonon_cli.store.connection import EmbeddedServer; EmbeddedServer('.phonon').stop()"
-	rm -rf $(VENV) .phonon widgets.db custom.db sessions.db build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .phonon .coverage .coverage.* widgets.db custom.db sessions.db build *.egg-info .pytest_cache .mypy_cache .ruff_cache

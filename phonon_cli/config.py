@@ -311,25 +311,9 @@ class _Validator:
         for name in ("collection", "database"):
             if name in route:
                 optional[name] = self.string(route[name], f"{key}.{name}")
-        for name, old in _SESSION_ALIASES:
-            if name in route and old in route:
-                self.fail(f"{key}.{name}", f"{name!r} and {old!r} are the same setting: give one")
-            for given in (name, old):
-                if given in route:
-                    optional[f"{old}_s"] = self.duration(route[given], f"{key}.{given}")
+        optional.update(self.sessions(route, key))
         optional.update(self.triggers(route, key))
-        if "fields" in route:
-            if "doc" in route:
-                self.fail(f"{key}.fields", "give 'doc' (sums) or 'fields' (strategies), not both")
-            if not issubclass(update, Aggregate):
-                self.fail(
-                    f"{key}.update",
-                    f"{update_path!r} cannot merge fields: it must subclass "
-                    "phonon_cli.fields.strategies.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
-                )
-            optional["fields"] = parse_fields(self, route["fields"], f"{key}.fields")
-        elif issubclass(update, Aggregate):
-            self.fail(f"{key}.fields", f"missing: {update_path!r} aggregates declared fields")
+        optional.update(self.fields(route, key, update, update_path))
         built = Route(
             update=update,
             update_path=update_path,
@@ -348,6 +332,35 @@ class _Validator:
             except ConfigError as e:
                 self.fail(f"{key}.{e.key}" if e.key else key, e.reason)
         return built
+
+    def sessions(self, route: Mapping[str, Any], key: str) -> dict[str, float]:
+        """A route's own session lengths, under their names or their older aliases."""
+        out: dict[str, float] = {}
+        for name, old in _SESSION_ALIASES:
+            if name in route and old in route:
+                self.fail(f"{key}.{name}", f"{name!r} and {old!r} are the same setting: give one")
+            for given in (name, old):
+                if given in route:
+                    out[f"{old}_s"] = self.duration(route[given], f"{key}.{given}")
+        return out
+
+    def fields(
+        self, route: Mapping[str, Any], key: str, update: type[Update], update_path: str
+    ) -> dict[str, Any]:
+        """Declared ``fields``, which only an ``Aggregate`` class can merge (and needs)."""
+        if "fields" not in route:
+            if issubclass(update, Aggregate):
+                self.fail(f"{key}.fields", f"missing: {update_path!r} aggregates declared fields")
+            return {}
+        if "doc" in route:
+            self.fail(f"{key}.fields", "give 'doc' (sums) or 'fields' (strategies), not both")
+        if not issubclass(update, Aggregate):
+            self.fail(
+                f"{key}.update",
+                f"{update_path!r} cannot merge fields: it must subclass "
+                "phonon_cli.fields.strategies.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
+            )
+        return {"fields": parse_fields(self, route["fields"], f"{key}.fields")}
 
     def triggers(self, route: Mapping[str, Any], key: str) -> dict[str, Any]:
         """``max_events`` and ``ends_when``: what ends a key's session at once."""
