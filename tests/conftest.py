@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
+import testkit
 
 from phonon_cli.core.process import Process
 from phonon_cli.store.connection import EmbeddedServer, connect
@@ -104,50 +103,11 @@ def make_process(redis_url: str, namespace: str) -> Iterator[Callable[..., Proce
         p.stop()
 
 
-def namespace_keys(client: redis.Redis, namespace: str) -> list[str]:
-    return sorted(client.scan_iter(match=f"{namespace}:*", count=1000))
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> object:
-    """Poll ``condition`` until truthy; fail the test if it never is."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what or condition}")
-        time.sleep(0.02)
-
-
-def python_process(
-    *args: str, env: dict[str, str] | None = None, **kwargs: object
-) -> subprocess.Popen[str]:
-    """A real OS process running a helper script from tests/helpers."""
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": f"{TESTS / 'helpers'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    full_env.update(env or {})
-    return subprocess.Popen([sys.executable, *args], env=full_env, text=True, **kwargs)  # type: ignore[call-overload]
-
-
 @pytest.fixture
-def helpers() -> object:
-    """Access to the shared helpers above from test modules (they never import each other)."""
-
-    class H:
-        pass
-
-    h = H()
-    h.namespace_keys = namespace_keys  # type: ignore[attr-defined]
-    h.wait_for = wait_for  # type: ignore[attr-defined]
-    h.python_process = python_process  # type: ignore[attr-defined]
-    h.helpers_dir = TESTS / "helpers"  # type: ignore[attr-defined]
-    h.start_worker = start_worker  # type: ignore[attr-defined]
-    h.phonon_command = phonon_command  # type: ignore[attr-defined]
-    h.events_read = events_read  # type: ignore[attr-defined]
-    return h
+def helpers() -> ModuleType:
+    """The shared test helpers (``testkit``), for tests that take them as a fixture;
+    a test module may as well ``import testkit``."""
+    return testkit
 
 
 @pytest.fixture
@@ -195,46 +155,3 @@ def postgres_url() -> Iterator[str]:
     yield f"{url}{sep}options=-csearch_path%3D{schema}"
     with psycopg.connect(url, autocommit=True) as conn:  # type: ignore[arg-type]
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-
-
-def phonon_command(redis_url: str, namespace: str) -> list[str]:
-    """The ``phonon`` command line on the test's Redis and namespace, fast heartbeats."""
-    return [
-        sys.executable,
-        "-m",
-        "phonon_cli",
-        "--redis-url",
-        redis_url,
-        "--namespace",
-        namespace,
-        "--heartbeat-interval",
-        "0.2",
-    ]
-
-
-def start_worker(
-    redis_url: str,
-    namespace: str,
-    config: Path | str,
-    *run_args: str,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
-    """A real ``phonon run`` on the test's Redis, reading stdin until it is closed."""
-    return subprocess.Popen(
-        [*phonon_command(redis_url, namespace), "run", "-c", str(config), *run_args],
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-    )
-
-
-def events_read(client: redis.Redis, namespace: str) -> dict[str, int]:
-    """Process id -> events read, as workers publish it with their heartbeat."""
-    out = {}
-    for pid in client.zrange(f"{namespace}:processes", 0, -1):
-        n = client.hget(f"{namespace}:process:{pid}", "events_read")
-        if n is not None:
-            out[pid] = int(n)
-    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import phonon_command
+from testkit import phonon_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

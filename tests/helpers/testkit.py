@@ -1,0 +1,94 @@
+"""Helpers shared by the tests: real processes, polling, and reading a namespace.
+
+Importable from any test module (``tests/helpers`` is on pytest's path), and also
+handed out by the ``helpers`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from phonon_cli.store.keys import Keys
+
+TESTS = Path(__file__).resolve().parent.parent
+helpers_dir = TESTS / "helpers"
+
+
+def namespace_keys(client: redis.Redis, namespace: str) -> list[str]:
+    return sorted(client.scan_iter(match=f"{namespace}:*", count=1000))
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> object:
+    """Poll ``condition`` until truthy; fail the test if it never is."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+def python_process(
+    *args: str, env: dict[str, str] | None = None, **kwargs: object
+) -> subprocess.Popen[str]:
+    """A real OS process running a helper script from tests/helpers."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{helpers_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    full_env.update(env or {})
+    return subprocess.Popen([sys.executable, *args], env=full_env, text=True, **kwargs)  # type: ignore[call-overload]
+
+
+def phonon_command(redis_url: str, namespace: str) -> list[str]:
+    """The ``phonon`` command line on the test's Redis and namespace, fast heartbeats."""
+    return [
+        sys.executable,
+        "-m",
+        "phonon_cli",
+        "--redis-url",
+        redis_url,
+        "--namespace",
+        namespace,
+        "--heartbeat-interval",
+        "0.2",
+    ]
+
+
+def start_worker(
+    redis_url: str,
+    namespace: str,
+    config: Path | str,
+    *run_args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real ``phonon run`` on the test's Redis, reading stdin until it is closed."""
+    return subprocess.Popen(
+        [*phonon_command(redis_url, namespace), "run", "-c", str(config), *run_args],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def events_read(client: redis.Redis, namespace: str) -> dict[str, int]:
+    """Process id -> events read, as workers publish it with their heartbeat."""
+    keys = Keys(namespace)
+    out = {}
+    for pid in client.zrange(keys.processes, 0, -1):
+        n = client.hget(keys.process(pid), "events_read")
+        if n is not None:
+            out[pid] = int(n)
+    return out
