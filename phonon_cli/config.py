@@ -23,6 +23,7 @@ from . import defaults
 from .core.update import Update
 from .exceptions import ConfigError
 from .fields.strategies import Aggregate
+from .poison import bad_number
 from .routing.fields import parse_fields
 from .routing.filters import Scalar, matcher
 from .routing.routes import Route, Template
@@ -425,6 +426,8 @@ class _Validator:
             if isinstance(source, bool) or not isinstance(source, (str, int, float)):
                 self.fail(where, f"expected a number or '{{field}}', got {_kind(source)}")
             value_template = self.template(source, where)
+            if not isinstance(source, str) and bad_number(source):
+                self.fail(where, f"{source!r} is outside the 64-bit range a sum can hold")
             if isinstance(source, str) and not value_template.is_whole_field:
                 # Anything but exactly "{field}" renders text, never a number.
                 self.fail(where, f"template {source!r} cannot yield a number (use '{{field}}')")

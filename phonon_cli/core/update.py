@@ -12,6 +12,7 @@ import orjson
 
 from .. import defaults
 from ..exceptions import SerializationError
+from . import quarantine
 from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
 
 if TYPE_CHECKING:
@@ -127,6 +128,13 @@ class Update:
             except Exception as e:  # noqa: BLE001 - any failure keeps the aggregate
                 failures.append((update, e))
         return failures
+
+    @classmethod
+    def is_transient(cls, error: BaseException) -> bool:
+        """True when a failed execute may succeed later (the database is down,
+        locked or busy): the aggregate then stays in Redis. Otherwise, after its
+        retries, it is quarantined (``core.quarantine``). Sinks may override."""
+        return quarantine.is_transient(error)
 
     # -- what the framework provides ------------------------------------------------
 
@@ -356,33 +364,42 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
     for cls, pairs in by_class.items():
         failed = _execute_with_retries(cls, [u for u, _ in pairs])
         failed_ids = {id(u) for u, _ in failed}
+        retry = []
         for update, error in failed:
             update.error = error
-            log.error(
-                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
-                update.resource,
-                cls.execute_attempts,
-                error,
-            )
-        if failed:
+            if cls.is_transient(error):
+                retry.append(update)
+                log.error(
+                    "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                    update.resource,
+                    cls.execute_attempts,
+                    error,
+                )
+        if retry:
             release_many(
                 process,
-                [Release(u.resource, "cache", u.kind, u.recipe(), u.payload()) for u, _ in failed],
+                [Release(u.resource, "cache", u.kind, u.recipe(), u.payload()) for u in retry],
             )
+        taken_by = {id(u): got for u, got in pairs}
+        quarantine.quarantine(
+            process,
+            [
+                quarantine.poisoned(u, e, taken_by[id(u)].exec_keys)
+                for u, e in failed
+                if not cls.is_transient(e)
+            ],
+        )
         finish(process, [got for _, got in pairs])
         executed.update(u for u, _ in pairs if id(u) not in failed_ids)
         _count(process, "keys_executed", len(pairs) - len(failed))
-        _count(process, "execute_failures", len(failed))
+        _count(process, "execute_failures", len(retry))
     return executed
 
 
 def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
     pause = cls.execute_backoff_s
     for attempt in range(1, cls.execute_attempts + 1):
-        try:
-            failures = cls.execute_many(updates)
-        except Exception as e:  # noqa: BLE001 - the batch failed as a whole
-            failures = [(u, e) for u in updates]
+        failures = quarantine.isolate(cls, updates)  # a poison key fails alone
         if not failures or attempt == cls.execute_attempts:
             return failures
         log.warning(

@@ -36,6 +36,7 @@ import orjson
 
 from ..core.update import Update
 from ..exceptions import EventError, SerializationError
+from ..poison import INT64_END, INT64_MIN, bad_number
 
 if TYPE_CHECKING:
     from ..core.process import Process
@@ -209,10 +210,21 @@ class Aggregate(Update):
         self.merge_slots(other.doc)
 
     def merge_slots(self, slots: dict[str, Any]) -> None:
-        """Merge one event's slots (the run loop's path: no Update built per event)."""
+        """Merge one event's slots (the run loop's path: no Update built per event).
+
+        Raises:
+            EventError: a sum would leave the 64-bit range; nothing was merged.
+        """
         doc = self.doc
-        for slot, value in slots.items():
-            doc[slot] = merge_slot(slot, doc[slot], value) if slot in doc else value
+        merged = [
+            (slot, merge_slot(slot, doc[slot], value) if slot in doc else value)
+            for slot, value in slots.items()
+        ]
+        for slot, value in merged:
+            if value.__class__ is int or value.__class__ is float:
+                if not INT64_MIN <= value < INT64_END and bad_number(value):
+                    raise EventError(f"the sum of {slot!r} would leave the 64-bit range")
+        doc.update(merged)
 
     def payload(self) -> str:
         return "".join(f"{slot}\t{encode_slot(slot, v)}\n" for slot, v in self.doc.items())
@@ -279,6 +291,8 @@ def _ordered(items: list[tuple[Any, str]], op: str, n: int) -> list[tuple[Any, s
 def _number(what: str, value: Any) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EventError(f"{what} is not a number: {value!r}")
+    if bad_number(value):
+        raise EventError(f"{what} {value!r} is outside the 64-bit range")
     return value
 
 

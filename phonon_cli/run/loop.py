@@ -36,6 +36,7 @@ from ..core.process import Process
 from ..core.update import ConflictFreeUpdate, Update, end_sessions
 from ..exceptions import EventError
 from ..fields.strategies import Aggregate
+from ..poison import SMALL_CONSTANT, add_sums, spec_problem
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from ..sources.base import TOO_LONG
@@ -407,6 +408,11 @@ class Runner:
                     fast, trigger = info[id(route)]
                 update = entries.get(key)
                 if update is None:
+                    problem = spec_problem(spec) if spec else None
+                    if problem is not None:
+                        self._dead(chunk.source, line, problem)
+                        routed_n -= 1  # poison: dead-lettered, not routed
+                        break
                     update = self._new_update(route, id_, spec, doc)
                     if part is not None:
                         update.marks = {part: offset}
@@ -419,12 +425,23 @@ class Runner:
                             update.marks = {part: offset}
                         elif part not in marks:
                             marks[part] = offset
-                    if fast == "sums":
+                    if fast == "counts":  # small constants: no sum can overflow
                         merged = update.doc
                         for k, v in doc.items():
                             merged[k] = merged.get(k, 0) + v
+                    elif fast == "sums":
+                        problem = add_sums(update.doc, doc)
+                        if problem is not None:
+                            self._dead(chunk.source, line, problem)
+                            routed_n -= 1  # poison: dead-lettered, not routed
+                            break
                     elif fast == "slots":
-                        update.merge_slots(doc)  # type: ignore[attr-defined]
+                        try:
+                            update.merge_slots(doc)  # type: ignore[attr-defined]
+                        except EventError as e:
+                            self._dead(chunk.source, line, str(e))
+                            routed_n -= 1  # poison: dead-lettered, not routed
+                            break
                     else:
                         cache.set(key, self._new_update(route, id_, spec, doc))
                         continue
@@ -486,9 +503,15 @@ class Runner:
 
 def _fast_merge(route: Route) -> str | None:
     """How the loop may merge an event into a cached update without building an Update:
-    "sums" (plain sums), "slots" (per-field strategies), or None (call ``merge``)."""
+    "counts" (sums of small constants, which cannot overflow), "sums" (plain sums,
+    checked to stay in the 64-bit range), "slots" (per-field strategies), or None
+    (call ``merge``)."""
     cls = route.update
     if issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge:
+        if not route.fields and all(
+            v.is_constant and abs(v.source) <= SMALL_CONSTANT for v in route.doc.values()
+        ):
+            return "counts"
         return "sums"
     if issubclass(cls, Aggregate) and cls.merge is Aggregate.merge:
         return "slots"
