@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "defaults": 0,
     "clock": 0,
     "logs": 0,
+    "poison": 0,
     "store": 1,
     "core": 2,
     "fields": 3,
