@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 from . import defaults
 from .core.update import Update
 from .exceptions import ConfigError
-from .fields.strategies import Aggregate
+from .fields.aggregate import FieldsUpdate
 from .poison import bad_number
 from .routing.fields import parse_fields
 from .routing.filters import Scalar, matcher
@@ -348,18 +348,18 @@ class _Validator:
     def fields(
         self, route: Mapping[str, Any], key: str, update: type[Update], update_path: str
     ) -> dict[str, Any]:
-        """Declared ``fields``, which only an ``Aggregate`` class can merge (and needs)."""
+        """Declared ``fields``, which only a ``FieldsUpdate`` class can merge (and needs)."""
         if "fields" not in route:
-            if issubclass(update, Aggregate):
+            if issubclass(update, FieldsUpdate):
                 self.fail(f"{key}.fields", f"missing: {update_path!r} aggregates declared fields")
             return {}
         if "doc" in route:
             self.fail(f"{key}.fields", "give 'doc' (sums) or 'fields' (strategies), not both")
-        if not issubclass(update, Aggregate):
+        if not issubclass(update, FieldsUpdate):
             self.fail(
                 f"{key}.update",
                 f"{update_path!r} cannot merge fields: it must subclass "
-                "phonon_cli.fields.strategies.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
+                "phonon_cli.fields.FieldsUpdate (e.g. phonon_cli.sinks.sql:Aggregate)",
             )
         return {"fields": parse_fields(self, route["fields"], f"{key}.fields")}
 

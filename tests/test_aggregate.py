@@ -19,7 +19,8 @@ import pytest
 from aggregates import FIELDS, canonical, expected, fields_toml
 
 from phonon_cli.config import Config
-from phonon_cli.fields.strategies import hll_add, merge_slot
+from phonon_cli.fields import hll
+from phonon_cli.fields.strategies import merge_slot
 from phonon_cli.sinks import close_all
 
 ROOT = Path(__file__).parent.parent
@@ -96,10 +97,10 @@ def lines(evs: list[dict[str, Any]]) -> bytes:
 
 
 def registers_hex(values: list[Any]) -> str:
-    registers = bytearray(1024)
+    registers: hll.Registers = {}
     for v in values:
-        hll_add(registers, canonical(v))
-    return bytes(registers).hex()
+        hll.add(registers, canonical(v))
+    return hll.to_hex(registers)
 
 
 def assert_matches(got: dict[Any, dict[str, Any]], evs: list[dict[str, Any]]) -> None:

@@ -192,15 +192,14 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
 
 
 def _slots_builder(fields: Sequence[RouteField]) -> Callable[[Event], dict[str, Any]]:
-    """The merge slots of every field: each field's slot names are distinct."""
+    """The merge slots of every field: each field's slot names are distinct. A null
+    skipped leaves its field's slots out."""
     starts = tuple(f.start for f in fields)
-    if len(starts) == 1:
-        return starts[0]
 
     def slots(event: Event) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for start in starts:
-            out.update(start(event))
+            start(event, out)
         return out
 
     return slots

@@ -35,7 +35,7 @@ from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.update import ConflictFreeUpdate, Update, end_sessions
 from ..exceptions import EventError
-from ..fields.strategies import Aggregate
+from ..fields.aggregate import FieldsUpdate
 from ..poison import SMALL_CONSTANT, add_sums, spec_problem
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
@@ -513,7 +513,7 @@ def _fast_merge(route: Route) -> str | None:
         ):
             return "counts"
         return "sums"
-    if issubclass(cls, Aggregate) and cls.merge is Aggregate.merge:
+    if issubclass(cls, FieldsUpdate) and cls.merge is FieldsUpdate.merge:
         return "slots"
     return None
 

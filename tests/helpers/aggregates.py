@@ -1,4 +1,4 @@
-"""Shared by the fields tests: a recording Aggregate, a route using every strategy,
+"""Shared by the fields tests: a recording FieldsUpdate, a route using every strategy,
 and an independent computation of what that route must produce.
 
 ``expected`` is written from the strategies' definitions (docs/aggregation.md),
@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from phonon_cli.fields.strategies import Aggregate
+from phonon_cli.fields import FieldsUpdate
 
 FIELDS: dict[str, dict[str, Any]] = {
     "revenue": {"value": "{amount}", "merge": "sum"},
@@ -76,7 +76,7 @@ def expected(events: list[dict[str, Any]], key: str = "user") -> dict[Any, dict[
     return out
 
 
-class Recorder(Aggregate):
+class Recorder(FieldsUpdate):
     """Records the slots of every execution: (resource, doc)."""
 
     executed: ClassVar[list[tuple[str, dict[str, Any]]]] = []
