@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 from ..clock import now_ms
 from ..exceptions import EventError
-from ..fields.strategies import STRATEGIES, Field, Slots
+from ..fields.strategies import STRATEGIES, Field, Slots, Strategy
 
 if TYPE_CHECKING:
     from .routes import Event, Template
@@ -192,6 +192,20 @@ def _field(check: Checker, name: Any, spec: Any, key: str, skipped: Skipped) -> 
     if bad:
         check.fail(key, f"a field name cannot contain {', '.join(repr(c) for c in bad)}")
     table = check.table(spec, key, FIELD_KEYS)
+    strategy = _strategy(check, table, key)
+    n = table.get("n", 0)
+    nulls, optional = _null_rule(check, table, key)
+    value = _value(check, table.get("value", 1), f"{key}.value", strategy.numeric)
+    k: Template | None = None
+    if "by" in table:
+        k = _whole_field(check, table["by"], f"{key}.by", "the event's time (a number)")
+    elif "score" in table:
+        k = _value(check, table["score"], f"{key}.score", numeric=True)
+    return RouteField(Field(name, strategy.name, n), value, k, nulls, optional, skipped)
+
+
+def _strategy(check: Checker, table: Mapping[str, Any], key: str) -> Strategy:
+    """The field's strategy, with the options it takes and requires checked."""
     known = ", ".join(STRATEGIES)
     if "merge" not in table:
         check.fail(f"{key}.merge", f"missing: one of {known}")
@@ -211,6 +225,10 @@ def _field(check: Checker, name: Any, spec: Any, key: str, skipped: Skipped) -> 
         check.fail(f"{key}.n", f"expected a positive integer, got {n!r}")
     if "value" not in table and strategy.needs_value:
         check.fail(f"{key}.value", "missing: the value to merge, e.g. value = '{amount}'")
+    return strategy
+
+
+def _null_rule(check: Checker, table: Mapping[str, Any], key: str) -> tuple[NullRule, bool]:
     nulls = table.get("nulls", "sql")
     if nulls not in NULL_RULES:
         check.fail(f"{key}.nulls", f"expected one of {', '.join(NULL_RULES)}, got {nulls!r}")
@@ -222,13 +240,7 @@ def _field(check: Checker, name: Any, spec: Any, key: str, skipped: Skipped) -> 
             f"{key}.optional",
             "an optional field's missing value is a null, which nulls = 'dead-letter' refuses",
         )
-    value = _value(check, table.get("value", 1), f"{key}.value", strategy.numeric)
-    k: Template | None = None
-    if "by" in table:
-        k = _whole_field(check, table["by"], f"{key}.by", "the event's time (a number)")
-    elif "score" in table:
-        k = _value(check, table["score"], f"{key}.score", numeric=True)
-    return RouteField(Field(name, merge, n), value, k, nulls, optional, skipped)
+    return nulls, optional
 
 
 def _value(check: Checker, source: Any, key: str, numeric: bool) -> Template:
