@@ -37,6 +37,7 @@ from ..core.update import ConflictFreeUpdate, Update, end_sessions
 from ..exceptions import EventError
 from ..fields.aggregate import FieldsUpdate
 from ..poison import SMALL_CONSTANT, add_sums, spec_problem
+from ..routing.fields import skipped_nulls
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from ..sources.base import TOO_LONG
@@ -55,6 +56,10 @@ class RunOptions:
     progress: bool = False
 
 
+NULLS = "nulls_skipped:"
+"""Prefix of a route's skipped-nulls count among a worker's reported figures."""
+
+
 @dataclass
 class RunStats:
     """What a run did; printed as the summary and published for ``phonon status``."""
@@ -66,6 +71,8 @@ class RunStats:
     keys_executed: int = 0
     keys_cached: int = 0
     execute_failures: int = 0
+    nulls_skipped: dict[str, int] = field(default_factory=dict)
+    """Route (``routes[i]``) -> null values its fields skipped (SQL's rule)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -83,6 +90,7 @@ class RunStats:
             "keys_cached": self.keys_cached,
             "execute_failures": self.execute_failures,
             "entries": entries,
+            **{f"{NULLS}{route}": n for route, n in self.nulls_skipped.items()},
         }
 
     @classmethod
@@ -97,7 +105,10 @@ class RunStats:
             "keys_cached",
             "execute_failures",
         )
-        return cls(**{n: int(figures.get(n, 0)) for n in names}, started=started)
+        nulls = {k[len(NULLS) :]: int(n) for k, n in figures.items() if k.startswith(NULLS)}
+        return cls(
+            **{n: int(figures.get(n, 0)) for n in names}, nulls_skipped=nulls, started=started
+        )
 
     def progress(self, entries: int) -> str:
         """The progress line: what was read and how fast, what is cached and written."""
@@ -117,6 +128,9 @@ class RunStats:
         )
         if self.execute_failures:
             text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
+        skipped = [f"{route} {n}" for route, n in self.nulls_skipped.items() if n]
+        if skipped:
+            text += f"; nulls skipped: {', '.join(skipped)}"
         return text
 
 
@@ -231,6 +245,8 @@ class Runner:
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
         self._info = {id(r): (_fast_merge(r), _triggers(r)) for r in router.routes}
         self._single_route = len(router.routes) == 1
+        self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
+        """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
         """Per (source, partition): the offset after the last line handled."""
         self._by_name = {s.name: s for s in self.sources}
@@ -483,6 +499,7 @@ class Runner:
         self.stats.keys_executed = s.get("keys_executed", 0)
         self.stats.keys_cached = s.get("keys_cached", 0)
         self.stats.execute_failures = s.get("execute_failures", 0)
+        self.stats.nulls_skipped = {name: skipped_nulls(fields) for name, fields in self._fields}
         elapsed = self.stats.elapsed_s
         s.update(
             {
@@ -490,6 +507,9 @@ class Runner:
                 "events_read": self.stats.events_read,
                 "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
                 "dead_lettered": self.stats.dead_lettered,
+                "nulls_skipped": orjson.dumps(self.stats.nulls_skipped).decode()
+                if self._fields
+                else None,
                 "pid": os.getpid(),
             }
         )
