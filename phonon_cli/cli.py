@@ -297,18 +297,13 @@ def run(
         sinks.close_all()
     if show is not None:
         sys.stderr.write("\n")
-    _ended(ctx, stats, report, options.dead_letter)
-
-
-def _ended(ctx: Context, stats: Any, report: Any, dead_letter: str | None) -> None:
-    """Say how a run went (or hand the figures to the parent of ``--workers``)."""
     if report is not None:  # the parent prints one summary for every worker
         report.write(stats.figures(), final=True)
         report.close()
     elif not ctx.quiet:
         click.echo(f"phonon: {stats.summary()}", err=True)
         if stats.dead_lettered:
-            click.echo(f"phonon: dead letters in {dead_letter}", err=True)
+            click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)
     if stats.execute_failures:
         raise Failure(
             f"{stats.execute_failures} aggregates could not be written; they are kept "

@@ -47,6 +47,11 @@ EXECUTE_BACKOFF_S = 0.2
 RECOVERY_LOCK_TTL_S = 60
 """Seconds the recovery maintenance lock lives if its holder dies mid-recovery."""
 
+APPLIED_RETENTION_S = 7 * 24 * 3600.0
+"""Seconds a SQL sink remembers an execution id (``phonon_applied``): a set of
+partials executed again later than that, by a process paused for longer, would
+be written twice."""
+
 CONNECT_ATTEMPTS = 3
 """Attempts to reach Redis before giving up with exit code 3."""
 

@@ -23,6 +23,11 @@ class StoreUnavailable(PhononError):
     """Redis cannot be reached. The message names the URL without its password."""
 
 
+class Fenced(PhononError):
+    """This process was declared dead (silent past its TTL) and what it held was
+    recovered by others: Redis refuses every change it asks for under that id."""
+
+
 class LockError(PhononError):
     def __init__(self, message: str, *, lock_name: str | None = None) -> None:
         self.lock_name = lock_name

@@ -147,3 +147,51 @@ def test_survivor_writing_to_a_locked_database_is_not_declared_dead(
         code, err = finish(worker)
         assert code == 0, err
     assert table(db) == Counter({f"k{i}": 3 for i in range(10)})
+
+
+def stopped(worker: subprocess.Popen[bytes]) -> bool:
+    """Whether the process is stopped (SIGSTOP): its state in /proc is T."""
+    stat = Path(f"/proc/{worker.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("point", ["before-execute", "after-execute"])
+def test_worker_paused_while_executing_is_fenced_and_counts_once(
+    redis_url, namespace, tmp_path, client, helpers, point
+) -> None:
+    """A worker stops (like a long GC pause or a frozen VM) holding partials it took
+    to execute, past its dead timeout, before or after writing them; a survivor
+    declares it dead and executes them. The same set written twice (by the worker
+    once it resumes, or already by it before it stopped) is counted once."""
+    cfg, db = config(tmp_path)
+    survivor = start(redis_url, namespace, cfg)
+    paused = start(redis_url, namespace, cfg, env={"PHONON_FAULT": f"{point}:stop"})
+    feed(paused, lines(range(10)))
+    helpers.wait_for(
+        lambda: (
+            all(
+                client.hexists(f"{namespace}:ref:{{totals:k{i}}}:nodes", pid)
+                for i in range(10)
+                for pid in client.zrange(f"{namespace}:processes", 0, -1)
+                if client.hget(f"{namespace}:process:{pid}", "pid") == str(paused.pid)
+            )
+            and client.hlen(f"{namespace}:ref:{{totals:k9}}:nodes") == 1
+        ),
+        what="the worker holding every key",
+    )
+    cacher = start(redis_url, namespace, cfg)
+    feed(cacher, lines(range(10), times=2), close=True)
+    assert finish(cacher)[0] == 0  # deposited: the paused worker still holds every key
+    paused.stdin.close()  # it is now the last holder: it takes the partials and stops
+    helpers.wait_for(lambda: stopped(paused), what="the worker stopped mid-execute")
+    expected = Counter({f"k{i}": 3 for i in range(10)})
+    try:
+        helpers.wait_for(lambda: len(table(db)) == 10, what="the survivor's execute")
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    code, err = finish(paused)
+    assert code == 0, err
+    code, err = finish(survivor)
+    assert code == 0, err
+    assert table(db) == expected
+    assert exec_keys(client, namespace) == []

@@ -89,7 +89,7 @@ def test_killed_holder_is_recovered_and_partials_executed_once(
     assert helpers.namespace_keys(client, namespace) == []
 
 
-def test_partials_taken_by_a_process_that_dies_are_put_back(
+def test_partials_taken_by_a_process_that_dies_are_executed_by_a_survivor(
     make_process, client, tmp_path, monkeypatch, helpers
 ) -> None:
     out = tmp_path / "out.jsonl"
@@ -107,8 +107,9 @@ def test_partials_taken_by_a_process_that_dies_are_put_back(
     survivor = make_process(recover_failed_processes=False)
     survivor.register(WidgetUpdate)
     assert survivor.recover() == 1
-    # b's partial is executed once; a's own doc was only in a's memory, lost with it.
-    assert [orjson.loads(x)["doc"] for x in out.read_bytes().splitlines()] == [{"c": 2}]
+    # a's own doc went into the exec set with b's partial when a took it: the
+    # survivor executes both, once, under the set's execution id.
+    assert [orjson.loads(x)["doc"] for x in out.read_bytes().splitlines()] == [{"c": 3}]
     assert client.exists(*taken.exec_keys) == 0
     assert helpers.namespace_keys(client, a.keys.namespace) == sorted(
         [

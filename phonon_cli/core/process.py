@@ -105,7 +105,10 @@ class Process:
         }
         """Sent with every heartbeat: a process wrongly recovered as dead (paused past
         its TTL) whose hash was deleted comes back whole on its next beat."""
-        self.heartbeat(self.client, load_scripts=True)
+        self.fenced = False
+        """Set once Redis refused a change because this process was declared dead
+        (see ``scripts.FENCE_LUA``); ``reregister`` starts over under a new id."""
+        self.heartbeat(self.client, load_scripts=True, register=True)
         self._thread: threading.Thread | None = None
         self._recovery_thread: threading.Thread | None = None
         if start_heartbeat:
@@ -128,19 +131,56 @@ class Process:
         client: redis.Redis | None = None,
         extra: dict[str, Any] | None = None,
         load_scripts: bool = False,
-    ) -> None:
-        """Say we are alive: refresh the TTL'd alive key, the registry score and our figures."""
+        register: bool = False,
+    ) -> bool:
+        """Say we are alive: refresh the TTL'd alive key, the registry score and our figures.
+
+        Returns False, and sets ``fenced``, if this process was declared dead
+        (by a survivor, once its alive key had expired): it never comes back
+        under this id.
+        """
         now = self.clock()
+        pid = self.id
         fields: dict[str, Any] = {"last_heartbeat_ms": now, **self.identity}
         fields.update(extra or {})
         fields.update({k: v for k, v in self.stats.items() if v is not None})
-        pipe = (client or self._heartbeat_client).pipeline(transaction=False)
-        pipe.set(self.keys.alive(self.id), now, px=self.process_ttl_ms)
-        pipe.hset(self.keys.process(self.id), mapping=fields)  # type: ignore[arg-type]
-        pipe.zadd(self.keys.processes, {self.id: now})
-        if load_scripts:
-            scripts.load(pipe)
-        pipe.execute()
+        args: list[Any] = [pid, now, self.process_ttl_ms, "1" if register else "0"]
+        for name, value in fields.items():
+            args += [name, value if isinstance(value, (str, int, float)) else str(value)]
+        keys = [self.keys.alive(pid), self.keys.process(pid), self.keys.processes]
+
+        def build(pipe: Any) -> None:
+            if load_scripts:
+                scripts.load(pipe)
+            scripts.queue(pipe, scripts.HEARTBEAT, keys, args)
+
+        if scripts.run(client or self._heartbeat_client, build)[-1]:
+            return True
+        if not self.fenced:
+            log.error(
+                "process %s was silent past its %.1f s TTL and was declared dead: "
+                "Redis now refuses everything it asks under that id (fenced)",
+                pid,
+                self.process_ttl_ms / 1000,
+            )
+        self.fenced = True
+        return False
+
+    def reregister(self) -> str:
+        """Start over under a new id after being fenced; returns the old id.
+
+        What the old id held is the survivors' now (they recover it as any dead
+        process's). What this process holds only in memory was never in Redis,
+        so it stays safe to deposit or execute under the new id, once its
+        references are taken again.
+        """
+        old = self.id
+        self.id = secrets.token_hex(8)
+        self._exec_seq = 0
+        self.fenced = False
+        self.heartbeat(self.client, register=True)
+        log.warning("process %s starts over as %s", old, self.id)
+        return old
 
     def _heartbeat_loop(self) -> None:
         # Only the heartbeat, nothing that can wait on a sink: recovery executes
@@ -223,6 +263,12 @@ class Process:
         self._stop_recovery.set()
         if self._recovery_thread is not None:
             self._recovery_thread.join()
+        if self.fenced:  # what it held is the survivors' to recover, not ours
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._heartbeat_client.close()
+            return
         for lock in list(self._locks):
             if lock.token is not None:
                 try:

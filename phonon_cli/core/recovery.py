@@ -19,7 +19,7 @@ from ..exceptions import AlreadyLocked, LockNotOwned
 from ..store import scripts
 from ..store.keys import Keys
 from ..store.lock import Lock
-from .reference import Release, release_many
+from .reference import Release, Taken, release_many
 from .update import Update, execute_taken
 
 if TYPE_CHECKING:
@@ -40,16 +40,29 @@ def dead_processes(process: Process) -> list[str]:
     return [pid for pid, alive in zip(ids, pipe.execute()) if not alive]
 
 
+def declare_dead(process: Process, candidates: Sequence[str]) -> list[str]:
+    """Fence the candidates still silent, then return every process declared dead
+    whose recovery is not finished (some perhaps by a survivor that died)."""
+    if candidates:
+        keys = [process.keys.processes, process.keys.declared_dead]
+        keys += [process.keys.alive(pid) for pid in candidates]
+        scripts.DECLARE_DEAD(keys=keys, args=list(candidates), client=process.client)
+    dead = cast("set[str]", process.client.smembers(process.keys.declared_dead))
+    return sorted(dead - {process.id})
+
+
 def recover(process: Process) -> int:
     """Clean up after every dead process; returns how many were recovered.
 
     Runs under a ``SET NX EX`` maintenance lock, so survivors take turns.
-    For each dead process: remove it from every nodelist it was on, put back
-    any partials it had taken to execute, then execute what is left with no
-    live holder, where this process knows the partial's class.
+    Each silent process is first declared dead (fenced: see ``scripts.FENCE_LUA``),
+    so nothing it does from then on can land. Then for each: remove it from
+    every nodelist it was on, execute (or put back) the partials it had taken
+    to execute, then execute what is left with no live holder, where this
+    process knows the partial's class.
     """
-    dead = dead_processes(process)
-    if not dead:
+    candidates = dead_processes(process)
+    if not candidates and not process.client.scard(process.keys.declared_dead):
         return 0
     lock = Lock(
         process.client,
@@ -62,6 +75,7 @@ def recover(process: Process) -> int:
     except AlreadyLocked:
         return 0
     try:
+        dead = declare_dead(process, candidates)
         orphans: list[str] = []
         for pid in dead:
             orphans.extend(release_all_of(process, pid))
@@ -88,6 +102,7 @@ def unregister(process: Process, pid: str) -> None:
     pipe = process.client.pipeline(transaction=False)
     pipe.delete(process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid))
     pipe.zrem(process.keys.processes, pid)
+    pipe.srem(process.keys.declared_dead, pid)
     pipe.execute()
 
 
@@ -95,6 +110,11 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
     """Remove process ``pid`` from every nodelist; return resources left orphaned.
 
     Idempotent, so a survivor that dies half way leaves work the next one can redo.
+    Partials ``pid`` had taken to execute (an exec set) are adopted whole, with
+    their execution id, and executed here when this process knows their class:
+    if ``pid`` was only paused and writes them too, an idempotent sink sees the
+    same id twice and writes once. Sets of an unknown class are merged back into
+    the partials for whoever knows it.
 
     Args:
         scan_executing: also SCAN for partials ``pid`` took to execute and never
@@ -102,29 +122,91 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
             (it forgets them right after each write), so it skips the SCAN of
             the whole namespace.
     """
+    entries = _entries_of(process, pid, scan_executing)
+    adopt = _adoptable(process, [e[2] for e in entries]) if scan_executing else []
+    orphans: list[str] = []
+    ready: list[tuple[Update, Taken]] = []
+    now = process.clock()
+    for start in range(0, len(entries), defaults.BATCH_MAX_KEYS):
+        chunk = entries[start : start + defaults.BATCH_MAX_KEYS]
+        flags = adopt[start : start + defaults.BATCH_MAX_KEYS] or [False] * len(chunk)
+        keys: list[str] = []
+        args: list[str | int] = [pid, now]
+        mine: list[tuple[str, str]] = []
+        for (resource, exec_key, recipe_key), flag in zip(chunk, flags):
+            rk = process.keys.resource(resource)
+            # "merge" ignores the adopt keys: the set's own keys stand in for them
+            own = (
+                rk.executing(process.id, process.next_exec_seq())
+                if flag
+                else (exec_key, recipe_key)
+            )
+            mine.append(own)
+            keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key, *own]
+            args.append("adopt" if flag else "merge")
+        results = scripts.RECOVER(keys=keys, args=args, client=process.client)
+        for (resource, _, _), own, (left, cached, saved, *items) in zip(chunk, mine, results):
+            if saved:
+                got = _adopted(process, resource, saved, items, own)
+                if got is not None:
+                    ready.append(got)
+            elif not left and cached:
+                orphans.append(resource)
+    if ready:
+        execute_taken(process, ready)
+    if entries:
+        log.info("recovered process %s: released %d references", pid, len(entries))
+    return sorted(set(orphans))
+
+
+def _entries_of(process: Process, pid: str, scan_executing: bool) -> list[tuple[str, str, str]]:
+    """(resource, exec key, exec recipe key) of every resource ``pid`` held (exec keys
+    that never exist: seq 0) and, with ``scan_executing``, of every exec set it left."""
     resources = cast("set[str]", process.client.smembers(process.keys.held(pid)))
-    entries: list[tuple[str, str, str]] = []
-    for resource in resources:
-        entries.append((resource, *process.keys.resource(resource).executing(pid, 0)))
+    entries = [(r, *process.keys.resource(r).executing(pid, 0)) for r in resources]
     if scan_executing:
         pattern = process.keys.executing_pattern(pid)
         for key in process.client.scan_iter(match=pattern, count=1000):
             of = process.keys.resource_of(key)
             if of is not None and not Keys.is_recipe(key):
                 entries.append((of, key, f"{key}:recipe"))
-    orphans = []
-    now = process.clock()
-    for start in range(0, len(entries), defaults.BATCH_MAX_KEYS):
-        chunk = entries[start : start + defaults.BATCH_MAX_KEYS]
-        keys: list[str] = []
-        for resource, exec_key, recipe_key in chunk:
-            rk = process.keys.resource(resource)
-            keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key]
-        results = scripts.RECOVER(keys=keys, args=[pid, now], client=process.client)
-        orphans += [r for (r, _, _), (left, cached) in zip(chunk, results) if not left and cached]
-    if resources or entries:
-        log.info("recovered process %s: released %d references", pid, len(entries))
-    return sorted(set(orphans))
+    return entries
+
+
+def _adoptable(process: Process, recipe_keys: list[str]) -> list[bool]:
+    """Per exec set, whether this process knows its class (and so may execute it)."""
+    if not recipe_keys:
+        return []
+    saved = cast("list[str | None]", process.client.mget(recipe_keys))
+    return [s is not None and _known(process, split_exec_recipe(s)[2]) for s in saved]
+
+
+def _known(process: Process, recipe: str) -> bool:
+    try:
+        return orjson.loads(recipe).get("cls") in process.known_classes
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+
+
+def split_exec_recipe(saved: str) -> tuple[str, str, str]:
+    """``(kind, execution id, recipe)`` of an exec set's recipe key (see RELEASE_LUA)."""
+    kind, _, rest = saved.partition("\n")
+    eid, _, recipe = rest.partition("\n")
+    return kind, eid, recipe
+
+
+def _adopted(
+    process: Process, resource: str, saved: str, items: list[str], keys: tuple[str, str]
+) -> tuple[Update, Taken] | None:
+    """A dead process's exec set, adopted into ``keys``, ready to execute under its id."""
+    kind, eid, recipe = split_exec_recipe(saved)
+    update = rebuild(process, recipe)
+    if update is None:  # known a moment ago: cannot happen, but never drop the set
+        log.error("%s: adopted an exec set of an unknown class; left in %s", resource, keys[0])
+        return None
+    update.absorb(kind, items)
+    update.execution_id = eid
+    return update, Taken(kind, recipe, items, keys, eid)
 
 
 def rebuild(process: Process, recipe: str) -> Update | None:
@@ -173,6 +255,7 @@ def claim_orphans(process: Process, resources: Sequence[str]) -> tuple[list[str]
         update = rebuild(process, got.recipe)
         assert update is not None
         update.absorb(got.kind, got.items)
+        update.execution_id = got.execution_id
         ready.append((update, got))
     done = execute_taken(process, ready)
     executed = [u.resource for u, _ in ready if u in done]

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from .. import defaults
 from ..store import scripts
 from ..store.lock import Lock
-from .quarantine import Poisoned, quarantine
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -29,6 +28,9 @@ class Taken:
     recipe: str
     items: list[str]
     exec_keys: tuple[str, str]
+    execution_id: str | None = None
+    """The identity of the taken set (``<pid>:<seq>`` of whoever first took it), kept
+    through recovery; None when nothing was taken (no set exists in Redis)."""
 
 
 @dataclass
@@ -48,9 +50,11 @@ def acquire_many(
 ) -> list[tuple[str, list[str]] | None]:
     """Take references on many resources: one round trip per ``BATCH_MAX_KEYS``.
 
-    The resources go into this process's held registry first (in the same
-    pipeline), so a crash between the two leaves recovery something harmless to
-    undo rather than a nodelist entry nobody knows about.
+    The resources go into this process's held registry in the same script, so
+    recovery always knows every nodelist this process is on.
+
+    Raises:
+        Fenced: this process was declared dead; nothing was taken.
 
     Returns, per resource, ``(kind, items)`` of the partials absorbed, or None.
     """
@@ -63,7 +67,7 @@ def acquire_many(
         _queue_acquire(pipe, process, resources, flags, now)
 
     out: list[tuple[str, list[str]] | None] = []
-    for result in scripts.run(process.client, build)[1:]:
+    for result in scripts.run(process.client, build):
         out += [(r[0], list(r[1:])) if r else None for r in result]
     return out
 
@@ -71,17 +75,17 @@ def acquire_many(
 def _queue_acquire(
     pipe: Pipeline, process: Process, resources: Sequence[str], absorb: Sequence[bool], now: int
 ) -> None:
-    pipe.sadd(process.keys.held(process.id), *resources)
+    pid = process.id
     for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
-        keys: list[str] = []
-        args: list[Any] = [process.id, now]
+        keys: list[str] = [process.keys.processes, process.keys.held(pid)]
+        args: list[Any] = [pid, now]
         for resource, flag in zip(
             resources[start : start + defaults.BATCH_MAX_KEYS],
             absorb[start : start + defaults.BATCH_MAX_KEYS],
         ):
             rk = process.keys.resource(resource)
             keys += [rk.nodes, rk.meta, rk.partials]
-            args.append("1" if flag else "0")
+            args += ["1" if flag else "0", resource]
         scripts.queue(pipe, scripts.ACQUIRE, keys, args)
 
 
@@ -95,49 +99,60 @@ def release_many(
     releases, so a key that left the cache and came back within one batch
     ends up held. Returns, per release, what was taken when this process was
     the last holder (or forced).
+
+    A release that names its ``exec_keys`` (caching back a failed execute)
+    deletes those in the same step as it deposits, so the set can never be both
+    deposited and left to recovery.
+
+    Raises:
+        Fenced: this process was declared dead; nothing at all was applied
+            (every script of the pipeline checks, and the check cannot pass again).
     """
     if not releases and not acquire:
         return []
     now = process.clock()
+    pid = process.id
     resource_keys = []
     for rel in releases:
         rk = process.keys.resource(rel.resource)
-        rel.exec_keys = rk.executing(process.id, process.next_exec_seq())
+        if not rel.exec_keys[0]:
+            rel.exec_keys = rk.executing(pid, process.next_exec_seq())
         resource_keys.append(rk)
-    leaving = [r.resource for r in releases if r.mode != "orphan"]
     chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
+    fence = [process.keys.processes, process.keys.held(pid)]
 
     def build(pipe: Pipeline) -> None:
         for start in chunks:
-            keys: list[str] = []
-            args: list[Any] = [process.id, now]
+            keys: list[str] = list(fence)
+            args: list[Any] = [pid, now]
             end = start + defaults.BATCH_MAX_KEYS
             for rel, rk in zip(releases[start:end], resource_keys[start:end]):
                 keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys]
-                args += [rel.mode, rel.kind, rel.recipe, rel.payload]
+                args += [rel.mode, rel.kind, rel.recipe, rel.payload, rel.resource]
             scripts.queue(pipe, scripts.RELEASE, keys, args)
-        if leaving:
-            pipe.srem(process.keys.held(process.id), *leaving)
         if acquire:
             _queue_acquire(pipe, process, acquire, [False] * len(acquire), now)
 
     results = scripts.run(process.client, build)
     replies = [reply for result in results[: len(chunks)] for reply in result]
-    refused = [
-        Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
-        for rel, r in zip(releases, replies)
-        if r[0] == 2
-    ]
-    if refused:
-        # The script left these resources without merging their deposit (a sum
-        # Redis cannot hold): the partial is only in memory now, so set it aside.
-        quarantine(process, refused)
     return [
         None
-        if r[0] != 1
-        else Taken(kind=r[1], recipe=r[2], items=list(r[3:]), exec_keys=rel.exec_keys)
+        if r[0] == 0
+        else Taken(
+            kind=r[1],
+            recipe=r[2],
+            items=list(r[3:]),
+            exec_keys=rel.exec_keys,
+            execution_id=execution_id(rel.exec_keys[0]) if len(r) > 3 else None,
+        )
         for rel, r in zip(releases, replies)
     ]
+
+
+def execution_id(exec_key: str) -> str:
+    """``<pid>:<seq>``, the identity of the set taken into ``exec_key`` (as RELEASE
+    records it in the set's recipe)."""
+    return ":".join(exec_key.rsplit(":", 2)[-2:])
 
 
 def put_back(resource: str, taken: Taken) -> list[Release]:

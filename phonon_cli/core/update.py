@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from .. import defaults
-from ..exceptions import SerializationError
-from . import quarantine
+from .. import defaults, faults
+from ..exceptions import Fenced, SerializationError
 from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
 
 if TYPE_CHECKING:
@@ -86,6 +85,15 @@ class Update:
         commits no offset beyond an event whose aggregate is still only in memory."""
         self.error: BaseException | None = None
         """Why the last ``execute`` failed (the aggregate was then cached back in Redis)."""
+        self.execution_id: str | None = None
+        """Set while ``execute`` runs: the identity of the set of partials being
+        written, when any were taken from Redis. The same set can be executed twice
+        (a paused process and the survivor that recovered it; a crash between the
+        database commit and the Redis cleanup), always under this id, so a sink
+        that records it in the same transaction as the write, and skips ids it
+        has recorded, writes each set once (the SQL sinks do: ``phonon_applied``).
+        None when the aggregate was only ever in this process's memory: nobody
+        else can write it."""
         self._force = False
         resource = str(_id) if collection is None else f"{collection}:{_id}"
         self.ref = Reference(process, resource, block=block)
@@ -128,13 +136,6 @@ class Update:
             except Exception as e:  # noqa: BLE001 - any failure keeps the aggregate
                 failures.append((update, e))
         return failures
-
-    @classmethod
-    def is_transient(cls, error: BaseException) -> bool:
-        """True when a failed execute may succeed later (the database is down,
-        locked or busy): the aggregate then stays in Redis. Otherwise, after its
-        retries, it is quarantined (``core.quarantine``). Sinks may override."""
-        return quarantine.is_transient(error)
 
     # -- what the framework provides ------------------------------------------------
 
@@ -340,15 +341,15 @@ def _end_sessions(
         except Exception as e:  # noqa: BLE001 - a bad partial must not lose the others
             log.error("%s: cannot merge cached partials (%s); left in redis", update.resource, e)
             update.error = e
-            release_many(
-                process,
-                [
-                    *put_back(update.resource, got),
-                    Release(update.resource, "cache", update.kind, release.recipe, release.payload),
-                ],
-            )
-            finish(process, [got])
+            back = [
+                *put_back(update.resource, got),
+                Release(update.resource, "cache", update.kind, release.recipe, release.payload),
+            ]
+            back[-1].exec_keys = got.exec_keys  # deposited and forgotten in one step
+            if _cache_back(process, back):
+                finish(process, [got])
             continue
+        update.execution_id = got.execution_id
         ready.append((update, got))
     _count(process, "keys_cached", len(updates) - len(ready))
     done = execute_taken(process, ready)
@@ -362,44 +363,63 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         by_class[type(update)].append((update, got))
     executed: set[Update] = set()
     for cls, pairs in by_class.items():
+        if any(got.items for _, got in pairs):
+            faults.point("before-execute")
         failed = _execute_with_retries(cls, [u for u, _ in pairs])
+        if any(got.items for _, got in pairs):
+            faults.point("after-execute")
         failed_ids = {id(u) for u, _ in failed}
-        retry = []
         for update, error in failed:
             update.error = error
-            if cls.is_transient(error):
-                retry.append(update)
-                log.error(
-                    "%s: execute failed after %d attempts (%s); aggregate cached in redis",
-                    update.resource,
-                    cls.execute_attempts,
-                    error,
-                )
-        if retry:
-            release_many(
-                process,
-                [Release(u.resource, "cache", u.kind, u.recipe(), u.payload()) for u in retry],
+            log.error(
+                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                update.resource,
+                cls.execute_attempts,
+                error,
             )
-        taken_by = {id(u): got for u, got in pairs}
-        quarantine.quarantine(
-            process,
-            [
-                quarantine.poisoned(u, e, taken_by[id(u)].exec_keys)
-                for u, e in failed
-                if not cls.is_transient(e)
-            ],
-        )
-        finish(process, [got for _, got in pairs])
-        executed.update(u for u, _ in pairs if id(u) not in failed_ids)
+        if failed:
+            back = []
+            for update, got in pairs:
+                if id(update) in failed_ids:
+                    rel = Release(update.resource, "cache", update.kind, update.recipe())
+                    rel.payload, rel.exec_keys = update.payload(), got.exec_keys
+                    back.append(rel)
+            if not _cache_back(process, back):
+                # Not cached back: their exec sets stay in Redis for the survivors.
+                pairs = [(u, got) for u, got in pairs if id(u) not in failed_ids]
         _count(process, "keys_executed", len(pairs) - len(failed))
-        _count(process, "execute_failures", len(retry))
+        _count(process, "execute_failures", len(failed))
+        executed.update(u for u, _ in pairs if id(u) not in failed_ids)
+        finish(process, [got for _, got in pairs])
+        for update, _ in pairs:
+            update.execution_id = None
     return executed
+
+
+def _cache_back(process: Process, releases: Sequence[Release]) -> bool:
+    """Deposit again what could not be written; False if this process was fenced meanwhile.
+
+    What it had taken is then in Redis as an exec set that a survivor adopts and
+    executes under the same execution id, so there is nothing to put back here.
+    """
+    try:
+        release_many(process, releases)
+    except Fenced as e:
+        process.fenced = True
+        log.error(
+            "process %s was declared dead while executing (%s); survivors take over", process.id, e
+        )
+        return False
+    return True
 
 
 def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
     pause = cls.execute_backoff_s
     for attempt in range(1, cls.execute_attempts + 1):
-        failures = quarantine.isolate(cls, updates)  # a poison key fails alone
+        try:
+            failures = cls.execute_many(updates)
+        except Exception as e:  # noqa: BLE001 - the batch failed as a whole
+            failures = [(u, e) for u in updates]
         if not failures or attempt == cls.execute_attempts:
             return failures
         log.warning(

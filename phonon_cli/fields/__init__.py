@@ -1,8 +1,7 @@
-"""Declarative fields: one ``Strategy`` per merge strategy and the ``FieldsUpdate``."""
+"""Declarative fields: per-field merge strategies and the ``Aggregate`` update."""
 
 from __future__ import annotations
 
-from .aggregate import FieldsUpdate
-from .strategies import STRATEGIES, Field, Strategy
+from .strategies import NUMERIC, STRATEGIES, Aggregate, Field
 
-__all__ = ["STRATEGIES", "Field", "FieldsUpdate", "Strategy"]
+__all__ = ["NUMERIC", "STRATEGIES", "Aggregate", "Field"]

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import EventError
-from ..poison import bad_number, scalar_text
 from .codegen import fuse
 from .filters import Scalar, matcher
-from .templates import Event, Getter, Template, _missing, _short
+from .templates import Event, Getter, Template, _missing, _short, _text
 
 if TYPE_CHECKING:
     from ..core.update import Update
@@ -142,8 +141,6 @@ def _doc_value(key: Callable[[Event], str], value: Template) -> Getter:
     def number(event: Event) -> Any:
         v = render(event)
         if v.__class__ is int or v.__class__ is float:
-            if bad_number(v):
-                raise EventError(f"doc value for {key(event)!r} is outside the 64-bit range")
             return v
         raise EventError(f"doc value for {key(event)!r} is not a number: {_short(v)}")
 
@@ -165,7 +162,7 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
                     k = event[field_name]
                 except KeyError as e:
                     raise _missing(e) from None
-                return {k if k.__class__ is str else scalar_text(k, field_name): number}
+                return {k if k.__class__ is str else _text(k): number}
 
             return count
         key, get = name.text, _doc_value(name.text, value)
@@ -181,25 +178,22 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
         out: dict[str, Any] = {}
         for key, get in entries:
             k, v = key(event), get(event)
-            if k in out:
-                v = out[k] + v
-                if bad_number(v):
-                    raise EventError(f"doc value for {k!r} is outside the 64-bit range")
-            out[k] = v
+            out[k] = out[k] + v if k in out else v
         return out
 
     return summed
 
 
 def _slots_builder(fields: Sequence[RouteField]) -> Callable[[Event], dict[str, Any]]:
-    """The merge slots of every field: each field's slot names are distinct. A null
-    skipped leaves its field's slots out."""
+    """The merge slots of every field: each field's slot names are distinct."""
     starts = tuple(f.start for f in fields)
+    if len(starts) == 1:
+        return starts[0]
 
     def slots(event: Event) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for start in starts:
-            start(event, out)
+            out.update(start(event))
         return out
 
     return slots

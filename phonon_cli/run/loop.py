@@ -34,10 +34,8 @@ from .. import defaults
 from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.update import ConflictFreeUpdate, Update, end_sessions
-from ..exceptions import EventError
-from ..fields.aggregate import FieldsUpdate
-from ..poison import SMALL_CONSTANT, add_sums, spec_problem
-from ..routing.fields import skipped_nulls
+from ..exceptions import EventError, Fenced
+from ..fields.strategies import Aggregate
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from ..sources.base import TOO_LONG
@@ -56,10 +54,6 @@ class RunOptions:
     progress: bool = False
 
 
-NULLS = "nulls_skipped:"
-"""Prefix of a route's skipped-nulls count among a worker's reported figures."""
-
-
 @dataclass
 class RunStats:
     """What a run did; printed as the summary and published for ``phonon status``."""
@@ -71,8 +65,6 @@ class RunStats:
     keys_executed: int = 0
     keys_cached: int = 0
     execute_failures: int = 0
-    nulls_skipped: dict[str, int] = field(default_factory=dict)
-    """Route (``routes[i]``) -> null values its fields skipped (SQL's rule)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -90,7 +82,6 @@ class RunStats:
             "keys_cached": self.keys_cached,
             "execute_failures": self.execute_failures,
             "entries": entries,
-            **{f"{NULLS}{route}": n for route, n in self.nulls_skipped.items()},
         }
 
     @classmethod
@@ -105,10 +96,7 @@ class RunStats:
             "keys_cached",
             "execute_failures",
         )
-        nulls = {k[len(NULLS) :]: int(n) for k, n in figures.items() if k.startswith(NULLS)}
-        return cls(
-            **{n: int(figures.get(n, 0)) for n in names}, nulls_skipped=nulls, started=started
-        )
+        return cls(**{n: int(figures.get(n, 0)) for n in names}, started=started)
 
     def progress(self, entries: int) -> str:
         """The progress line: what was read and how fast, what is cached and written."""
@@ -128,9 +116,6 @@ class RunStats:
         )
         if self.execute_failures:
             text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
-        skipped = [f"{route} {n}" for route, n in self.nulls_skipped.items() if n]
-        if skipped:
-            text += f"; nulls skipped: {', '.join(skipped)}"
         return text
 
 
@@ -160,8 +145,17 @@ class DeadLetters:
 class Batcher:
     """Collects references to take and sessions to end; sends them in one round trip."""
 
-    def __init__(self, process: Process, max_keys: int, max_age_s: float) -> None:
+    def __init__(
+        self,
+        process: Process,
+        max_keys: int,
+        max_age_s: float,
+        on_fenced: Callable[[], list[Update]] | None = None,
+    ) -> None:
         self.process = process
+        self.on_fenced = on_fenced
+        """Called when Redis refused a batch because this process was declared dead:
+        starts over under a new id and returns every update to take references on again."""
         self.max_keys = max_keys
         self.max_age_s = max_age_s
         self.acquire: list[Update] = []
@@ -198,7 +192,14 @@ class Batcher:
         acquire = [u for u in self.acquire if id(u) not in leaving]
         release = self.release
         self.acquire, self.release, self.first_at = [], [], None
-        end_sessions(release, mode=mode or self.mode, acquire=acquire)
+        try:
+            end_sessions(release, mode=mode or self.mode, acquire=acquire)
+        except Fenced:
+            if self.on_fenced is None:
+                raise
+            # Nothing of the batch was applied (see release_many): send it again,
+            # under the new id, with a reference on every key still cached.
+            end_sessions(release, mode=mode or self.mode, acquire=self.on_fenced())
 
 
 class FlushRequest(Protocol):
@@ -233,7 +234,9 @@ class Runner:
         self.sources = list(sources)
         self.options = options
         self.stats = RunStats()
-        self.batcher = Batcher(process, options.batch_max_keys, options.batch_max_age_s)
+        self.batcher = Batcher(
+            process, options.batch_max_keys, options.batch_max_age_s, on_fenced=self._start_over
+        )
         self.cache = LruCache(options.max_entries, end_sessions=self.batcher.add_release)
         self.dead = DeadLetters(options.dead_letter)
         self.queue: queue.Queue[Chunk] = queue.Queue(maxsize=defaults.QUEUE_CHUNKS)
@@ -245,8 +248,6 @@ class Runner:
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
         self._info = {id(r): (_fast_merge(r), _triggers(r)) for r in router.routes}
         self._single_route = len(router.routes) == 1
-        self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
-        """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
         """Per (source, partition): the offset after the last line handled."""
         self._by_name = {s.name: s for s in self.sources}
@@ -302,6 +303,10 @@ class Runner:
                         self._expire_requested(request)
                 now = time.monotonic()
                 if now >= next_purge:
+                    if self.process.fenced:  # the heartbeat found out first
+                        self.batcher.send()
+                        if self.process.fenced:
+                            end_sessions([], acquire=self._start_over())
                     self.cache.purge()
                     self._publish()
                     next_purge = now + defaults.PURGE_INTERVAL_S
@@ -319,6 +324,22 @@ class Runner:
             self.dead.close()
             self._publish()
         return self.stats
+
+    def _start_over(self) -> list[Update]:
+        """After being fenced: a new id, and every cached update to acquire again.
+
+        The old id's references and exec sets are the survivors' to recover; what
+        is cached here was never deposited, so it is safe to keep.
+        """
+        old = self.process.reregister()
+        log.error(
+            "this worker was declared dead (silent past its TTL) as %s and fenced; "
+            "it goes on as %s with the %d keys in its cache",
+            old,
+            self.process.id,
+            self.cache.size(),
+        )
+        return list(self.cache.values())
 
     def _drain(self) -> None:
         """End every session: execute or cache. A second signal switches to cache-only."""
@@ -424,11 +445,6 @@ class Runner:
                     fast, trigger = info[id(route)]
                 update = entries.get(key)
                 if update is None:
-                    problem = spec_problem(spec) if spec else None
-                    if problem is not None:
-                        self._dead(chunk.source, line, problem)
-                        routed_n -= 1  # poison: dead-lettered, not routed
-                        break
                     update = self._new_update(route, id_, spec, doc)
                     if part is not None:
                         update.marks = {part: offset}
@@ -441,23 +457,12 @@ class Runner:
                             update.marks = {part: offset}
                         elif part not in marks:
                             marks[part] = offset
-                    if fast == "counts":  # small constants: no sum can overflow
+                    if fast == "sums":
                         merged = update.doc
                         for k, v in doc.items():
                             merged[k] = merged.get(k, 0) + v
-                    elif fast == "sums":
-                        problem = add_sums(update.doc, doc)
-                        if problem is not None:
-                            self._dead(chunk.source, line, problem)
-                            routed_n -= 1  # poison: dead-lettered, not routed
-                            break
                     elif fast == "slots":
-                        try:
-                            update.merge_slots(doc)  # type: ignore[attr-defined]
-                        except EventError as e:
-                            self._dead(chunk.source, line, str(e))
-                            routed_n -= 1  # poison: dead-lettered, not routed
-                            break
+                        update.merge_slots(doc)  # type: ignore[attr-defined]
                     else:
                         cache.set(key, self._new_update(route, id_, spec, doc))
                         continue
@@ -499,7 +504,6 @@ class Runner:
         self.stats.keys_executed = s.get("keys_executed", 0)
         self.stats.keys_cached = s.get("keys_cached", 0)
         self.stats.execute_failures = s.get("execute_failures", 0)
-        self.stats.nulls_skipped = {name: skipped_nulls(fields) for name, fields in self._fields}
         elapsed = self.stats.elapsed_s
         s.update(
             {
@@ -507,9 +511,6 @@ class Runner:
                 "events_read": self.stats.events_read,
                 "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
                 "dead_lettered": self.stats.dead_lettered,
-                "nulls_skipped": orjson.dumps(self.stats.nulls_skipped).decode()
-                if self._fields
-                else None,
                 "pid": os.getpid(),
             }
         )
@@ -523,17 +524,11 @@ class Runner:
 
 def _fast_merge(route: Route) -> str | None:
     """How the loop may merge an event into a cached update without building an Update:
-    "counts" (sums of small constants, which cannot overflow), "sums" (plain sums,
-    checked to stay in the 64-bit range), "slots" (per-field strategies), or None
-    (call ``merge``)."""
+    "sums" (plain sums), "slots" (per-field strategies), or None (call ``merge``)."""
     cls = route.update
     if issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge:
-        if not route.fields and all(
-            v.is_constant and abs(v.source) <= SMALL_CONSTANT for v in route.doc.values()
-        ):
-            return "counts"
         return "sums"
-    if issubclass(cls, FieldsUpdate) and cls.merge is FieldsUpdate.merge:
+    if issubclass(cls, Aggregate) and cls.merge is Aggregate.merge:
         return "slots"
     return None
 

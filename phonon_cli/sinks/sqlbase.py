@@ -16,6 +16,7 @@ column that does not exist.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import time
@@ -26,11 +27,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
+from .. import defaults
 from ..exceptions import SinkError
 from . import Database, discard, parse_database, thread_handle
 
 if TYPE_CHECKING:
     from ..core.update import Failures, Update
+
+log = logging.getLogger(__name__)
 
 INT64 = 2**63
 MARK = "\x00"
@@ -68,6 +72,8 @@ class Connection:
         self.conn: Any = None
         self.tables: dict[str, dict[str, Column]] = {}
         """Table -> folded column name -> column."""
+        self.applied_ready = False
+        """``phonon_applied`` exists (and was pruned) on this connection."""
 
     @staticmethod
     def fold(name: str) -> str:
@@ -321,8 +327,6 @@ class Prepared(Protocol):
     table: str
     spec: dict[str, tuple[str, Any]]
     """Folded key column -> (column name, value)."""
-    wanted: dict[str, tuple[str, str]]
-    """Folded column it writes (beyond the key) -> (column name, kind)."""
 
 
 P = TypeVar("P", bound=Prepared)
@@ -367,51 +371,6 @@ def row_key(cols: dict[str, Column], row: Prepared) -> tuple[Any, ...]:
             f"do not match the table's primary key {sorted(cols[k].name for k in keys)}"
         )
     return tuple(coerce(cols[k], row.spec[k][1], row.table) for k in keys)
-
-
-def admit_rows(
-    c: Connection,
-    table: str,
-    cols: dict[str, Column],
-    rows: list[P],
-    suits: Callable[[str, str], bool],
-    nullable: bool = False,
-) -> tuple[list[tuple[tuple[Any, ...], P]], Failures, dict[str, Column]]:
-    """The rows a table can take, each with its key, after adding the columns they need.
-
-    Both SQL sinks begin a table's batch so: a row fails alone (the others are
-    written) when its spec does not match the table's primary key or a column it
-    writes has a kind that cannot hold its value (``suits(column kind, kind
-    wanted)`` is false, or it is a key column).
-
-    Returns:
-        ``(ready, failures, columns)``: ``ready`` as ``(key, row)``; ``columns``
-        the table's (``cols``), the added ones included.
-    """
-    failures: Failures = []
-    ready: list[tuple[tuple[Any, ...], P]] = []
-    wanted: dict[str, tuple[str, str]] = {}
-    for row in rows:
-        try:
-            key = row_key(cols, row)
-            bad = [
-                name
-                for f, (name, kind) in row.wanted.items()
-                if f in cols and (cols[f].pk or not suits(cols[f].kind, kind))
-            ]
-            if bad:
-                raise SinkError(f"{table}: columns {bad} cannot hold what they are given")
-        except SinkError as e:
-            failures.append((row.update, e))
-            continue
-        ready.append((key, row))
-        for f, (name, kind) in row.wanted.items():
-            if f not in wanted or kind == "float":
-                wanted[f] = (wanted[f][0] if f in wanted else name, kind)
-    cols = ensure_columns(c, table, cols, wanted, nullable)
-    if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
-        c.tables.pop(table, None)
-    return ready, failures, cols
 
 
 def key_columns(cols: dict[str, Column]) -> list[str]:
@@ -461,6 +420,48 @@ def columns(
     return cols
 
 
+APPLIED = "phonon_applied"
+"""The table of execution ids written, in every database a SQL sink writes to."""
+
+
+def already_applied(c: Connection, ids: list[str]) -> set[str]:
+    """Of ``ids``, those already written (a set executed twice: a paused worker and
+    the survivor that recovered it, or a crash between commit and Redis cleanup).
+
+    Called inside the batch's transaction; ``record_applied`` adds the new ones in
+    the same transaction, so a set's rows and its id commit together or not at all.
+    Two workers writing the same set at once both insert its id: the primary key
+    makes one of the transactions fail, and its retry finds the id recorded.
+    """
+    if not c.applied_ready:
+        c.lock_table(APPLIED)
+        c.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {APPLIED} "
+            "(id TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)"
+        )
+        oldest = int(time.time() * 1000) - int(defaults.APPLIED_RETENTION_S * 1000)
+        c.executemany(f"DELETE FROM {APPLIED} WHERE applied_ms < {MARK}", [(oldest,)])
+        c.applied_ready = True
+    found: set[str] = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ", ".join([MARK] * len(chunk))
+        rows = c.query(f"SELECT id FROM {APPLIED} WHERE id IN ({marks})", chunk)
+        found.update(row[0] for row in rows)
+    if found:
+        log.info("%s: %d sets were written already; not again", c.db.display, len(found))
+    return found
+
+
+def record_applied(c: Connection, ids: list[str]) -> None:
+    if ids:
+        now = int(time.time() * 1000)
+        c.executemany(
+            f"INSERT INTO {APPLIED} (id, applied_ms) VALUES ({MARK}, {MARK})",
+            [(i, now) for i in ids],
+        )
+
+
 def write(
     db: Database,
     updates: Sequence[Update],
@@ -490,8 +491,24 @@ def write(
         c = thread_handle(db.url, lambda: backend(db))
         rejected: Failures = []
         with c.transaction():
+            ids = [r.update.execution_id for rows in by_table.values() for r in rows]
+            done = already_applied(c, [i for i in ids if i is not None])
             for table in sorted(by_table):  # one order in every worker: no deadlock
-                rejected += write_table(c, table, by_table[table])
+                rows = [r for r in by_table[table] if r.update.execution_id not in done]
+                if rows:
+                    rejected += write_table(c, table, rows)
+            failed = {id(u) for u, _ in rejected}
+            record_applied(
+                c,
+                [
+                    r.update.execution_id
+                    for rows in by_table.values()
+                    for r in rows
+                    if r.update.execution_id is not None
+                    and r.update.execution_id not in done
+                    and id(r.update) not in failed
+                ],
+            )
     except Exception as e:  # noqa: BLE001 - the whole transaction failed: so did every row
         discard(db.url)
         error = SinkError(f"{db.display}: {type(e).__name__}: {e}".rstrip())

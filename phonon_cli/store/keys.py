@@ -22,9 +22,6 @@ class ResourceKeys:
     """List of JSON partials (``Update``) or hash of sums (``ConflictFreeUpdate``)."""
     lock: str
     """String: the token of the lock's owner, with a PX expiry."""
-    quarantine: str
-    """List of JSON records: aggregates that could never be merged or written, each
-    with its recipe, payload and error (``core.quarantine``, ``phonon quarantine``)."""
 
     base: str
 
@@ -47,6 +44,9 @@ class Keys:
         self.namespace = namespace
         self.processes = f"{namespace}:processes"
         """Sorted set: process id -> last heartbeat (epoch ms). Every process not yet cleaned up."""
+        self.declared_dead = f"{namespace}:declared-dead"
+        """Set: processes declared dead (out of ``processes``, fenced) whose recovery
+        is not finished; a survivor that dies half way leaves them to the next."""
         self.recovery_lock = f"{namespace}:maintenance:recovery"
         """String, SET NX EX: only one survivor recovers dead processes at a time."""
         self.control = f"{namespace}:control"
@@ -59,7 +59,6 @@ class Keys:
             meta=f"{base}:meta",
             partials=f"{base}:partials",
             lock=f"{base}:lock",
-            quarantine=f"{base}:quarantine",
             base=base,
         )
 

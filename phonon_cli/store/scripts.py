@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
+
+from ..exceptions import Fenced
 
 if TYPE_CHECKING:
     import redis
@@ -139,78 +141,29 @@ end
 local function payload_pairs(payload)
   return string.gmatch(payload, '([^\\t\\n]+)\\t([^\\n]+)')
 end
-
--- A sum Redis cannot hold (HINCRBY past int64, HINCRBYFLOAT to an infinity) raises
--- inside the script: the resources of the batch before it are done, the rest not,
--- and the error reads like a lost store. So a deposit is checked whole first and
--- refused (the caller quarantines it) before any of it is merged.
-local function int_parts(s)
-  local neg = string.sub(s, 1, 1) == '-'
-  local digits = (string.gsub(neg and string.sub(s, 2) or s, '^0+', ''))
-  if #digits > 19 then return false end
-  local hi = 0
-  if #digits > 9 then hi = tonumber(string.sub(digits, 1, #digits - 9)) end
-  return true, neg, hi, tonumber(string.sub(digits, -9)) or 0
-end
-
-local function int_fits(neg, hi, lo)
-  -- 9223372036854775807 = 2^63 - 1, as exact halves; one more when negative
-  if hi ~= 9223372036 then return hi < 9223372036 end
-  return lo <= (neg and 854775808 or 854775807)
-end
-
-local function sum_refused(cur, inc)
-  if string.find(inc, '^-?%d+$') and (not cur or string.find(cur, '^-?%d+$')) then
-    local ok, neg, hi, lo = int_parts(inc)
-    if not ok or not int_fits(neg, hi, lo) then return inc .. ' is outside int64' end
-    if not cur then return nil end
-    local ok2, neg2, hi2, lo2 = int_parts(cur)
-    if not ok2 then return 'the cached ' .. cur .. ' is outside int64' end
-    if neg ~= neg2 then return nil end
-    hi, lo = hi + hi2, lo + lo2
-    if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
-    if not int_fits(neg, hi, lo) then return cur .. ' + ' .. inc .. ' is outside int64' end
-    return nil
-  end
-  local a, b = tonumber(cur or '0'), tonumber(inc)
-  if not a or not b then return inc .. ' is not a number' end
-  local sum = a + b
-  if sum ~= sum or sum == math.huge or sum == -math.huge then
-    return (cur or '0') .. ' + ' .. inc .. ' is not a finite number'
-  end
-  return nil
-end
-
-local NOT_SUMMED = {min = 1, max = 1, first = 1, last = 1, set = 1, list = 1, top = 1, hll = 1}
-
-local function deposit_refused(hash, kind, payload)
-  if kind == 'json' then return nil end
-  for field, value in payload_pairs(payload) do
-    local op = (kind == 'fields') and string.match(field, '^(%a+)/?%d*:') or nil
-    if not NOT_SUMMED[op or ''] then
-      local err = sum_refused(redis.call('HGET', hash, field), value)
-      if err then return field .. ': ' .. err end
-    end
-  end
-  return nil
-end
 """
 
 ACQUIRE_LUA = """
 -- Take references on many resources at once.
--- KEYS, 3 per resource: nodes (hash pid -> when it took the reference, epoch ms),
+-- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
+--   then 3 per resource: nodes (hash pid -> when it took the reference, epoch ms),
 --   meta (hash), partials
--- ARGV[1] process id, ARGV[2] now (epoch ms), then 1 per resource:
---   absorb: "1" to take the partials already cached (init_cache), else "0"
+-- ARGV[1] process id, ARGV[2] now (epoch ms), then 2 per resource:
+--   absorb: "1" to take the partials already cached (init_cache), else "0";
+--   the resource's name (for the held set)
 -- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
 --   items are JSON partials (kind "json") or field, value pairs (kind "sums").
 local pid, now = ARGV[1], ARGV[2]
+if not redis.call('ZSCORE', KEYS[1], pid) then
+  return redis.error_reply(FENCED .. pid)
+end
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
-  local nodes, meta, partials = KEYS[i*3+1], KEYS[i*3+2], KEYS[i*3+3]
+for i = 0, (#KEYS - 2) / 3 - 1 do
+  local nodes, meta, partials = KEYS[i*3+3], KEYS[i*3+4], KEYS[i*3+5]
+  redis.call('SADD', KEYS[2], ARGV[4 + i * 2])
   redis.call('HSET', nodes, pid, now)
   local taken = {}
-  if ARGV[3 + i] == '1' then
+  if ARGV[3 + i * 2] == '1' then
     local t = redis.call('TYPE', partials)['ok']
     if t == 'list' then
       taken = redis.call('LRANGE', partials, 0, -1)
@@ -232,10 +185,11 @@ RELEASE_LUA = """
 -- last holder, taking every partial left by the others. Leaving the nodelist and
 -- depositing happen in this one script: a last holder can never execute between
 -- the two and orphan the partial.
--- KEYS, 5 per resource: nodes, meta, partials, exec, exec_recipe (taken partials and
---   their recipe are kept there until the write is done, so that recovery can put
---   them back if this process dies in between)
--- ARGV[1] process id, ARGV[2] now (epoch ms), then 4 per resource:
+-- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
+--   then 5 per resource: nodes, meta, partials, exec, exec_recipe (taken partials and
+--   their recipe are kept there until the write is done, so that recovery can
+--   execute them if this process dies in between)
+-- ARGV[1] process id, ARGV[2] now (epoch ms), then 5 per resource:
 --   mode: "end"    deposit unless this is the last holder, else take
 --         "force"  take even if others still hold the resource
 --         "cache"  always deposit (failed execute, fast shutdown); deletes exec
@@ -246,25 +200,32 @@ RELEASE_LUA = """
 --   recipe: JSON naming the Update class and its arguments, so a survivor can
 --           rebuild the partial; kept in meta
 --   payload: as above; "" deposits nothing
+--   resource: its name, removed from the held set unless mode is "orphan"
+-- Taking renames the partials to exec, with the caller's own payload added (so
+-- exec holds exactly what the caller will write), and exec_recipe is
+-- "kind\\nexecution id\\nrecipe": the execution id is "<pid>:<seq>" from the exec
+-- key's name, the identity of this set of partials, which survives recovery.
 -- Returns, per resource: {0} when deposited (or nothing to take), or
---   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE; recipe is the
---   one kept in meta for "orphan" (the caller has its own otherwise: "" then); or
---   {2, reason} when the deposit was refused, nothing of it merged (a sum Redis
---   cannot hold: deposit_refused): the resource is left all the same, and the
---   caller quarantines the payload.
+--   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE (without the
+--   caller's own payload); recipe is the one kept in meta for "orphan" (the
+--   caller has its own otherwise: "" then).
 local pid, now = ARGV[1], ARGV[2]
+if not redis.call('ZSCORE', KEYS[1], pid) then
+  return redis.error_reply(FENCED .. pid)
+end
 
 local out = {}
-for i = 0, #KEYS / 5 - 1 do
-  local k = i * 5
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k = 2 + i * 5
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
-  local a = 3 + i * 4
+  local a = 3 + i * 5
   local mode, kind, recipe, payload = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local left
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
   else
+    redis.call('SREM', KEYS[2], ARGV[a+4])
     redis.call('HDEL', nodes, pid)
     left = redis.call('HLEN', nodes)
   end
@@ -286,8 +247,16 @@ for i = 0, #KEYS / 5 - 1 do
       kind = redis.call('HGET', meta, 'kind') or kind
     end
     if t ~= 'none' then
+      if mode ~= 'orphan' and payload ~= '' then
+        if kind == 'json' then
+          redis.call('RPUSH', partials, payload)
+        else
+          merge_pairs(partials, kind, payload_pairs(payload))
+        end
+      end
+      local eid = string.match(exec, ':exec:([^:]+:%d+)$') or exec
       redis.call('RENAME', partials, exec)
-      redis.call('SET', exec_recipe, kind .. '\\n' .. stored)
+      redis.call('SET', exec_recipe, kind .. '\\n' .. eid .. '\\n' .. stored)
     end
     if left == 0 then
       redis.call('DEL', meta)
@@ -302,13 +271,7 @@ for i = 0, #KEYS / 5 - 1 do
       out[i + 1] = r
     end
   else
-    local refused = nil
     if payload ~= '' then
-      refused = deposit_refused(partials, kind, payload)
-    end
-    if refused then
-      out[i + 1] = {2, refused}
-    elseif payload ~= '' then
       if kind == 'json' then
         redis.call('RPUSH', partials, payload)
       else
@@ -324,51 +287,52 @@ for i = 0, #KEYS / 5 - 1 do
     if left == 0 and redis.call('EXISTS', partials) == 0 then
       redis.call('DEL', meta)
     end
-    if not refused then out[i + 1] = {0} end
+    out[i + 1] = {0}
   end
-end
-return out
-"""
-
-QUARANTINE_LUA = """
--- Set aside aggregates that can never be merged or written, in the same step that
--- forgets what they were taken from: never both quarantined and still waiting.
--- KEYS, 6 per resource: nodes, meta, partials, quarantine (list of JSON records),
---   exec, exec_recipe (the partials taken to execute, if any; deleted)
--- ARGV, 1 per resource: the record (JSON: kind, recipe, payload, error, at_ms)
--- Returns, per resource: the number of records now in its quarantine
-local out = {}
-for i = 0, #KEYS / 6 - 1 do
-  local k = i * 6
-  local nodes, meta, partials, quarantine = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
-  redis.call('RPUSH', quarantine, ARGV[i + 1])
-  redis.call('DEL', KEYS[k+5], KEYS[k+6])
-  if redis.call('HLEN', nodes) == 0 and redis.call('EXISTS', partials) == 0 then
-    redis.call('DEL', meta)
-  end
-  out[i + 1] = redis.call('LLEN', quarantine)
 end
 return out
 """
 
 RECOVER_LUA = """
--- Remove a dead process from resources it held, putting back what it was executing.
--- KEYS, 5 per resource: nodes, meta, partials, exec, exec_recipe (the dead
---   process's; they exist only if it died while executing)
--- ARGV[1] the dead process's id, ARGV[2] now (epoch ms)
--- Returns, per resource: {holders left, 1 if a partial is cached else 0}
+-- Remove a dead process from resources it held, and deal with what it was executing.
+-- KEYS, 7 per resource: nodes, meta, partials, exec, exec_recipe (the dead
+--   process's; they exist only if it died while executing), then adopt, adopt_recipe
+--   (the survivor's own exec keys, for "adopt")
+-- ARGV[1] the dead process's id, ARGV[2] now (epoch ms), then 1 per resource:
+--   "adopt": move the dead process's exec set, whole and with its execution id,
+--            to the survivor's exec keys, for the survivor to execute (it knows
+--            the class): a write the dead process had made already is then
+--            recognised by an idempotent sink and not made again
+--   "merge": merge it back into the partials (the class is unknown here)
+-- Returns, per resource: {holders left, 1 if a partial is cached else 0,
+--   exec_recipe of the adopted set or "", its items...}
 local dead, now = ARGV[1], ARGV[2]
 local out = {}
-for i = 0, #KEYS / 5 - 1 do
-  local k = i * 5
+for i = 0, #KEYS / 7 - 1 do
+  local k = i * 7
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
+  local adopt, adopt_recipe = KEYS[k+6], KEYS[k+7]
   redis.call('HDEL', nodes, dead)
   local t = redis.call('TYPE', exec)['ok']
-  if t ~= 'none' then
-    local saved = redis.call('GET', exec_recipe) or '\\n'
-    local nl = string.find(saved, '\\n', 1, true)
-    local kind, recipe = string.sub(saved, 1, nl - 1), string.sub(saved, nl + 1)
+  local adopted = {}
+  if t ~= 'none' and ARGV[3 + i] == 'adopt' then
+    local saved = redis.call('GET', exec_recipe) or ''
+    if t == 'list' then
+      adopted = redis.call('LRANGE', exec, 0, -1)
+    else
+      adopted = redis.call('HGETALL', exec)
+    end
+    table.insert(adopted, 1, saved)
+    redis.call('RENAME', exec, adopt)
+    redis.call('SET', adopt_recipe, saved)
+    redis.call('DEL', exec_recipe)
+  elseif t ~= 'none' then
+    local saved = redis.call('GET', exec_recipe) or '\\n\\n'
+    local kind, _, recipe = string.match(saved, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')
+    if not kind then
+      kind, recipe = '', ''
+    end
     if kind == '' then kind = (t == 'list') and 'json' or 'sums' end
     if redis.call('EXISTS', partials) == 0 then
       redis.call('RENAME', exec, partials)
@@ -391,10 +355,49 @@ for i = 0, #KEYS / 5 - 1 do
     redis.call('HSETNX', meta, 'cached_ms', now)
   end
   local cached = redis.call('EXISTS', partials)
-  if cached == 0 and redis.call('HLEN', nodes) == 0 then
+  if cached == 0 and redis.call('HLEN', nodes) == 0 and #adopted == 0 then
     redis.call('DEL', meta)
   end
-  out[i + 1] = {redis.call('HLEN', nodes), cached}
+  local r = {redis.call('HLEN', nodes), cached}
+  if #adopted == 0 then r[3] = '' end
+  for _, v in ipairs(adopted) do r[#r + 1] = v end
+  out[i + 1] = r
+end
+return out
+"""
+
+HEARTBEAT_LUA = """
+-- Say a process is alive, unless it was declared dead (fencing: see FENCE).
+-- KEYS[1] its alive key, KEYS[2] its hash of figures, KEYS[3] the registry (zset)
+-- ARGV[1] process id, ARGV[2] now (epoch ms), ARGV[3] alive key TTL (ms),
+--   ARGV[4] "1" for the first beat of a new id (registers it), then field, value pairs
+-- Returns 1, or 0 if the process is no longer registered: it was declared dead and
+--   may never come back under this id (nothing is written).
+local pid, now = ARGV[1], ARGV[2]
+if ARGV[4] ~= '1' and not redis.call('ZSCORE', KEYS[3], pid) then
+  return 0
+end
+redis.call('SET', KEYS[1], now, 'PX', ARGV[3])
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+end
+redis.call('ZADD', KEYS[3], now, pid)
+return 1
+"""
+
+DECLARE_DEAD_LUA = """
+-- Declare processes dead: the first step of recovering them, and what fences them.
+-- KEYS[1] the registry (zset), KEYS[2] the set of processes declared dead whose
+--   recovery is not finished, then each candidate's alive key
+-- ARGV: the candidates' ids, in the order of their alive keys
+-- A candidate whose alive key exists again (it beat meanwhile) is left alone.
+-- Returns the ids declared dead now.
+local out = {}
+for i, pid in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 2]) == 0 and redis.call('ZREM', KEYS[1], pid) == 1 then
+    redis.call('SADD', KEYS[2], pid)
+    out[#out + 1] = pid
+  end
 end
 return out
 """
@@ -419,18 +422,35 @@ end
 return 0
 """
 
+FENCE_LUA = """
+-- Fencing. A process is alive while its alive key exists. Once that key has
+-- expired a survivor may declare it dead (DECLARE_DEAD: out of the registry, in
+-- one step that checks the key is still gone) and then recover what it held.
+-- Every script that changes shared state on a process's behalf first checks,
+-- in the same atomic step, that the process is still registered, and fails with
+-- this error if not; HEARTBEAT never registers it again. So a paused process
+-- that wakes up after being declared dead can apply nothing under its id, and
+-- one that was merely late, with nobody declaring it dead, simply goes on.
+local FENCED = 'PHONON_FENCED process declared dead: '
+"""
+
 # Scripts are passed as bytes so no client is needed to hash them; each call names its client.
-RELEASE_LUA = MERGE_LUA + RELEASE_LUA
+ACQUIRE_LUA = FENCE_LUA + ACQUIRE_LUA
+RELEASE_LUA = FENCE_LUA + MERGE_LUA + RELEASE_LUA
 RECOVER_LUA = MERGE_LUA + RECOVER_LUA
 
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
-QUARANTINE = Script(None, QUARANTINE_LUA.encode())  # type: ignore[arg-type]
 LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
+HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
+DECLARE_DEAD = Script(None, DECLARE_DEAD_LUA.encode())  # type: ignore[arg-type]
 
-ALL = (ACQUIRE, RELEASE, RECOVER, QUARANTINE, LOCK_RELEASE, LOCK_EXTEND)
+ALL = (ACQUIRE, RELEASE, RECOVER, LOCK_RELEASE, LOCK_EXTEND, HEARTBEAT, DECLARE_DEAD)
+
+FENCED_ERROR = "PHONON_FENCED"
+"""How a fenced script's error starts (see FENCE_LUA)."""
 
 
 def load(pipe: Pipeline) -> None:
@@ -467,4 +487,8 @@ def run(client: redis.Redis, build: Callable[[Pipeline], None]) -> list[Any]:
             reload = client.pipeline(transaction=False)
             load(reload)
             reload.execute()
+        except ResponseError as e:
+            if str(e).startswith(FENCED_ERROR):
+                raise Fenced(str(e)) from None
+            raise
     raise AssertionError("unreachable")
