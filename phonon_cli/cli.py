@@ -207,6 +207,16 @@ def check(config_path: str) -> None:
     "(default: dead-letter.jsonl under PHONON_HOME).",
 )
 @click.option(
+    "--max-line-bytes",
+    type=click.IntRange(min=1),
+    default=defaults.MAX_LINE_BYTES,
+    show_default=True,
+    envvar="PHONON_MAX_LINE_BYTES",
+    show_envvar=True,
+    metavar="N",
+    help="A longer line is dead-lettered (whole, to be replayed once fixed).",
+)
+@click.option(
     "--workers",
     default="1",
     show_default=True,
@@ -227,6 +237,7 @@ def run(
     soft_session: float | None,
     hard_session: float | None,
     dead_letter: str | None,
+    max_line_bytes: int,
     workers: int,
     worker_report_fd: int | None,
 ) -> None:
@@ -259,10 +270,17 @@ def run(
     )
     process = ctx.process(config)
     try:
-        opened = open_sources(sources, process, group=group, follow=follow, start_from=start_from)
+        opened = open_sources(
+            sources,
+            process,
+            group=group,
+            follow=follow,
+            start_from=start_from,
+            max_line_bytes=max_line_bytes,
+        )
     except PhononError as e:
         process.stop()
-        raise click.BadParameter(str(e), param_hint="--source") from None
+        raise Failure(str(e), EXIT_USAGE) from None  # one line: the message names the source
     for route in config.routes:
         process.register(route.update)
     report = Report(worker_report_fd) if worker_report_fd is not None else None

@@ -59,7 +59,12 @@ EMBEDDED_START_TIMEOUT_S = 10.0
 """Seconds to wait for the embedded Redis server to accept connections."""
 
 MAX_LINE_BYTES = 1 << 20
-"""Bytes in one event line beyond which it is dead-lettered as too long."""
+"""Bytes in one event line beyond which it is dead-lettered as too long
+(``phonon run --max-line-bytes``)."""
+
+DEAD_LETTER_KEEP_BYTES = 64 << 20
+"""Bytes of one rejected line the dead-letter file keeps; a longer line is cut
+there and marked ``truncated`` (memory for one line, not a whole input)."""
 
 PURGE_INTERVAL_S = 1.0
 """Seconds between scans of the cache for expired sessions."""

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Protocol
 
@@ -38,7 +37,7 @@ from ..exceptions import EventError, Fenced
 from ..fields.strategies import Aggregate
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
-from ..sources.base import TOO_LONG
+from .deadletters import DeadLetters
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +116,6 @@ class RunStats:
         if self.execute_failures:
             text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
         return text
-
-
-class DeadLetters:
-    """Lines that could not be aggregated, one JSON object each: the line and the reason."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._file: IO[bytes] | None = None
-
-    def write(self, source: str, line: bytes, reason: str) -> None:
-        if self.path is None:
-            log.debug("dead letter from %s: %s", source, reason)
-            return
-        if self._file is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
-        text = line.decode("utf-8", errors="replace")
-        self._file.write(orjson.dumps({"source": source, "reason": reason, "line": text}) + b"\n")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 class Batcher:
@@ -410,12 +386,9 @@ class Runner:
             try:
                 event = loads(line)
             except orjson.JSONDecodeError as e:
-                if line.startswith(TOO_LONG):
-                    self._dead(
-                        chunk.source,
-                        line[len(TOO_LONG) :],
-                        f"line longer than {defaults.MAX_LINE_BYTES} bytes",
-                    )
+                reject = chunk.rejects.get(offset - chunk.first_offset) if not line else None
+                if reject is not None:
+                    self._dead(chunk.source, reject.raw, reject.reason, reject.truncated)
                 elif not line.strip():
                     stats.events_read -= 1  # blank lines are not events
                 else:
@@ -495,9 +468,9 @@ class Runner:
             **extra,
         )
 
-    def _dead(self, source: str, line: bytes, reason: str) -> None:
+    def _dead(self, source: str, line: bytes, reason: str, truncated: bool = False) -> None:
         self.stats.dead_lettered += 1
-        self.dead.write(source, line, reason)
+        self.dead.write(source, line, reason, truncated)
 
     def _publish(self) -> None:
         s = self.process.stats

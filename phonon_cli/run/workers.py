@@ -271,7 +271,7 @@ class Supervisor:
         """Hand stdin out in chunks of whole lines, each to a worker with room for it."""
         stdin = sys.stdin.buffer
         read = getattr(stdin, "read1", stdin.read)
-        limit = defaults.MAX_LINE_BYTES
+        keep = defaults.DEAD_LETTER_KEEP_BYTES
         rest = b""
         try:
             while not self._stop_feeding.is_set():
@@ -281,9 +281,10 @@ class Supervisor:
                 data = rest + data
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
-                    # No line end yet. A line this long is dead-lettered by the worker
-                    # that gets it; keeping more than its start would only cost memory.
-                    rest = data if len(data) <= limit else data[: limit + 1]
+                    # No line end yet. A line over the limit is dead-lettered by the
+                    # worker that gets it, with the bytes it keeps: past those, the
+                    # line reaches it cut (and marked truncated), not held here whole.
+                    rest = data if len(data) <= keep else data[: keep + 1]
                     continue
                 rest = data[cut:]
                 if not self._hand_out(data[:cut]):

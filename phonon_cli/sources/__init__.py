@@ -74,8 +74,10 @@ def open_sources(
     group: str = "phonon",
     follow: bool = False,
     start_from: str = "committed",
+    max_line_bytes: int | None = None,
 ) -> list[Source]:
     """Every ``--source`` of a run. A source named twice would be read twice, so it is refused.
+    Lines over ``max_line_bytes`` are rejects (default ``defaults.MAX_LINE_BYTES``).
 
     Raises:
         SourceError: as ``open_source``, or for a source given twice.
@@ -85,6 +87,10 @@ def open_sources(
     seen = [s for i, s in enumerate(specs) if s in specs[:i]]
     if seen:
         raise SourceError(f"source {seen[0]!r} is given twice")
-    return [
+    opened = [
         open_source(s, process, group=group, follow=follow, start_from=start_from) for s in specs
     ]
+    if max_line_bytes is not None:
+        for source in opened:
+            source.max_line_bytes = max_line_bytes
+    return opened

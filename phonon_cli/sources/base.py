@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from .. import defaults
+
 if TYPE_CHECKING:
     import redis
 
@@ -25,8 +27,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOO_LONG = b"\x00too-long\x00"
-"""Marks a stub line standing for one over the line limit: the run loop dead-letters it."""
+
+@dataclass(frozen=True)
+class Reject:
+    """A line a source read but cannot hand over as an event (too long, an entry
+    without the configured field). The run loop dead-letters it with ``reason``
+    and the bytes as read, so it can be replayed once fixed; ``raw`` is cut only
+    past ``DEAD_LETTER_KEEP_BYTES``, and then ``truncated`` says so."""
+
+    raw: bytes
+    reason: str
+    truncated: bool = False
+
+
+def too_long(line: bytes, limit: int, length: int | None = None) -> Reject:
+    """The reject for a line over ``limit`` bytes; ``length`` when only a prefix of
+    it was kept while reading (a stream reader need not hold all of it)."""
+    length = len(line) if length is None else length
+    keep = line[: defaults.DEAD_LETTER_KEEP_BYTES]
+    return Reject(
+        keep, f"line of {length:,} bytes is over the limit of {limit:,}", len(keep) < length
+    )
 
 
 @dataclass
@@ -36,12 +57,17 @@ class Chunk:
     source: str
     lines: list[bytes] = field(default_factory=list)
     end: bool = False
-    too_long: int = 0
-    """Lines dropped for exceeding the line limit (each also sent as a stub line)."""
     partition: str | None = None
     """Where offsets are kept for this chunk; None for sources with nothing to commit."""
     first_offset: int = 0
     """Offset of ``lines[0]``; line i has offset ``first_offset + i``."""
+    rejects: dict[int, Reject] = field(default_factory=dict)
+    """Index in ``lines`` -> why that line is no event. The line itself is left
+    empty there, so it still takes its offset and costs the hot path nothing."""
+
+    def reject(self, reject: Reject) -> None:
+        self.rejects[len(self.lines)] = reject
+        self.lines.append(b"")
 
 
 class Source(Protocol):
@@ -52,6 +78,8 @@ class Source(Protocol):
     """
 
     name: str
+    max_line_bytes: int
+    """Longer lines are rejects, not events."""
 
     def start(self, out: queue.Queue[Chunk]) -> None:
         """Begin reading into ``out``; put a ``Chunk(end=True)`` when done."""
@@ -97,6 +125,8 @@ class ThreadedSource:
     makes it safe to call from a signal handler."""
 
     name: str
+    max_line_bytes: int = defaults.MAX_LINE_BYTES
+    """Longer lines are rejects (``phonon run --max-line-bytes``)."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -222,16 +252,16 @@ def bytes_client(process: Process) -> redis.Redis:
     return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
-def split_payload(data: bytes, lines: list[bytes]) -> int:
-    """Append a message's lines to ``lines`` (blank ones dropped); return how many were
-    too long (each replaced by a ``TOO_LONG`` stub for the dead-letter file)."""
-    from .. import defaults
+def split_lines(lines: Iterable[bytes], chunk: Chunk, limit: int) -> None:
+    """Append ``lines`` to ``chunk``, rejecting those over ``limit`` bytes."""
+    for line in lines:
+        if len(line) > limit:
+            chunk.reject(too_long(line, limit))
+        else:
+            chunk.lines.append(line)
 
-    too_long = 0
-    for line in data.split(b"\n"):
-        if len(line) > defaults.MAX_LINE_BYTES:
-            lines.append(TOO_LONG + line[:1024])
-            too_long += 1
-        elif line.strip():
-            lines.append(line)
-    return too_long
+
+def split_payload(data: bytes, chunk: Chunk, limit: int) -> None:
+    """Append a message's lines to ``chunk`` (blank ones dropped), rejecting those
+    over ``limit`` bytes."""
+    split_lines((line for line in data.split(b"\n") if line.strip()), chunk, limit)

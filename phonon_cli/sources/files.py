@@ -37,7 +37,7 @@ import redis
 
 from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
-from .base import TOO_LONG, Chunk, Group, ThreadedSource, assign, put_or_tick
+from .base import Chunk, Group, ThreadedSource, assign, put_or_tick, split_lines, too_long
 
 if TYPE_CHECKING:
     from ..core.process import Process
@@ -85,12 +85,15 @@ class PartitionReader:
 
     A line is read only once it ends with a newline (a writer may be half way
     through it), except the last line of a segment that a later segment
-    follows: that one is complete. A line over ``MAX_LINE_BYTES`` becomes a
-    ``TOO_LONG`` stub (one offset), so the run loop dead-letters it.
+    follows: that one is complete. A line over ``max_line_bytes`` becomes a
+    ``Reject`` (one offset, its bytes kept), so the run loop dead-letters it.
     """
 
-    def __init__(self, name: str, path: Path, start: int) -> None:
+    def __init__(
+        self, name: str, path: Path, start: int, max_line_bytes: int = defaults.MAX_LINE_BYTES
+    ) -> None:
         self.name = name
+        self.max_line_bytes = max_line_bytes
         self.path = path
         self.start = start
         self.next_offset = start
@@ -101,7 +104,8 @@ class PartitionReader:
         self._line = 0  # offset of the line being assembled
         self._file: IO[bytes] | None = None
         self._rest = b""
-        self._skipping = False  # inside a line that was too long
+        self._long: bytearray | None = None  # a line over the limit, still being read
+        self._long_len = 0
 
     def close(self) -> None:
         if self._file is not None:
@@ -121,7 +125,7 @@ class PartitionReader:
             log.warning("partition %s: segment %s starts at offset %d, not %d (gap or overlap)",
                         self.name, path.name, base, self._line)  # fmt: skip
         self.close()
-        self._base, self._line, self._rest, self._skipping = base, base, b"", False
+        self._base, self._line, self._rest, self._long = base, base, b"", None
         self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
 
     def read(self) -> Chunk | None:
@@ -140,7 +144,7 @@ class PartitionReader:
         self.at_end = False
         lines = (self._rest + data).split(b"\n")
         self._rest = lines.pop()
-        if rolled is not None and self._rest:
+        if rolled is not None and (self._rest or self._long is not None):
             lines.append(self._rest)  # the last line of a finished segment is whole
             self._rest = b""
         chunk = self._chunk(lines)
@@ -149,23 +153,38 @@ class PartitionReader:
         return chunk
 
     def _chunk(self, lines: list[bytes]) -> Chunk | None:
-        if self._skipping:
-            if not lines:  # still inside the long line: drop what we have of it
+        chunk = Chunk("")
+        limit = self.max_line_bytes
+        if self._long is not None:
+            tail = lines.pop(0) if lines else self._rest
+            self._long_len += len(tail)
+            self._long += tail[: max(0, defaults.DEAD_LETTER_KEEP_BYTES - len(self._long))]
+            if not lines and tail is self._rest:
                 self._rest = b""
-                return None
-            lines.pop(0)  # its tail: its stub already has the offset
-            self._skipping = False
-        too_long = 0
-        if len(self._rest) > defaults.MAX_LINE_BYTES:
-            lines.append(TOO_LONG + self._rest[:1024])
-            too_long, self._rest, self._skipping = 1, b"", True
+                return None  # still inside the long line
+            chunk.reject(too_long(bytes(self._long), limit, self._long_len))
+            self._long = None
+        if lines and (limit < READ_SIZE or len(lines[0]) > limit):
+            # Only the first line can be longer than one read, unless the limit is
+            # below a read: with the default limit, one length check per read.
+            split_lines(lines, chunk, limit)
+        elif chunk.lines:
+            chunk.lines += lines
+        else:
+            chunk.lines = lines
+        if len(self._rest) > limit:
+            self._long, self._long_len, self._rest = bytearray(self._rest), len(self._rest), b""
         first = self._line
-        self._line += len(lines)
+        self._line += len(chunk.lines)
         skip = max(0, self.start - first)  # resuming inside a segment
-        if skip >= len(lines):
+        if skip >= len(chunk.lines):
             return None
         self.next_offset = self._line
-        return Chunk("", lines[skip:], too_long=too_long, first_offset=first + skip)
+        if skip:
+            chunk.lines = chunk.lines[skip:]
+            chunk.rejects = {i - skip: r for i, r in chunk.rejects.items() if i >= skip}
+        chunk.first_offset = first + skip
+        return chunk
 
 
 class LineCounter:
@@ -361,7 +380,9 @@ class FileSource(ThreadedSource):
             start, floor = max(committed, self._read_to[name]), committed
         else:  # --from earliest: a replay, whose commits follow it from the start
             start = floor = 0 if self.earliest else committed
-        own = Owned(lock, PartitionReader(name, path, start), LineCounter(path), floor)
+        own = Owned(
+            lock, PartitionReader(name, path, start, self.max_line_bytes), LineCounter(path), floor
+        )
         with self._mutex:
             self._owned[name] = own
         self.process.client.hset(self._owners_key, name, self.process.id)

@@ -114,19 +114,19 @@ class PubSubSource(ThreadedSource):
 
     def _gather(self, pubsub: Any) -> Chunk | None:
         """Wait briefly for a message, then take whatever else is already there."""
-        lines: list[bytes] = []
-        too_long = size = 0
+        chunk = Chunk(self.name)
+        size = 0
         message = pubsub.get_message(timeout=WAIT_S)
         while message is not None:
             if message["type"] in ("message", "pmessage"):
                 data = message["data"]
                 self._received += 1
                 size += len(data)
-                too_long += split_payload(data, lines)
-            if size >= CHUNK_BYTES or len(lines) >= CHUNK_LINES:
+                split_payload(data, chunk, self.max_line_bytes)
+            if size >= CHUNK_BYTES or len(chunk.lines) >= CHUNK_LINES:
                 break
             message = pubsub.get_message(timeout=0)
-        return Chunk(self.name, lines, too_long=too_long) if lines else None
+        return chunk if chunk.lines else None
 
     def _tick(self) -> None:
         """Take or keep the group's subscriber lock, and say so for ``phonon status``."""

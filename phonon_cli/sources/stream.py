@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
-from .. import defaults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
 from ..store.lock import Lock
-from .base import TOO_LONG, Chunk, Group, ThreadedSource, bytes_client, put_or_tick
+from .base import Chunk, Group, Reject, ThreadedSource, bytes_client, put_or_tick, too_long
 
 if TYPE_CHECKING:
     from ..core.process import Process
@@ -180,31 +179,34 @@ class StreamSource(ThreadedSource):
         """Number the entries and hand them to the run loop as one chunk."""
         if not entries:
             return
-        lines: list[bytes] = []
-        too_long = 0
         with self._mutex:
-            first = self._next
+            chunk = Chunk(self.name, partition=self.key, first_offset=self._next)
             for entry_id, fields in entries:
-                lines.append(self._line(entry_id, fields))
-                if lines[-1].startswith(TOO_LONG):
-                    too_long += 1
+                self._add(chunk, entry_id, fields)
                 self._ids.append((self._next, entry_id))
                 self._next += 1
-        chunk = Chunk(self.name, lines, too_long=too_long, partition=self.key, first_offset=first)
         put_or_tick(out, chunk, self._stop, tick_s, self._upkeep)
 
-    def _line(self, entry_id: bytes, fields: dict[bytes, bytes]) -> bytes:
+    def _add(self, chunk: Chunk, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """One entry, one line, one offset: a line of its own or a reject."""
         if self.field is None:
             line = orjson.dumps(
                 {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
             )
         elif self.field in fields:
-            line = fields[self.field].replace(b"\n", b" ")  # one entry, one line, one offset
+            line = fields[self.field].replace(b"\n", b" ")
         else:
-            return b"\x00entry %s has no field %s" % (entry_id, self.field)
-        if len(line) > defaults.MAX_LINE_BYTES:
-            return TOO_LONG + line[:1024]
-        return line
+            raw = orjson.dumps({k.decode(errors="replace"): v.decode(errors="replace")
+                                for k, v in fields.items()})  # fmt: skip
+            reason = (
+                f"entry {entry_id.decode()} has no field {self.field.decode(errors='replace')!r}"
+            )
+            chunk.reject(Reject(raw, reason))
+            return
+        if len(line) > self.max_line_bytes:
+            chunk.reject(too_long(line, self.max_line_bytes))
+        else:
+            chunk.lines.append(line)
 
     def _upkeep(self) -> None:
         """While the queue is full: stay a member and keep status current."""

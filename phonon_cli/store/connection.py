@@ -204,7 +204,9 @@ class EmbeddedServer:
             str(self.home / "redis.log"),
         ]
         log.info("starting embedded redis on %s", self.socket_path)
-        result = subprocess.run(args, capture_output=True, text=True)
+        # stdin from /dev/null: a server started with fd 0 closed would take fd 0
+        # for its own event loop and crash (seen with `phonon run <&-`).
+        result = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if result.returncode != 0:
             raise StoreUnavailable(
                 f"cannot start embedded redis in {self.home}: {result.stderr.strip()}"

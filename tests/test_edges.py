@@ -1,0 +1,125 @@
+"""Rough edges a new user meets on the command line (issue 12), each with a real process."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import signal
+import subprocess
+import sys
+from base64 import b64decode
+from pathlib import Path
+
+import orjson
+import pytest
+
+from phonon_cli import defaults
+from phonon_cli.sources.base import Chunk
+from phonon_cli.sources.stdin import StdinSource
+
+LINES_TOML = """\
+[[routes]]
+update = "phonon_cli.sinks.jsonl:Lines"
+id = "{a}"
+doc = { n = "{n}" }
+"""
+
+
+def read_stdin(data: bytes, limit: int) -> list[Chunk]:
+    source = StdinSource(io.BytesIO(data))
+    source.max_line_bytes = limit
+    out: queue.Queue[Chunk] = queue.Queue()
+    source._run(out)
+    chunks = []
+    while not (chunk := out.get()).end:
+        chunks.append(chunk)
+    return chunks
+
+
+def events_and_rejects(chunks: list[Chunk]) -> list[object]:
+    return [
+        (c.rejects[i].raw, c.rejects[i].truncated) if i in c.rejects else line
+        for c in chunks
+        for i, line in enumerate(c.lines)
+    ]
+
+
+@pytest.mark.parametrize("limit", [10, 1 << 20])
+def test_stdin_keeps_the_exact_bytes_of_a_long_line(limit: int) -> None:
+    long = b"\xff" + b"y" * (3 * limit + 70_000)  # several reads, not UTF-8
+    data = b"a\n" + long + b"\nb\n" + long + b"\nc"
+    got = events_and_rejects(read_stdin(data, limit))
+    assert got == [b"a", (long, False), b"b", (long, False), b"c"]
+
+
+def test_stdin_cuts_a_huge_line_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(defaults, "DEAD_LETTER_KEEP_BYTES", 1000)
+    got = events_and_rejects(read_stdin(b"x" * 200_000 + b"\nok\n", 100))
+    assert got == [(b"x" * 1000, True), b"ok"]
+
+
+def run_lines(
+    tmp_path: Path, *args: str, stdin: object, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    return subprocess.Popen(
+        [sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg), *args],
+        stdin=stdin,  # type: ignore[arg-type]
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PHONON_HOME": str(tmp_path / "home"), **(env or {})},
+        cwd=tmp_path,
+    )
+
+
+def test_max_line_bytes_dead_letters_the_line_whole(tmp_path: Path) -> None:
+    long = b'{"a": "\xff' + b"z" * 300 + b'", "n": 1}'
+    proc = run_lines(
+        tmp_path,
+        "--max-line-bytes",
+        "200",
+        "--dead-letter",
+        str(tmp_path / "dead.jsonl"),
+        stdin=subprocess.PIPE,
+    )
+    out, err = proc.communicate(b'{"a": "k", "n": 2}\n' + long + b"\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert [orjson.loads(x) for x in out.splitlines()][0]["doc"] == {"n": 2}
+    (letter,) = [orjson.loads(x) for x in (tmp_path / "dead.jsonl").read_bytes().splitlines()]
+    assert b64decode(letter["line_base64"]) == long
+    assert letter["reason"] == f"line of {len(long)} bytes is over the limit of 200"
+
+
+def test_a_closed_stdin_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    r = subprocess.run(
+        f"{sys.executable} -m phonon_cli run -c {cfg} <&-",
+        shell=True,
+        capture_output=True,
+        env={**os.environ, "PHONON_HOME": str(tmp_path / "home")},
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert b"Traceback" not in r.stderr
+    assert b"stdin is closed" in r.stderr
+    assert r.stderr.decode().strip().splitlines() == [
+        "Error: stdin is closed: pipe events in, or read another --source"
+    ]
+
+
+def test_sigterm_with_stdin_still_open_exits_0(tmp_path: Path) -> None:
+    """``tail -f | phonon run`` stopped by a service manager: no abort at exit."""
+    read, write = os.pipe()
+    proc = run_lines(tmp_path, "--soft-session", "200ms", stdin=read)
+    os.close(read)
+    os.write(write, b"".join(b'{"a": %d, "n": 1}\n' % (i % 7) for i in range(200)))
+    assert proc.stdout is not None
+    assert proc.stdout.readline()  # a session ended: the worker reads, stdin stays open
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    os.close(write)
+    assert proc.returncode == 0, err
+    assert b"Fatal Python error" not in err
