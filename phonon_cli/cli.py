@@ -249,12 +249,9 @@ def run(
     With --workers N, N processes do this together (stdin handed out between
     them); the exit code is 1 if one of them was killed.
     """
-    from . import sinks
-    from .ops.flush import FlushSubscription
-    from .routing.routes import Router
-    from .run.loop import Runner, RunOptions, progress_printer
-    from .run.workers import Report, watch_parent
-    from .sources import open_sources
+    from .run.job import Job
+    from .run.loop import RunOptions, progress_printer
+    from .run.workers import Report
 
     config = load(config_path)
     home = os.environ.get("PHONON_HOME") or defaults.HOME
@@ -268,57 +265,35 @@ def run(
         hard_session_s=hard_session if hard_session is not None else config.cache.hard_session_s,
         dead_letter=dead_letter,
     )
+    report = Report(worker_report_fd) if worker_report_fd is not None else None
+    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet and not report else None
     process = ctx.process(config)
     try:
-        opened = open_sources(
-            sources,
+        job = Job(
             process,
+            config,
+            sources,
+            options,
             group=group,
             follow=follow,
             start_from=start_from,
             max_line_bytes=max_line_bytes,
+            progress=show,
+            report=report,
         )
     except PhononError as e:
-        process.stop()
         raise Failure(str(e), EXIT_USAGE) from None  # one line: the message names the source
-    for route in config.routes:
-        process.register(route.update)
-    report = Report(worker_report_fd) if worker_report_fd is not None else None
-    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet and not report else None
-    runner = Runner(
-        process,
-        Router(config.routes),
-        opened,
-        options,
-        progress=show,
-        control=FlushSubscription(process),
-        report=report.write if report else None,
-    )
-    runner.install_signal_handlers()
-    if report is not None:
-        watch_parent(runner.request_stop)
     try:
-        stats = runner.run()
+        stats = job.run()
     except PhononError as e:
         fail(e)
     except redis.RedisError as e:
         # Sessions in memory are lost with the store; sources with offsets replay
         # them (nothing was committed past them), stdin cannot.
         raise Failure(f"lost the store at {process.settings.describe()}: {e}") from None
-    finally:
-        if runner.control is not None:
-            runner.control.close()
-        try:
-            process.stop()
-        except redis.RedisError as e:
-            log.warning("could not unregister from the store: %s", e)
-        sinks.close_all()
     if show is not None:
         sys.stderr.write("\n")
-    if report is not None:  # the parent prints one summary for every worker
-        report.write(stats.figures(), final=True)
-        report.close()
-    elif not ctx.quiet:
+    if report is None and not ctx.quiet:
         click.echo(f"phonon: {stats.summary()}", err=True)
         if stats.dead_lettered:
             click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)

@@ -1,0 +1,102 @@
+"""One worker's whole run: sources opened, the loop run, everything closed after.
+
+The command line's ``run`` only parses options and prints what this returns, so
+that a run can be started the same way from a test or from other Python code,
+and so that the clean-up order (control channel, process, sink connections)
+lives in one place whatever ends the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import redis
+
+from .. import sinks
+from ..ops.flush import FlushSubscription
+from ..routing.routes import Router
+from ..sources import open_sources
+from .loop import Runner, RunOptions, RunStats
+from .workers import Report, watch_parent
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..core.process import Process
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A worker ready to run: its sources are open and its routes' classes known.
+
+    Raises (from the constructor):
+        SourceError: a ``--source`` that cannot be opened; ``process`` is stopped.
+    """
+
+    def __init__(
+        self,
+        process: Process,
+        config: Config,
+        sources: Sequence[str],
+        options: RunOptions,
+        *,
+        group: str = "phonon",
+        follow: bool = False,
+        start_from: str = "committed",
+        max_line_bytes: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        report: Report | None = None,
+    ) -> None:
+        self.process = process
+        try:
+            opened = open_sources(
+                sources,
+                process,
+                group=group,
+                follow=follow,
+                start_from=start_from,
+                max_line_bytes=max_line_bytes,
+            )
+        except BaseException:
+            process.stop()
+            raise
+        for route in config.routes:
+            process.register(route.update)
+        self.report = report
+        self.runner = Runner(
+            process,
+            Router(config.routes),
+            opened,
+            options,
+            progress=progress,
+            control=FlushSubscription(process),
+            report=report.write if report else None,
+        )
+
+    def run(self) -> RunStats:
+        """Run to the end of input or a signal; always leave the store and close sinks.
+
+        Raises:
+            PhononError: the run could not go on (a sink, a source, the store's state).
+            redis.RedisError: the store was lost past what the loop retries.
+        """
+        runner = self.runner
+        runner.install_signal_handlers()
+        if self.report is not None:
+            watch_parent(runner.request_stop)
+        try:
+            stats = runner.run()
+        finally:
+            if runner.control is not None:
+                runner.control.close()
+            try:
+                self.process.stop()
+            except redis.RedisError as e:
+                log.warning("could not unregister from the store: %s", e)
+            sinks.close_all()
+        if self.report is not None:  # the parent prints one summary for every worker
+            self.report.write(stats.figures(), final=True)
+            self.report.close()
+        return stats
