@@ -252,6 +252,15 @@ CONFIG_ERRORS = [
     ),
     ('[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a"\n', "routes[0].id", "brace"),
     ("[[routes]\n", "", "line 1"),
+    *(
+        (
+            '[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a}"\ncollection = "t"\n'
+            f'database = "{db}"\nspec = {{ a = "{{a}}" }}\n',
+            "routes[0].database",
+            "expected sqlite:///PATH",
+        )
+        for db in ("views.db", "mysql://x/y")
+    ),
 ]
 
 

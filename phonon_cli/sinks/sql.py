@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.update import ConflictFreeUpdate, Failures, Update
 from ..exceptions import ConfigError, SinkError
 from ..fields.strategies import Aggregate as FieldsAggregate
-from . import Database, sqlfields
+from . import Database, parse_database, sqlfields
 from .sqlbase import (
     BACKENDS,
     INT64,
@@ -165,6 +165,27 @@ class Table:
         if failures:
             raise failures[0][1]
 
+    @classmethod
+    def check_route(cls, route: Route) -> None:
+        """Checked when the config loads (``phonon check``): the table can be written.
+
+        Raises:
+            ConfigError: keyed relative to the route (``database``, ``collection``, ``spec``).
+        """
+        for key, value in (("database", route.database), ("collection", route.collection)):
+            if value is None:
+                raise ConfigError(f"missing: {cls.__name__} writes to a SQL table", key=key)
+        try:
+            parse_database(route.database)
+        except SinkError as e:
+            raise ConfigError(str(e), key="database") from e
+        try:
+            checked_table(route.database, route.collection)
+        except SinkError as e:
+            raise ConfigError(str(e), key="collection") from e
+        if not route.spec:
+            raise ConfigError("missing: the table's primary key, e.g. { id = '{id}' }", key="spec")
+
 
 class Counter(Table, ConflictFreeUpdate):
     """Sums per key in a SQL table: ``database`` is ``sqlite:///PATH`` or ``postgresql://...``,
@@ -200,15 +221,7 @@ class Aggregate(Table, FieldsAggregate):
         Raises:
             ConfigError: keyed relative to the route (``database``, ``spec``, ``fields.X``).
         """
-        for key, value in (("database", route.database), ("collection", route.collection)):
-            if value is None:
-                raise ConfigError(f"missing: {cls.__name__} writes to a SQL table", key=key)
-        try:
-            checked_table(route.database, route.collection)
-        except SinkError as e:
-            raise ConfigError(str(e), key="database") from e
-        if not route.spec:
-            raise ConfigError("missing: the table's primary key, e.g. { id = '{id}' }", key="spec")
+        super().check_route(route)
         backend = BACKENDS[sqlfields.backend_kind(route.database)]
         sqlfields.check_layout(backend, list(route.spec), [f.field for f in route.fields])
 
