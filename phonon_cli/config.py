@@ -162,7 +162,57 @@ class Config:
         Raises:
             ConfigError: naming ``path``, the key at fault and what is wrong.
         """
-        return _Validator(path).config(data)
+        return _Validator(path).config(expand_variables(data, path, os.environ))
+
+
+_VARIABLE = re.compile(r"\$(\$)|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}]*)\}?")
+
+
+def expand_variables(data: Any, path: str, environ: Mapping[str, str], key: str = "") -> Any:
+    """``${VAR}`` and ``${VAR:-default}`` replaced in every string value, so secrets
+    (a database password) can stay out of the file; ``$$`` is a literal ``$``.
+
+    Expanded after parsing, value by value, so a variable can never change the
+    file's structure (no TOML or YAML injected through the environment).
+
+    Raises:
+        ConfigError: a variable that is not set and has no default, or a malformed
+            reference, naming the file and the key.
+    """
+    if isinstance(data, str):
+        if "$" not in data:
+            return data
+
+        def one(m: re.Match[str]) -> str:
+            if m.group(1):
+                return "$"
+            name, default = m.group(2), m.group(3)
+            if name is None:
+                raise ConfigError(
+                    f"malformed variable {m.group(0)!r}: use ${{NAME}} or ${{NAME:-default}}",
+                    path=path,
+                    key=key or None,
+                )
+            if name in environ:
+                return environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"environment variable {name} is not set (give it, or a default: "
+                f"${{{name}:-default}})",
+                path=path,
+                key=key or None,
+            )
+
+        return _VARIABLE.sub(one, data)
+    if isinstance(data, Mapping):
+        return {
+            k: expand_variables(v, path, environ, f"{key}.{k}" if key else str(k))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [expand_variables(v, path, environ, f"{key}[{i}]") for i, v in enumerate(data)]
+    return data
 
 
 _TOP_KEYS = ("store", "cache", "routes")

@@ -444,3 +444,44 @@ def test_parse_duration_rejects(value: Any, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_duration(value)
     assert str(info.value) == message
+
+
+def test_environment_variables_in_any_string(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHONON_TEST_DB_PASSWORD", "s3cret")
+    monkeypatch.delenv("PHONON_TEST_UNSET", raising=False)
+    path = write(
+        tmp_path,
+        """\
+[store]
+url = "redis://:${PHONON_TEST_DB_PASSWORD}@localhost:6380/${PHONON_TEST_UNSET:-2}"
+namespace = "cost$$-${PHONON_TEST_UNSET:-}"
+
+[[routes]]
+update = "phonon_cli.update:ConflictFreeUpdate"
+id = "{a}"
+""",
+    )
+    config = load_config(path)
+    assert config.store.url == "redis://:s3cret@localhost:6380/2"
+    assert config.store.namespace == "cost$-"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("${PHONON_TEST_UNSET}", "environment variable PHONON_TEST_UNSET is not set"),
+        ("${PHONON_TEST_UNSET", "malformed variable '${PHONON_TEST_UNSET'"),
+    ],
+)
+def test_a_missing_variable_names_file_and_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    monkeypatch.delenv("PHONON_TEST_UNSET", raising=False)
+    path = write(
+        tmp_path,
+        f'[[routes]]\nupdate = "phonon_cli.update:ConflictFreeUpdate"\nid = "{{a}}"\n'
+        f'database = "{value}"\n',
+    )
+    assert load_error(path).startswith(f"{path}: routes[0].database: {message}")
