@@ -102,18 +102,21 @@ def load(config_path: str) -> Config:
 @click.option(
     "--redis-url",
     envvar="PHONON_REDIS_URL",
+    show_envvar=True,
     metavar="URL",
     help="Redis to coordinate through (default: an embedded server under PHONON_HOME).",
 )
 @click.option(
     "--namespace",
     envvar="PHONON_NAMESPACE",
+    show_envvar=True,
     metavar="NS",
     help=f"Prefix of every Redis key (default: {defaults.NAMESPACE}).",
 )
 @click.option(
     "--heartbeat-interval",
     envvar="PHONON_HEARTBEAT_INTERVAL",
+    show_envvar=True,
     type=float,
     default=defaults.HEARTBEAT_INTERVAL_S,
     show_default=True,
@@ -137,7 +140,7 @@ def main(
     ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet)
 
 
-@main.command()
+@main.command(short_help="Validate a config and import its classes, offline.")
 @click.option(
     "-c",
     "--config",
@@ -152,7 +155,7 @@ def check(config_path: str) -> None:
     click.echo(f"{config_path}: ok, {len(config.routes)} route(s)")
 
 
-@main.command()
+@main.command(short_help="Aggregate events; write each key once per session.")
 @click.option(
     "-c",
     "--config",
@@ -372,7 +375,7 @@ def _lost(settings: Any, error: Exception) -> NoReturn:
     fail(StoreUnavailable(f"lost the store ({settings.describe()}): {error}"))
 
 
-@main.command()
+@main.command(short_help="Show workers, keys held, orphaned partials, source offsets.")
 @click.option(
     "--json",
     "as_json",
@@ -430,7 +433,7 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
     click.get_current_context().exit(code)
 
 
-@main.command()
+@main.command(short_help="Expire keys in running workers now; execute or list orphans.")
 @click.argument("resources", nargs=-1, metavar="[RESOURCE_OR_GLOB]...")
 @click.option("--all", "all_", is_flag=True, help="Every resource.")
 @click.option(

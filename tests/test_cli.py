@@ -21,3 +21,14 @@ def test_bad_duration_is_a_usage_error(value, tmp_path) -> None:
     result = CliRunner().invoke(main, ["run", "-c", str(cfg), "--soft-session", value])
     assert result.exit_code == 2
     assert "--soft-session" in result.output
+
+
+def test_help_summaries_are_whole_and_env_vars_shown() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    commands = result.output.split("Commands:")[1].strip().splitlines()
+    assert len(commands) == len(main.commands)
+    for line in commands:
+        assert line.rstrip().endswith("."), line  # a whole sentence, not cut at "..."
+        assert not line.rstrip().endswith("..."), line
+    for option in ("--redis-url", "--namespace", "--heartbeat-interval"):
+        assert "PHONON_" in result.output.split(option)[1].split("\n  -")[0], option
