@@ -22,7 +22,8 @@ from typing import Any, NoReturn
 from . import defaults
 from .core.update import Update
 from .exceptions import ConfigError
-from .fields.strategies import Aggregate
+from .fields.aggregate import FieldsUpdate
+from .poison import bad_number
 from .routing.fields import parse_fields
 from .routing.filters import Scalar, matcher
 from .routing.routes import Route, Template
@@ -397,18 +398,18 @@ class _Validator:
     def fields(
         self, route: Mapping[str, Any], key: str, update: type[Update], update_path: str
     ) -> dict[str, Any]:
-        """Declared ``fields``, which only an ``Aggregate`` class can merge (and needs)."""
+        """Declared ``fields``, which only a ``FieldsUpdate`` class can merge (and needs)."""
         if "fields" not in route:
-            if issubclass(update, Aggregate):
+            if issubclass(update, FieldsUpdate):
                 self.fail(f"{key}.fields", f"missing: {update_path!r} aggregates declared fields")
             return {}
         if "doc" in route:
             self.fail(f"{key}.fields", "give 'doc' (sums) or 'fields' (strategies), not both")
-        if not issubclass(update, Aggregate):
+        if not issubclass(update, FieldsUpdate):
             self.fail(
                 f"{key}.update",
                 f"{update_path!r} cannot merge fields: it must subclass "
-                "phonon_cli.fields.strategies.Aggregate (e.g. phonon_cli.sinks.sql:Aggregate)",
+                "phonon_cli.fields.FieldsUpdate (e.g. phonon_cli.sinks.sql:Aggregate)",
             )
         return {"fields": parse_fields(self, route["fields"], f"{key}.fields")}
 
@@ -475,6 +476,8 @@ class _Validator:
             if isinstance(source, bool) or not isinstance(source, (str, int, float)):
                 self.fail(where, f"expected a number or '{{field}}', got {_kind(source)}")
             value_template = self.template(source, where)
+            if not isinstance(source, str) and bad_number(source):
+                self.fail(where, f"{source!r} is outside the 64-bit range a sum can hold")
             if isinstance(source, str) and not value_template.is_whole_field:
                 # Anything but exactly "{field}" renders text, never a number.
                 self.fail(where, f"template {source!r} cannot yield a number (use '{{field}}')")

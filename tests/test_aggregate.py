@@ -19,7 +19,8 @@ import pytest
 from aggregates import FIELDS, canonical, expected, fields_toml
 
 from phonon_cli.config import Config
-from phonon_cli.fields.strategies import hll_add, merge_slot
+from phonon_cli.fields import hll
+from phonon_cli.fields.strategies import merge_slot
 from phonon_cli.sinks import close_all
 
 ROOT = Path(__file__).parent.parent
@@ -60,7 +61,9 @@ def rows(url: str, table: str = "sessions") -> dict[Any, dict[str, Any]]:
             out = {}
             for row in cur.fetchall():
                 record = {
-                    n: orjson.loads(v) if types[n] == "TEXT" and n.endswith(JSON) else v
+                    n: orjson.loads(v)
+                    if types[n] == "TEXT" and n.endswith(JSON) and v is not None
+                    else v
                     for n, v in zip(names, row)
                 }
                 out[row[0]] = record
@@ -96,10 +99,10 @@ def lines(evs: list[dict[str, Any]]) -> bytes:
 
 
 def registers_hex(values: list[Any]) -> str:
-    registers = bytearray(1024)
+    registers: hll.Registers = {}
     for v in values:
-        hll_add(registers, canonical(v))
-    return bytes(registers).hex()
+        hll.add(registers, canonical(v))
+    return hll.to_hex(registers)
 
 
 def assert_matches(got: dict[Any, dict[str, Any]], evs: list[dict[str, Any]]) -> None:
@@ -324,6 +327,50 @@ def test_second_run_combines_with_the_first(
     assert_matches(rows(url), evs)
 
 
+def test_nulls_follow_sql_in_the_table_and_the_summary(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/nulls.db"
+    cfg = tmp_path / "agg.toml"
+    cfg.write_text(route_toml(url))
+    evs = events(300, 6, seed=3)
+    rng = random.Random(4)
+    for e in evs:
+        for name in ("amount", "page", "visitor"):
+            if rng.random() < 0.3:
+                e[name] = None
+    evs.append({"user": "all-null", "amount": None, "page": None, "ts": 1, "visitor": None})
+    result = subprocess.run(
+        phonon(
+            "run", "-c", str(cfg), "--max-entries", "2", redis_url=redis_url, namespace=namespace
+        ),
+        input=lines(evs),
+        capture_output=True,
+        timeout=60,
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert "dead-lettered 0" in err
+    # Per event: amount skipped by revenue, low, high, biggest, avg; page by pages and
+    # (if amount is not null) biggest; visitor by visitors.
+    skipped = sum(
+        5 * (e["amount"] is None)
+        + (e["page"] is None) * (1 + (e["amount"] is not None))
+        + (e["visitor"] is None)
+        for e in evs
+    )
+    assert f"nulls skipped: routes[0] {skipped}" in err
+    got, want = rows(url), expected(evs)
+    assert set(got) == set(want)
+    for user, row in got.items():
+        w = dict(want[user])
+        visitors = w.pop("visitors")
+        assert {k: row.get(k) for k in w} == w, user
+        assert (row.get("visitors") is None) == (visitors is None)
+        assert abs((row.get("visitors") or 0) - (visitors or 0)) <= max(1, (visitors or 0) // 20)
+    assert got["all-null"]["events"] == 1 and got["all-null"]["history"] == [None]
+
+
 # -- flush triggers ---------------------------------------------------------------------------
 
 
@@ -525,3 +572,15 @@ def test_aggregate_lines_sink_prints_values(redis_url: str, namespace: str, tmp_
         w = dict(want[p["id"]])
         assert abs(p["values"].pop("visitors") - w.pop("visitors")) <= 1
         assert p["values"] == w
+
+
+def test_status_adds_up_the_nulls_each_worker_skipped(make_process: Any, namespace: str) -> None:
+    from phonon_cli.ops.status import Status, render
+
+    for published in ({"routes[0]": 5, "routes[1]": 0}, {"routes[0]": 2, "routes[1]": 7}):
+        p = make_process(start_heartbeat=False)
+        p.stats["nulls_skipped"] = orjson.dumps(published).decode()
+        p.heartbeat()
+    snap = Status(p.client, namespace, "x").snapshot(20)
+    assert snap.totals.nulls_skipped == {"routes[0]": 7, "routes[1]": 7}
+    assert "nulls skipped: routes[0] 7, routes[1] 7\n" in render(snap)

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "clock": 0,
     "faults": 0,
     "logs": 0,
+    "poison": 0,
     "store": 1,
     "core": 2,
     "fields": 3,

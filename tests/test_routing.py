@@ -69,8 +69,7 @@ def test_whole_field_template_keeps_the_json_type(value: Any, expected_type: typ
         ("{a}/", {"a": "x"}, "x/"),
         ("{a}{b}", {"a": "x", "b": "y"}, "xy"),
         ("{a.b}-{c}", {"a": {"b": 1}, "c": 2}, "1-2"),
-        ("{a}:{b}:{c}", {"a": True, "b": None, "c": 1.5}, "true:null:1.5"),
-        ("{a}!", {"a": {"x": 1}}, '{"x":1}!'),
+        ("{a}:{b}:{c}", {"a": True, "b": False, "c": 1.5}, "true:false:1.5"),
         ("{{literal}}", {}, "{literal}"),
         ("{{{a}}}", {"a": 5}, "{5}"),
         ("a}}b{{c", {}, "a}b{c"),
@@ -82,6 +81,16 @@ def test_text_around_placeholders_makes_a_string(
 ) -> None:
     assert Template(source).render(event) == expected
     assert Template(source).text(event) == expected
+
+
+@pytest.mark.parametrize("source", ["{a}", "x-{a}", "{a}{b}", "{n.a}", "x-{n.a}"])
+@pytest.mark.parametrize(
+    ("value", "kind"), [(None, "null"), ({"x": 1}, "an object"), ([1], "a list")]
+)
+def test_a_key_made_of_a_null_object_or_list_is_refused(source: str, value: Any, kind: str) -> None:
+    event = {"a": value, "b": "b", "n": {"a": value}}
+    with pytest.raises(EventError, match=f"is {kind}: a key or column name needs a scalar"):
+        Template(source).text(event)
 
 
 def test_nested_field_reaches_into_objects() -> None:
@@ -233,7 +242,7 @@ def test_non_numeric_doc_value_is_an_event_error(value: Any, shown: str) -> None
 @pytest.mark.parametrize(
     ("route", "missing"),
     [
-        (make_route(id="{a}.{b}"), "b"),
+        (make_route(id="{a.y}.{b}"), "b"),
         (make_route(id="x", spec={"s": "{b}"}), "b"),
         (make_route(id="x", spec={"s": "{a.z}"}), "a.z"),
         (make_route(id="x", doc={"{b}": 1}), "b"),

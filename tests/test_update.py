@@ -130,7 +130,7 @@ class Failing(Update):
 
     def execute(self) -> None:
         Failing.calls += 1
-        raise RuntimeError("database is down")
+        raise ConnectionError("database is down")
 
 
 def test_failing_execute_is_retried_then_cached_back(make_process, client, monkeypatch) -> None:
@@ -139,7 +139,7 @@ def test_failing_execute_is_retried_then_cached_back(make_process, client, monke
     u = Failing(p, "down", doc={"c": 7})
     assert u.end_session() is False
     assert Failing.calls == 2
-    assert isinstance(u.error, RuntimeError)
+    assert isinstance(u.error, ConnectionError)
     keys = p.keys.resource("down")
     assert [orjson.loads(x)["doc"] for x in client.lrange(keys.partials, 0, -1)] == [{"c": 7}]
     assert client.hexists(keys.meta, "recipe")

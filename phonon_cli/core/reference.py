@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import defaults
 from ..store import scripts
 from ..store.lock import Lock
+from .quarantine import Poisoned, quarantine
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -135,9 +136,18 @@ def release_many(
 
     results = scripts.run(process.client, build)
     replies = [reply for result in results[: len(chunks)] for reply in result]
+    refused = [
+        Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
+        for rel, r in zip(releases, replies)
+        if r[0] == 2
+    ]
+    if refused:
+        # The script left these resources without merging their deposit (a sum
+        # Redis cannot hold): the partial is only in memory now, so set it aside.
+        quarantine(process, refused)
     return [
         None
-        if r[0] == 0
+        if r[0] != 1
         else Taken(
             kind=r[1],
             recipe=r[2],

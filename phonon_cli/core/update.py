@@ -12,6 +12,7 @@ import orjson
 
 from .. import defaults, faults
 from ..exceptions import Fenced, SerializationError
+from . import quarantine
 from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
 
 if TYPE_CHECKING:
@@ -136,6 +137,13 @@ class Update:
             except Exception as e:  # noqa: BLE001 - any failure keeps the aggregate
                 failures.append((update, e))
         return failures
+
+    @classmethod
+    def is_transient(cls, error: BaseException) -> bool:
+        """True when a failed execute may succeed later (the database is down,
+        locked or busy): the aggregate then stays in Redis. Otherwise, after its
+        retries, it is quarantined (``core.quarantine``). Sinks may override."""
+        return quarantine.is_transient(error)
 
     # -- what the framework provides ------------------------------------------------
 
@@ -369,28 +377,39 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         if any(got.items for _, got in pairs):
             faults.point("after-execute")
         failed_ids = {id(u) for u, _ in failed}
+        retry = []
         for update, error in failed:
             update.error = error
-            log.error(
-                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
-                update.resource,
-                cls.execute_attempts,
-                error,
-            )
-        if failed:
+            if cls.is_transient(error):
+                retry.append(update)
+                log.error(
+                    "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                    update.resource,
+                    cls.execute_attempts,
+                    error,
+                )
+        taken_by = {id(u): got for u, got in pairs}
+        kept: set[int] = set()
+        if retry:
             back = []
-            for update, got in pairs:
-                if id(update) in failed_ids:
-                    rel = Release(update.resource, "cache", update.kind, update.recipe())
-                    rel.payload, rel.exec_keys = update.payload(), got.exec_keys
-                    back.append(rel)
+            for u in retry:
+                rel = Release(u.resource, "cache", u.kind, u.recipe(), u.payload())
+                rel.exec_keys = taken_by[id(u)].exec_keys  # deposited and forgotten in one step
+                back.append(rel)
             if not _cache_back(process, back):
-                # Not cached back: their exec sets stay in Redis for the survivors.
-                pairs = [(u, got) for u, got in pairs if id(u) not in failed_ids]
-        _count(process, "keys_executed", len(pairs) - len(failed))
-        _count(process, "execute_failures", len(failed))
+                kept = {id(u) for u in retry}  # their exec sets stay for the survivors
+        quarantine.quarantine(
+            process,
+            [
+                quarantine.poisoned(u, e, taken_by[id(u)].exec_keys)
+                for u, e in failed
+                if not cls.is_transient(e)
+            ],
+        )
+        finish(process, [got for u, got in pairs if id(u) not in kept])
         executed.update(u for u, _ in pairs if id(u) not in failed_ids)
-        finish(process, [got for _, got in pairs])
+        _count(process, "keys_executed", len(pairs) - len(failed))
+        _count(process, "execute_failures", len(retry))
         for update, _ in pairs:
             update.execution_id = None
     return executed
@@ -416,10 +435,7 @@ def _cache_back(process: Process, releases: Sequence[Release]) -> bool:
 def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
     pause = cls.execute_backoff_s
     for attempt in range(1, cls.execute_attempts + 1):
-        try:
-            failures = cls.execute_many(updates)
-        except Exception as e:  # noqa: BLE001 - the batch failed as a whole
-            failures = [(u, e) for u in updates]
+        failures = quarantine.isolate(cls, updates)  # a poison key fails alone
         if not failures or attempt == cls.execute_attempts:
             return failures
         log.warning(

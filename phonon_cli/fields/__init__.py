@@ -1,7 +1,8 @@
-"""Declarative fields: per-field merge strategies and the ``Aggregate`` update."""
+"""Declarative fields: one ``Strategy`` per merge strategy and the ``FieldsUpdate``."""
 
 from __future__ import annotations
 
-from .strategies import NUMERIC, STRATEGIES, Aggregate, Field
+from .aggregate import FieldsUpdate
+from .strategies import STRATEGIES, Field, Strategy
 
-__all__ = ["NUMERIC", "STRATEGIES", "Aggregate", "Field"]
+__all__ = ["STRATEGIES", "Field", "FieldsUpdate", "Strategy"]

@@ -1,12 +1,22 @@
-"""Per-field merge strategies: how values of one field combine, locally and in Redis.
+"""Per-field merge strategies: one class per strategy, in one registry.
 
-An ``Aggregate`` keeps one *slot* per field, named ``<op>[/<n>]:<field>``. The
-name says how the slot merges, so a partial in Redis is self-describing: the
-Lua ``merge_field`` (scripts.py) merges a deposit into what is cached with no
-lock, and a survivor needs no config to merge what a dead worker left. The
-Python merge below and the Lua one implement the same rules, and every rule is
-commutative and associative, so the aggregate does not depend on the order of
-events or on how they were split among workers:
+A ``FieldsUpdate`` (aggregate.py) keeps one *slot* per field, named
+``<op>[/<n>]:<field>``. The name says how the slot merges, so a partial in Redis
+is self-describing: the Lua ``merge_field`` (store/scripts.py) merges a deposit
+into what is cached with no lock, and a survivor needs no config to merge what
+a dead worker left. Each ``Strategy`` below holds everything one strategy means,
+so adding one is adding a class here (and its branch in the Lua, which the
+parity test in tests/test_fields.py holds to the Python):
+
+- the event's slots (``putter``: type checks, one value's state);
+- the merge of two states (``merger``: in place, O(1) amortised per event);
+- the text in Redis (``encode``, ``decode``: what the Lua merges);
+- the executed value (``result``);
+- the SQL columns, and how a row's columns turn back into slots to combine
+  with a later session (``columns``, ``dump``, ``load``).
+
+Every rule is commutative and associative, so the aggregate does not depend on
+the order of events or on how they were split among workers:
 
 ==============  =========  ============================================  ===============
 strategy        op         slot value (local / in Redis)                 executed as
@@ -19,44 +29,539 @@ first, last     first,     (time, json) / "time json"; earliest/latest   the val
 set             set        set of JSON texts / sorted JSON array         sorted values
 list (cap n)    list/n     [(time, json)] / JSON array, newest n kept    values, oldest first
 top n           top/n      [(score, json)] / JSON array, n largest kept  [[score, value]]
-distinct_count  hll        1024 HyperLogLog registers / hex              estimate (int)
+distinct_count  hll        {register: rank} / 1024 registers, hex        estimate (int)
 mean            msum,mcnt  the sum and the count                         sum / count
 ==============  =========  ============================================  ===============
+
+Nulls never reach a strategy: routing/fields.py skips them (or dead-letters the
+event) before ``putter`` is called, as each strategy's ``skips_nulls`` says.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from functools import cached_property
+from typing import Any, ClassVar, Protocol
 
 import orjson
 
-from ..core.update import Update
 from ..exceptions import EventError, SerializationError
+from ..poison import INT64_END, INT64_MIN, bad_number, short
+from . import hll
 
-if TYPE_CHECKING:
-    from ..core.process import Process
+Slots = dict[str, Any]
+Put = Callable[[Any, Any, Slots], None]
+"""``put(value, key, slots)``: one event's (non-null) value and its time or score
+(None for the strategies without one) written into ``slots``."""
+Merge = Callable[[Any, Any], Any]
+"""``merge(a, b)``: ``a`` combined with ``b``, in place where ``a`` is a container."""
 
-STRATEGIES = (
-    "sum",
-    "count",
-    "min",
-    "max",
-    "first",
-    "last",
-    "set",
-    "list",
-    "top",
-    "distinct_count",
-    "mean",
-)
-NUMERIC = ("sum", "min", "max", "mean")
-HLL_BITS = 10
-"""log2 of the HyperLogLog register count: 1024 registers, ~3% standard error."""
-HLL_REGISTERS = 1 << HLL_BITS
+
+class SqlValues(Protocol):
+    """What a strategy needs of a SQL connection (sinks/sqlbase.Connection)."""
+
+    def fold(self, name: str) -> str: ...
+
+    def dump_any(self, value: Any) -> Any: ...
+
+    def load_any(self, value: Any) -> Any: ...
+
+    def load_json(self, value: Any) -> Any: ...
+
+
+class Strategy:
+    """How the values of one field combine. Subclasses are stateless singletons.
+
+    Class attributes describe the strategy to the config checks:
+
+    - ``name``: as written in a config (``merge = "sum"``); ``op``: the slot
+      prefix in Redis (the Lua dispatches on it);
+    - ``numeric``: the value must be a number;
+    - ``options``: which of ``by``, ``score``, ``n`` the field may give;
+      ``required``: which it must give; ``needs_value``: ``value`` is required;
+    - ``timed``: ordered by a time (``by``, else the arrival clock);
+    - ``skips_nulls``: SQL's rule: a null value is skipped (else it is a value).
+    """
+
+    name: ClassVar[str]
+    op: ClassVar[str]
+    numeric: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()
+    required: ClassVar[tuple[str, ...]] = ()
+    needs_value: ClassVar[bool] = True
+    timed: ClassVar[bool] = False
+    skips_nulls: ClassVar[bool] = True
+    ops: ClassVar[tuple[str, ...]] = ()
+    """Every slot op of the strategy (``op`` and, for mean, its count)."""
+    summed: ClassVar[tuple[str, ...]] = ()
+    """The slot ops that add up event values, so a merge may leave the 64-bit range
+    (a count adds ones: it cannot, within any session)."""
+
+    def slot_names(self, name: str, n: int) -> tuple[str, ...]:
+        return (f"{self.op}:{name}",)
+
+    def putter(self, f: Field) -> Put:
+        raise NotImplementedError
+
+    def merger(self, n: int) -> Merge:
+        raise NotImplementedError
+
+    def copy(self, state: Any) -> Any:
+        """A state no container of which is shared with ``state`` (numbers, tuples: itself)."""
+        return state
+
+    def encode(self, state: Any, n: int) -> str:
+        """The state as deposited in Redis (no tab or newline, as RELEASE requires)."""
+        return repr(state)
+
+    def decode(self, text: str) -> Any:
+        return _parse_number(text)
+
+    def number(self, state: Any) -> Any:
+        """The number SQL stores as itself (checked to fit 64 bits); None when none."""
+        return None
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        """The executed value (the slot is present: ``Field.result`` checks)."""
+        return slots[f.slots()[0]]
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        """``(column, kind)`` of the field; kinds: int, float, json, any, text.
+        A number's kind follows the slot's value when there is one."""
+        return [(f.name, "json")]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        """The column values, in ``columns`` order."""
+        return [_json_text(self.result(f, slots))]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        """The slots a row's columns hold (``row``: folded column -> value); {} if unset."""
+        raise NotImplementedError
+
+
+def _number_kind(value: Any) -> str:
+    return "float" if isinstance(value, float) else "int"
+
+
+class _Number(Strategy):
+    """A number per slot; the SQL column is the number itself."""
+
+    numeric = True
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+        name = f.name
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            if value.__class__ is int:
+                if not INT64_MIN <= value < INT64_END:
+                    raise _not_a_number(name, value)
+            elif value.__class__ is not float or value - value != 0.0:  # not finite: nan
+                raise _not_a_number(name, value)
+            out[slot] = value
+
+        return put
+
+    def number(self, state: Any) -> Any:
+        return state
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        return [(f.name, _number_kind((slots or {}).get(f.slots()[0])))]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        return [slots[f.slots()[0]]]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        v = row.get(c.fold(f.name))
+        return {} if v is None else {f.slots()[0]: v}
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def _smaller(a: Any, b: Any) -> Any:
+    return b if b < a else a
+
+
+def _larger(a: Any, b: Any) -> Any:
+    return b if b > a else a
+
+
+class Sum(_Number):
+    name, op = "sum", "sum"
+    summed = ("sum",)
+
+    def merger(self, n: int) -> Merge:
+        return _add
+
+
+class Count(_Number):
+    name, op = "count", "cnt"
+    numeric = False
+    needs_value = False
+    skips_nulls = False  # count counts events
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            out[slot] = 1
+
+        return put
+
+    def merger(self, n: int) -> Merge:
+        return _add
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        return [(f.name, "int")]
+
+
+class Min(_Number):
+    name, op = "min", "min"
+
+    def merger(self, n: int) -> Merge:
+        return _smaller
+
+
+class Max(_Number):
+    name, op = "max", "max"
+
+    def merger(self, n: int) -> Merge:
+        return _larger
+
+
+class Mean(_Number):
+    """Two slots, the sum and the count, each merged as a sum."""
+
+    name, op = "mean", "msum"
+    ops: ClassVar[tuple[str, ...]] = ("msum", "mcnt")
+    summed = ("msum",)
+
+    def slot_names(self, name: str, n: int) -> tuple[str, ...]:
+        return (f"msum:{name}", f"mcnt:{name}")
+
+    def putter(self, f: Field) -> Put:
+        total, count = f.slots()
+        name = f.name
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            if value.__class__ is int:
+                if not INT64_MIN <= value < INT64_END:
+                    raise _not_a_number(name, value)
+            elif value.__class__ is not float or value - value != 0.0:  # not finite: nan
+                raise _not_a_number(name, value)
+            out[total] = value
+            out[count] = 1
+
+        return put
+
+    def merger(self, n: int) -> Merge:
+        return _add
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        total, count = f.slots()
+        return slots[total] / slots[count] if slots.get(count) else None
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        v = (slots or {}).get(f.slots()[0])
+        return [(f.name, "float"), (f"{f.name}__sum", _number_kind(v)), (f"{f.name}__count", "int")]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        total, count = f.slots()
+        return [slots[total] / slots[count], slots[total], slots[count]]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        total, count = f.slots()
+        n = row.get(c.fold(f"{f.name}__count"))
+        return {} if n is None else {total: row.get(c.fold(f"{f.name}__sum")), count: n}
+
+
+class _Timed(Strategy):
+    """A value with its time: ``(time, canonical JSON text)``."""
+
+    options: ClassVar[tuple[str, ...]] = ("by",)
+    timed = True
+    skips_nulls = False  # any JSON value, null included
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+        what = f"{f.name} time"
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            if key.__class__ is int:
+                if not INT64_MIN <= key < INT64_END:
+                    raise _not_a_number(what, key)
+            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
+                raise _not_a_number(what, key)
+            out[slot] = (key, _json(value))
+
+        return put
+
+    def encode(self, state: Any, n: int) -> str:
+        return f"{state[0]!r} {state[1]}"
+
+    def decode(self, text: str) -> Any:
+        key, _, value = text.partition(" ")
+        return (_parse_number(key), value)
+
+    def number(self, state: Any) -> Any:
+        return state[0]
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        return orjson.loads(slots[f.slots()[0]][1])
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        v = (slots or {}).get(f.slots()[0])
+        return [(f.name, "any"), (f"{f.name}__at", _number_kind(v[0] if v else 0))]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        at, text = slots[f.slots()[0]]
+        return [c.dump_any(orjson.loads(text)), at]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        at = row.get(c.fold(f"{f.name}__at"))
+        if at is None:
+            return {}
+        return {f.slots()[0]: (at, _json(c.load_any(row.get(c.fold(f.name)))))}
+
+
+class First(_Timed):
+    """The earliest time wins; ties: the smaller JSON text (tuples compare so)."""
+
+    name, op = "first", "first"
+
+    def merger(self, n: int) -> Merge:
+        return _smaller
+
+
+class Last(_Timed):
+    """The latest time wins; ties: the larger JSON text."""
+
+    name, op = "last", "last"
+
+    def merger(self, n: int) -> Merge:
+        return _larger
+
+
+class Set(Strategy):
+    name, op = "set", "set"
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            out[slot] = {_json(value)}
+
+        return put
+
+    def merger(self, n: int) -> Merge:
+        def union(a: set[str], b: set[str]) -> set[str]:
+            a |= b
+            return a
+
+        return union
+
+    def copy(self, state: Any) -> Any:
+        return set(state)
+
+    def encode(self, state: Any, n: int) -> str:
+        return orjson.dumps(sorted(state)).decode()
+
+    def decode(self, text: str) -> Any:
+        items = orjson.loads(text)
+        return set(items) if isinstance(items, list) else set()
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        return [orjson.loads(t) for t in sorted(slots[f.slots()[0]])]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        v = row.get(c.fold(f.name))
+        return {} if v is None else {f.slots()[0]: {_json(x) for x in c.load_json(v)}}
+
+
+class _Ranked(Strategy):
+    """Items ``(key, JSON text)`` kept in a plain list, compacted lazily.
+
+    Appending is O(1); once the list holds twice the cap it is sorted and cut
+    back to the cap (``ordered``), so each event costs O(log n) amortised and a
+    key never holds more than 2n items. An item cut is never among the kept
+    ones later: both caps keep the extremes of a total order.
+    """
+
+    def slot_names(self, name: str, n: int) -> tuple[str, ...]:
+        return (f"{self.op}/{n}:{name}",)
+
+    def ordered(self, items: list[tuple[Any, str]], n: int) -> list[tuple[Any, str]]:
+        """The items kept, in the executed order."""
+        raise NotImplementedError
+
+    def merger(self, n: int) -> Merge:
+        ordered = self.ordered
+
+        def append(a: list[tuple[Any, str]], b: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+            a += b
+            if n and len(a) > 2 * n:
+                a[:] = ordered(a, n)
+            return a
+
+        return append
+
+    def copy(self, state: Any) -> Any:
+        return list(state)
+
+    def encode(self, state: Any, n: int) -> str:
+        return orjson.dumps([[repr(k), t] for k, t in self.ordered(state, n)]).decode()
+
+    def decode(self, text: str) -> Any:
+        items = orjson.loads(text)
+        return [(_parse_number(k), t) for k, t in items] if isinstance(items, list) else []
+
+
+class List(_Ranked):
+    """Every value with its time, oldest first; with ``n``, the newest n."""
+
+    name, op = "list", "list"
+    options: ClassVar[tuple[str, ...]] = ("by", "n")
+    timed = True
+    skips_nulls = False
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+        what = f"{f.name} time"
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            if key.__class__ is int:
+                if not INT64_MIN <= key < INT64_END:
+                    raise _not_a_number(what, key)
+            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
+                raise _not_a_number(what, key)
+            out[slot] = [(key, _json(value))]
+
+        return put
+
+    def ordered(self, items: list[tuple[Any, str]], n: int) -> list[tuple[Any, str]]:
+        items = sorted(items)
+        return items[-n:] if n else items
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        return [orjson.loads(t) for _, t in self.ordered(slots[f.slots()[0]], f.n)]
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        return [(f.name, "json"), (f"{f.name}__at", "json")]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        items = self.ordered(slots[f.slots()[0]], f.n)
+        return [_json_text([orjson.loads(t) for _, t in items]), _json_text([k for k, _ in items])]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        v = row.get(c.fold(f.name))
+        if v is None:
+            return {}
+        times = c.load_json(row.get(c.fold(f"{f.name}__at"))) or []
+        return {f.slots()[0]: [(k, _json(x)) for k, x in zip(times, c.load_json(v))]}
+
+
+def _rank(item: tuple[Any, str]) -> tuple[Any, str]:
+    return (-item[0], item[1])
+
+
+class Top(_Ranked):
+    """The n values with the largest score; ties: the smaller JSON text first."""
+
+    name, op = "top", "top"
+    options: ClassVar[tuple[str, ...]] = ("score", "n")
+    required: ClassVar[tuple[str, ...]] = ("n", "score")
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+        what = f"{f.name} score"
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            if key.__class__ is int:
+                if not INT64_MIN <= key < INT64_END:
+                    raise _not_a_number(what, key)
+            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
+                raise _not_a_number(what, key)
+            out[slot] = [(key, _json(value))]
+
+        return put
+
+    def ordered(self, items: list[tuple[Any, str]], n: int) -> list[tuple[Any, str]]:
+        items = sorted(items, key=_rank)
+        return items[:n] if n else items
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        return [[k, orjson.loads(t)] for k, t in self.ordered(slots[f.slots()[0]], f.n)]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        v = row.get(c.fold(f.name))
+        return {} if v is None else {f.slots()[0]: [(k, _json(x)) for k, x in c.load_json(v)]}
+
+
+class DistinctCount(Strategy):
+    """A HyperLogLog (hll.py): one register updated per event."""
+
+    name, op = "distinct_count", "hll"
+
+    def putter(self, f: Field) -> Put:
+        (slot,) = f.slots()
+        register = hll.register
+
+        def put(value: Any, key: Any, out: Slots) -> None:
+            index, rank = register(_json(value))
+            out[slot] = {index: rank}
+
+        return put
+
+    def merger(self, n: int) -> Merge:
+        return hll.union
+
+    def copy(self, state: Any) -> Any:
+        return dict(state)
+
+    def encode(self, state: Any, n: int) -> str:
+        return hll.to_hex(state)
+
+    def decode(self, text: str) -> Any:
+        return hll.from_hex(text)
+
+    def result(self, f: Field, slots: Slots) -> Any:
+        return hll.estimate(slots[f.slots()[0]])
+
+    def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
+        return [(f.name, "int"), (f"{f.name}__hll", "text")]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        registers = slots[f.slots()[0]]
+        return [hll.estimate(registers), hll.to_hex(registers)]
+
+    def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
+        registers = row.get(c.fold(f"{f.name}__hll"))
+        return {} if registers is None else {f.slots()[0]: hll.from_hex(registers)}
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Sum(),
+        Count(),
+        Min(),
+        Max(),
+        First(),
+        Last(),
+        Set(),
+        List(),
+        Top(),
+        DistinctCount(),
+        Mean(),
+    )
+}
+"""Config name -> strategy, in the order the docs list them."""
+BY_OP: dict[str, Strategy] = {op: s for s in STRATEGIES.values() for op in (s.ops or (s.op,))}
+"""Slot op (``sum``, ``cnt``, ``msum``, ``mcnt``, ...) -> the strategy that merges it."""
 
 
 @dataclass(frozen=True)
@@ -70,216 +575,136 @@ class Field:
     merge: str
     n: int = 0
 
+    @cached_property
+    def strategy(self) -> Strategy:
+        return STRATEGIES[self.merge]
+
+    @cached_property
+    def _slots(self) -> tuple[str, ...]:
+        return self.strategy.slot_names(self.name, self.n)
+
     def slots(self) -> tuple[str, ...]:
-        op = {"count": "cnt", "distinct_count": "hll"}.get(self.merge, self.merge)
-        if self.merge == "mean":
-            return (f"msum:{self.name}", f"mcnt:{self.name}")
-        if self.merge in ("list", "top"):
-            return (f"{op}/{self.n}:{self.name}",)
-        return (f"{op}:{self.name}",)
+        return self._slots
 
-    def start(self, value: Any, key: Any = None) -> dict[str, Any]:
-        """The slots of one event's value. ``key`` is its time (first, last, list)
-        or score (top).
-
-        Raises:
-            EventError: the value (or key) has the wrong type for the strategy.
-        """
-        m = self.merge
-        if m in NUMERIC or m in ("first", "last", "list", "top"):
-            if m in NUMERIC:
-                _number(self.name, value)
-            if m in ("first", "last", "list", "top"):
-                key = _number(f"{self.name} {'score' if m == 'top' else 'time'}", key)
-        slot = self.slots()
-        if m == "sum" or m == "min" or m == "max":
-            return {slot[0]: value}
-        if m == "count":
-            return {slot[0]: 1}
-        if m == "mean":
-            return {slot[0]: value, slot[1]: 1}
-        text = _json(value)
-        if m in ("first", "last"):
-            return {slot[0]: (key, text)}
-        if m in ("list", "top"):
-            return {slot[0]: [(key, text)]}
-        if m == "set":
-            return {slot[0]: {text}}
-        registers = bytearray(HLL_REGISTERS)
-        hll_add(registers, text)
-        return {slot[0]: registers}
-
-    def result(self, slots: dict[str, Any]) -> Any:
+    def result(self, slots: Slots) -> Any:
         """The executed value of this field, from its slots (None if never set)."""
-        names = self.slots()
-        if names[0] not in slots:
+        if self._slots[0] not in slots:
             return None
-        v = slots[names[0]]
-        m = self.merge
-        if m == "mean":
-            count = slots.get(names[1], 0)
-            return v / count if count else None
-        if m in ("first", "last"):
-            return orjson.loads(v[1])
-        if m == "set":
-            return [orjson.loads(t) for t in sorted(v)]
-        if m == "list":
-            return [orjson.loads(t) for _, t in _ordered(v, "list", self.n)]
-        if m == "top":
-            return [[k, orjson.loads(t)] for k, t in _ordered(v, "top", self.n)]
-        if m == "distinct_count":
-            return hll_estimate(v)
-        return v
+        return self.strategy.result(self, slots)
+
+
+def rule(slot: str) -> tuple[Strategy, int]:
+    """The strategy merging a slot, and its cap, from the slot's name.
+
+    Raises:
+        SerializationError: the name is not ``<op>[/<n>]:<field>`` of a known op.
+    """
+    found = _RULES.get(slot)
+    if found is None:
+        head, sep, _ = slot.partition(":")
+        op, _, n = head.partition("/")
+        strategy = BY_OP.get(op)
+        if not sep or strategy is None or not (n.isdigit() or n == ""):
+            raise SerializationError(f"unknown slot {slot!r}")
+        found = _RULES[slot] = (strategy, int(n or 0))
+    return found
+
+
+_RULES: dict[str, tuple[Strategy, int]] = {}
+"""Slot name -> (strategy, cap): slot names are few (the fields of the routes)."""
+
+
+class _Mergers(dict[str, Merge]):
+    """Slot name -> its in-place merge, made on first sight of the slot."""
+
+    def __missing__(self, slot: str) -> Merge:
+        strategy, n = rule(slot)
+        merge = self[slot] = strategy.merger(n)
+        return merge
+
+
+MERGERS = _Mergers()
+"""The run loop's per-event path: ``MERGERS[slot](cur, new)``, one lookup and one call."""
+
+
+class _Summed(dict[str, bool]):
+    """Slot name -> whether its merge adds event values (``Strategy.summed``)."""
+
+    def __missing__(self, slot: str) -> bool:
+        strategy, _ = rule(slot)
+        summed = self[slot] = slot.partition(":")[0] in strategy.summed
+        return summed
+
+
+SUMMED = _Summed()
+
+
+def sum_problem(doc: Slots, slots: Slots) -> str | None:
+    """Why merging ``slots`` into ``doc`` would make a sum no sink can hold, or None.
+    Checked before anything is merged, so a refused event leaves ``doc`` as it was."""
+    for slot, value in slots.items():
+        if SUMMED[slot]:
+            cur = doc.get(slot)
+            if cur is not None:
+                total = cur + value
+                if not INT64_MIN <= total < INT64_END and bad_number(total):
+                    return f"the sum of {slot!r} would leave the 64-bit range ({short(total)})"
+    return None
 
 
 def merge_slot(slot: str, a: Any, b: Any) -> Any:
-    """The merge of two values of one slot: the same rules as the Lua merge_field."""
-    op, n = _op(slot)
-    if op in ("sum", "cnt", "msum", "mcnt"):
-        return a + b
-    if op == "min":
-        return b if b < a else a
-    if op == "max":
-        return b if b > a else a
-    if op == "first":
-        return min(a, b)
-    if op == "last":
-        return max(a, b)
-    if op == "set":
-        return a | b
-    if op in ("list", "top"):
-        return _ordered([*a, *b], op, n)
-    if op == "hll":
-        return bytearray(max(x, y) for x, y in zip(a, b))
-    raise SerializationError(f"unknown slot {slot!r}")
+    """The merge of two values of one slot, sharing no container with ``a`` or ``b``:
+    the same rules as the Lua ``merge_field``."""
+    strategy, _ = rule(slot)
+    return MERGERS[slot](strategy.copy(a), b)
+
+
+def merge_into(doc: Slots, slots: Slots) -> None:
+    """``slots`` merged into ``doc``; what ``doc`` keeps shares no container with ``slots``."""
+    for slot, value in slots.items():
+        strategy, _ = rule(slot)
+        if slot in doc:
+            doc[slot] = MERGERS[slot](doc[slot], value)
+        else:
+            doc[slot] = strategy.copy(value)
 
 
 def encode_slot(slot: str, value: Any) -> str:
-    """A slot's value as deposited in Redis (no tab or newline, as RELEASE requires)."""
-    op, n = _op(slot)
-    if op in ("sum", "cnt", "msum", "mcnt", "min", "max"):
-        return repr(value)
-    if op in ("first", "last"):
-        return f"{value[0]!r} {value[1]}"
-    if op == "set":
-        return orjson.dumps(sorted(value)).decode()
-    if op in ("list", "top"):
-        return orjson.dumps([[repr(k), t] for k, t in _ordered(value, op, n)]).decode()
-    if op == "hll":
-        return bytes(value).hex()
-    raise SerializationError(f"unknown slot {slot!r}")
+    """A slot's value as deposited in Redis."""
+    strategy, n = rule(slot)
+    return strategy.encode(value, n)
 
 
 def decode_slot(slot: str, text: str) -> Any:
     """A slot's value from Redis."""
-    op, _ = _op(slot)
-    if op in ("sum", "cnt", "msum", "mcnt", "min", "max"):
-        return _parse_number(text)
-    if op in ("first", "last"):
-        key, _, value = text.partition(" ")
-        return (_parse_number(key), value)
-    if op == "hll":  # hex, not JSON: checked before the JSON parse below
-        return bytearray.fromhex(text)
-    items = orjson.loads(text)
-    if op == "set":
-        return set(items) if isinstance(items, list) else set()
-    if op in ("list", "top"):
-        return [(_parse_number(k), t) for k, t in items] if isinstance(items, list) else []
-    raise SerializationError(f"unknown slot {slot!r}")
+    strategy, _ = rule(slot)
+    return strategy.decode(text)
 
 
-class Aggregate(Update):
-    """An update whose ``doc`` holds merge slots (see the module docstring).
-
-    Partials merge inside Redis field by field, so no step takes a lock and an
-    eviction stays one round trip. ``fields`` (the declared fields, in order)
-    come from the route; a survivor that rebuilds a partial without them still
-    merges it correctly, since each slot's name says how.
-    """
-
-    kind: ClassVar[str] = "fields"
-
-    def __init__(
-        self, process: Process, _id: Any, *args: Any, fields: Sequence[Field] = (), **kwargs: Any
-    ) -> None:
-        super().__init__(process, _id, *args, **kwargs)
-        self.fields = tuple(fields)
-
-    def merge(self, other: Update) -> None:
-        self.merge_slots(other.doc)
-
-    def merge_slots(self, slots: dict[str, Any]) -> None:
-        """Merge one event's slots (the run loop's path: no Update built per event)."""
-        doc = self.doc
-        for slot, value in slots.items():
-            doc[slot] = merge_slot(slot, doc[slot], value) if slot in doc else value
-
-    def payload(self) -> str:
-        return "".join(f"{slot}\t{encode_slot(slot, v)}\n" for slot, v in self.doc.items())
-
-    def absorb(self, kind: str, items: Sequence[str]) -> None:
-        if kind == "json":
-            return super().absorb(kind, items)
-        doc = self.doc
-        for slot, text in zip(items[::2], items[1::2]):
-            value = decode_slot(slot, text)
-            doc[slot] = merge_slot(slot, doc[slot], value) if slot in doc else value
-
-    def values(self) -> dict[str, Any]:
-        """Field name -> executed value, for the declared fields (or every slot's field)."""
-        fields = self.fields or fields_of(self.doc)
-        return {f.name: f.result(self.doc) for f in fields}
-
-
-def fields_of(doc: dict[str, Any]) -> tuple[Field, ...]:
+def fields_of(doc: Slots) -> tuple[Field, ...]:
     """The fields whose slots ``doc`` holds (for a partial rebuilt without its route)."""
-    ops = {"cnt": "count", "hll": "distinct_count", "msum": "mean"}
     seen: dict[str, Field] = {}
     for slot in doc:
-        op, n = _op(slot)
-        name = slot.partition(":")[2]
-        if op != "mcnt" and name not in seen:
-            seen[name] = Field(name, ops.get(op, op), n)
+        strategy, n = rule(slot)
+        op, name = slot.partition(":")[0].partition("/")[0], slot.partition(":")[2]
+        if op == strategy.op and name not in seen:
+            seen[name] = Field(name, strategy.name, n)
     return tuple(seen.values())
 
 
-def hll_add(registers: bytearray, text: str) -> None:
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    index = h >> (64 - HLL_BITS)
-    rest = h & ((1 << (64 - HLL_BITS)) - 1)
-    rank = (64 - HLL_BITS) - rest.bit_length() + 1
-    if rank > registers[index]:
-        registers[index] = rank
+def numbers(doc: Slots) -> Iterable[tuple[str, Any]]:
+    """``(slot, number)`` for every number SQL stores as itself (to check its range)."""
+    for slot, value in doc.items():
+        number = rule(slot)[0].number(value)
+        if number is not None:
+            yield slot, number
 
 
-def hll_estimate(registers: bytes | bytearray) -> int:
-    m = len(registers)
-    alpha = 0.7213 / (1 + 1.079 / m)
-    estimate = alpha * m * m / sum(2.0**-r for r in registers)
-    zeros = registers.count(0)
-    if estimate <= 2.5 * m and zeros:
-        estimate = m * math.log(m / zeros)  # small range: linear counting
-    return round(estimate)
-
-
-def _op(slot: str) -> tuple[str, int]:
-    head = slot.partition(":")[0]
-    op, _, n = head.partition("/")
-    return op, int(n or 0)
-
-
-def _ordered(items: list[tuple[Any, str]], op: str, n: int) -> list[tuple[Any, str]]:
-    if op == "list":
-        items = sorted(items)
-        return items[-n:] if n else items
-    items = sorted(items, key=lambda kt: (-kt[0], kt[1]))
-    return items[:n] if n else items
-
-
-def _number(what: str, value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EventError(f"{what} is not a number: {value!r}")
-    return value
+def _not_a_number(what: str, value: Any) -> EventError:
+    """Why a value cannot be merged as a number (the event is dead-lettered)."""
+    if value.__class__ is int or value.__class__ is float:
+        return EventError(f"{what} {short(value)} is outside the 64-bit range")
+    return EventError(f"{what} is not a number: {short(value)}")
 
 
 def _parse_number(text: str) -> int | float:
@@ -290,4 +715,17 @@ def _parse_number(text: str) -> int | float:
 
 
 def _json(value: Any) -> str:
+    """The canonical JSON text of a value (keys sorted): what sets, lists, tops and
+    distinct counts compare, so equal values are equal whatever their key order."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def finite(value: Any) -> bool:
+    """An int within 64 bits or a finite float: what a SQL column can hold."""
+    if isinstance(value, int):
+        return -(1 << 63) <= value < 1 << 63
+    return math.isfinite(value)

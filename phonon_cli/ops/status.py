@@ -95,6 +95,8 @@ class Totals:
     orphaned: int = 0
     locked: int = 0
     partitions: int = 0
+    nulls_skipped: dict[str, int] = field(default_factory=dict)
+    """Per fields route, the nulls skipped by every listed process (SQL's rule)."""
 
     def count(self, ref: ReferenceInfo) -> None:
         self.references += 1
@@ -182,6 +184,7 @@ class Status:
             p.update((k, _float(h.get(k))) for k in _FLOATS)
             p.update((k, _int(h.get(k)) or 0) for k in _COUNTERS)
             p.update(held=int(held), flushable=h.get("flushable") == "1")
+            p["nulls_skipped"] = _nulls(h.get("nulls_skipped"))
             out.append(p)
         out.sort(key=lambda p: (not p["alive"], p["started_ms"] or 0, p["id"]))
         return out
@@ -363,6 +366,9 @@ def render(snap: Snapshot, width: int = WIDTH) -> str:
         f"references: {t.references:,} ({t.held:,} held, {t.cached:,} with a cached "
         f"partial, {t.orphaned:,} orphaned, {t.locked:,} locked)"
     )
+    if any(t.nulls_skipped.values()):
+        skipped = ", ".join(f"{r} {_num(n)}" for r, n in sorted(t.nulls_skipped.items()) if n)
+        lines.append(_cut(f"nulls skipped: {skipped}", width))
     lines += ["", f"PROCESSES ({t.processes:,})"]
     rows = [_process_row(p, now) for p in snap.processes[:limit]]
     lines += _table(PROCESS_COLUMNS, rows, len(snap.processes), width)
@@ -456,6 +462,9 @@ def _count_processes(t: Totals, processes: list[dict[str, Any]], sources: list[A
     t.alive, t.dead = len(live), len(processes) - len(live)
     t.entries = sum(p["entries"] or 0 for p in live)
     t.events_per_s = round(sum(p["events_per_s"] or 0 for p in live), 1)
+    for p in processes:
+        for route, n in p.get("nulls_skipped", {}).items():
+            t.nulls_skipped[route] = t.nulls_skipped.get(route, 0) + n
 
 
 def _recipe_class(recipe: str | None) -> str | None:
@@ -482,6 +491,19 @@ def _int(v: Any) -> int | None:
     except ValueError:
         f = _float(v)
         return None if f is None else int(f)
+
+
+def _nulls(text: str | None) -> dict[str, int]:
+    """A worker's skipped nulls per fields route (``{"routes[0]": 12}``); {} if none."""
+    try:
+        nulls = orjson.loads(text or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return (
+        {str(k): v for k, v in nulls.items() if isinstance(v, int)}
+        if isinstance(nulls, dict)
+        else {}
+    )
 
 
 def _float(v: Any) -> float | None:

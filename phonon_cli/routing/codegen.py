@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..poison import scalar_text
 from .filters import condition
-from .templates import _missing, _parse, _text
+from .templates import _missing, _parse
 
 if TYPE_CHECKING:
     from .routes import Route, Routed
@@ -45,7 +46,7 @@ def fuse(
         "DOC": doc_builder,
         "ID": route.id.text,
         "_missing": _missing,
-        "_text": _text,
+        "_scalar": scalar_text,
         "str": str,
         "int": int,
         "repr": repr,
@@ -82,7 +83,7 @@ def fuse(
                     v = local(p[0])
                     pieces.append(
                         f"({v} if {v}.__class__ is str else "
-                        f"repr({v}) if {v}.__class__ is int else _text({v}))"
+                        f"repr({v}) if {v}.__class__ is int else _scalar({v}, {p[0]!r}))"
                     )
             id_expr = " + ".join(pieces) if pieces else "''"
     if not id_expr:
@@ -99,7 +100,7 @@ def fuse(
             # The commonest doc, {"{event_type}" = 1}: count events by a field.
             k = local(name.key)
             env["N"] = value.source
-            doc_expr = f"{{({k} if {k}.__class__ is str else _text({k})): N}}"
+            doc_expr = f"{{({k} if {k}.__class__ is str else _scalar({k}, {name.key!r})): N}}"
     if fetched:
         lines.append("    try:")
         lines += [f"        {v} = event[{name!r}]" for name, v in fetched.items()]

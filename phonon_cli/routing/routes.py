@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import EventError
+from ..poison import bad_number, scalar_text
 from .codegen import fuse
 from .filters import Scalar, matcher
-from .templates import Event, Getter, Template, _missing, _short, _text
+from .templates import Event, Getter, Template, _missing, _short
 
 if TYPE_CHECKING:
     from ..core.update import Update
@@ -141,6 +142,8 @@ def _doc_value(key: Callable[[Event], str], value: Template) -> Getter:
     def number(event: Event) -> Any:
         v = render(event)
         if v.__class__ is int or v.__class__ is float:
+            if bad_number(v):
+                raise EventError(f"doc value for {key(event)!r} is outside the 64-bit range")
             return v
         raise EventError(f"doc value for {key(event)!r} is not a number: {_short(v)}")
 
@@ -162,7 +165,7 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
                     k = event[field_name]
                 except KeyError as e:
                     raise _missing(e) from None
-                return {k if k.__class__ is str else _text(k): number}
+                return {k if k.__class__ is str else scalar_text(k, field_name): number}
 
             return count
         key, get = name.text, _doc_value(name.text, value)
@@ -178,22 +181,25 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
         out: dict[str, Any] = {}
         for key, get in entries:
             k, v = key(event), get(event)
-            out[k] = out[k] + v if k in out else v
+            if k in out:
+                v = out[k] + v
+                if bad_number(v):
+                    raise EventError(f"doc value for {k!r} is outside the 64-bit range")
+            out[k] = v
         return out
 
     return summed
 
 
 def _slots_builder(fields: Sequence[RouteField]) -> Callable[[Event], dict[str, Any]]:
-    """The merge slots of every field: each field's slot names are distinct."""
+    """The merge slots of every field: each field's slot names are distinct. A null
+    skipped leaves its field's slots out."""
     starts = tuple(f.start for f in fields)
-    if len(starts) == 1:
-        return starts[0]
 
     def slots(event: Event) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for start in starts:
-            out.update(start(event))
+            start(event, out)
         return out
 
     return slots

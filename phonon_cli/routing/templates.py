@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ..exceptions import EventError
+from ..poison import scalar_text
 
 __all__ = ["Event", "Getter", "Template"]
 
@@ -125,7 +126,9 @@ class Template:
     - ``render(event)``: the value, JSON type kept for a whole-field template;
     - ``text(event)``: the value as a string (ids and doc keys need one).
 
-    Both raise ``EventError("missing field 'a.b'")`` when the event lacks a field.
+    Both raise ``EventError("missing field 'a.b'")`` when the event lacks a field;
+    ``text`` also when a field is null, an object or a list (``poison``): a key
+    or column name made of one would be ``"null"`` or a JSON document.
 
     Args:
         source: the template as written in the config.
@@ -163,7 +166,7 @@ class Template:
                 self.key = paths[0][0]
             get = _getter(paths[0])
             self.render = get
-            self.text = _as_text(get)
+            self.text = _as_text(get, self.fields[0])
         else:
             self.render = self.text = _joined(parts)
 
@@ -200,10 +203,10 @@ def _constant(value: Any) -> Getter:
     return constant
 
 
-def _as_text(get: Getter) -> Callable[[Event], str]:
+def _as_text(get: Getter, field: str) -> Callable[[Event], str]:
     def text(event: Event) -> str:
         value = get(event)
-        return value if value.__class__ is str else _text(value)
+        return value if value.__class__ is str else scalar_text(value, field)
 
     return text
 
@@ -238,7 +241,13 @@ def _joined(parts: list[str | tuple[str, ...]]) -> Callable[[Event], str]:
                         out.append(literal)
                     value = event[key]
                     cls = value.__class__  # ids are mostly made of strs and ints
-                    out.append(value if cls is str else repr(value) if cls is int else _text(value))
+                    out.append(
+                        value
+                        if cls is str
+                        else repr(value)
+                        if cls is int
+                        else scalar_text(value, key)
+                    )
             except KeyError as e:
                 raise _missing(e) from None
             if tail:
@@ -247,7 +256,7 @@ def _joined(parts: list[str | tuple[str, ...]]) -> Callable[[Event], str]:
 
         return joined_fields
 
-    pieces = tuple(p if isinstance(p, str) else _as_text(_getter(p)) for p in parts)
+    pieces = tuple(p if isinstance(p, str) else _as_text(_getter(p), ".".join(p)) for p in parts)
 
     def joined(event: Event) -> str:
         return "".join([p if p.__class__ is str else p(event) for p in pieces])  # type: ignore[operator]

@@ -34,7 +34,9 @@ from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.update import ConflictFreeUpdate, Update, end_sessions
 from ..exceptions import EventError, Fenced
-from ..fields.strategies import Aggregate
+from ..fields.aggregate import FieldsUpdate
+from ..poison import SMALL_CONSTANT, add_sums, spec_problem
+from ..routing.fields import skipped_nulls
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from .deadletters import DeadLetters
@@ -53,6 +55,10 @@ class RunOptions:
     progress: bool = False
 
 
+NULLS = "nulls_skipped:"
+"""Prefix of a route's skipped-nulls count among a worker's reported figures."""
+
+
 @dataclass
 class RunStats:
     """What a run did; printed as the summary and published for ``phonon status``."""
@@ -64,6 +70,8 @@ class RunStats:
     keys_executed: int = 0
     keys_cached: int = 0
     execute_failures: int = 0
+    nulls_skipped: dict[str, int] = field(default_factory=dict)
+    """Route (``routes[i]``) -> null values its fields skipped (SQL's rule)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -81,6 +89,7 @@ class RunStats:
             "keys_cached": self.keys_cached,
             "execute_failures": self.execute_failures,
             "entries": entries,
+            **{f"{NULLS}{route}": n for route, n in self.nulls_skipped.items()},
         }
 
     @classmethod
@@ -95,7 +104,10 @@ class RunStats:
             "keys_cached",
             "execute_failures",
         )
-        return cls(**{n: int(figures.get(n, 0)) for n in names}, started=started)
+        nulls = {k[len(NULLS) :]: int(n) for k, n in figures.items() if k.startswith(NULLS)}
+        return cls(
+            **{n: int(figures.get(n, 0)) for n in names}, nulls_skipped=nulls, started=started
+        )
 
     def progress(self, entries: int) -> str:
         """The progress line: what was read and how fast, what is cached and written."""
@@ -115,6 +127,9 @@ class RunStats:
         )
         if self.execute_failures:
             text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
+        skipped = [f"{route} {n}" for route, n in self.nulls_skipped.items() if n]
+        if skipped:
+            text += f"; nulls skipped: {', '.join(skipped)}"
         return text
 
 
@@ -224,6 +239,8 @@ class Runner:
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
         self._info = {id(r): (_fast_merge(r), _triggers(r)) for r in router.routes}
         self._single_route = len(router.routes) == 1
+        self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
+        """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
         """Per (source, partition): the offset after the last line handled."""
         self._by_name = {s.name: s for s in self.sources}
@@ -418,6 +435,11 @@ class Runner:
                     fast, trigger = info[id(route)]
                 update = entries.get(key)
                 if update is None:
+                    problem = spec_problem(spec) if spec else None
+                    if problem is not None:
+                        self._dead(chunk.source, line, problem)
+                        routed_n -= 1  # poison: dead-lettered, not routed
+                        break
                     update = self._new_update(route, id_, spec, doc)
                     if part is not None:
                         update.marks = {part: offset}
@@ -430,12 +452,23 @@ class Runner:
                             update.marks = {part: offset}
                         elif part not in marks:
                             marks[part] = offset
-                    if fast == "sums":
+                    if fast == "counts":  # small constants: no sum can overflow
                         merged = update.doc
                         for k, v in doc.items():
                             merged[k] = merged.get(k, 0) + v
+                    elif fast == "sums":
+                        problem = add_sums(update.doc, doc)
+                        if problem is not None:
+                            self._dead(chunk.source, line, problem)
+                            routed_n -= 1  # poison: dead-lettered, not routed
+                            break
                     elif fast == "slots":
-                        update.merge_slots(doc)  # type: ignore[attr-defined]
+                        try:
+                            update.merge_slots(doc)  # type: ignore[attr-defined]
+                        except EventError as e:
+                            self._dead(chunk.source, line, str(e))
+                            routed_n -= 1  # poison: dead-lettered, not routed
+                            break
                     else:
                         cache.set(key, self._new_update(route, id_, spec, doc))
                         continue
@@ -477,6 +510,7 @@ class Runner:
         self.stats.keys_executed = s.get("keys_executed", 0)
         self.stats.keys_cached = s.get("keys_cached", 0)
         self.stats.execute_failures = s.get("execute_failures", 0)
+        self.stats.nulls_skipped = {name: skipped_nulls(fields) for name, fields in self._fields}
         elapsed = self.stats.elapsed_s
         s.update(
             {
@@ -484,6 +518,9 @@ class Runner:
                 "events_read": self.stats.events_read,
                 "events_per_s": round(self.stats.events_read / elapsed, 1) if elapsed else 0,
                 "dead_lettered": self.stats.dead_lettered,
+                "nulls_skipped": orjson.dumps(self.stats.nulls_skipped).decode()
+                if self._fields
+                else None,
                 "pid": os.getpid(),
             }
         )
@@ -497,11 +534,17 @@ class Runner:
 
 def _fast_merge(route: Route) -> str | None:
     """How the loop may merge an event into a cached update without building an Update:
-    "sums" (plain sums), "slots" (per-field strategies), or None (call ``merge``)."""
+    "counts" (sums of small constants, which cannot overflow), "sums" (plain sums,
+    checked to stay in the 64-bit range), "slots" (per-field strategies), or None
+    (call ``merge``)."""
     cls = route.update
     if issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge:
+        if not route.fields and all(
+            v.is_constant and abs(v.source) <= SMALL_CONSTANT for v in route.doc.values()
+        ):
+            return "counts"
         return "sums"
-    if issubclass(cls, Aggregate) and cls.merge is Aggregate.merge:
+    if issubclass(cls, FieldsUpdate) and cls.merge is FieldsUpdate.merge:
         return "slots"
     return None
 

@@ -41,6 +41,7 @@ from typing import IO, Any
 import orjson
 
 from .. import defaults
+from .loop import NULLS
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,10 @@ class Report:
         self._lock = threading.Lock()
 
     def write(self, figures: dict[str, Any], final: bool = False) -> None:
-        line = orjson.dumps({**{k: figures.get(k, 0) for k in REPORT_FIELDS}, "final": final})
+        nulls = {k: n for k, n in figures.items() if k.startswith(NULLS)}  # one per fields route
+        line = orjson.dumps(
+            {**{k: figures.get(k, 0) for k in REPORT_FIELDS}, **nulls, "final": final}
+        )
         with self._lock:
             try:
                 self._file.write(line + b"\n")
@@ -230,7 +234,8 @@ class Supervisor:
         return self._outcome()
 
     def figures(self) -> dict[str, int]:
-        return {k: sum(w.figures.get(k, 0) for w in self.workers) for k in REPORT_FIELDS}
+        names = {k for w in self.workers for k in w.figures if k.startswith(NULLS)}
+        return {k: sum(w.figures.get(k, 0) for w in self.workers) for k in (*REPORT_FIELDS, *names)}
 
     def _outcome(self) -> Outcome:
         problems, codes = [], []

@@ -17,7 +17,7 @@ import orjson
 
 from ..core.update import ConflictFreeUpdate, Failures, Update
 from ..exceptions import SinkError
-from ..fields.strategies import Aggregate
+from ..fields.aggregate import FieldsUpdate
 
 _write_lock = threading.Lock()
 """One writer at a time in this process: the run loop and the heartbeat thread
@@ -28,7 +28,7 @@ def line(update: Update) -> bytes:
     """The JSON line written for an executed update: its ``doc``, or for an
     aggregate of fields the executed ``values`` (name -> value)."""
     body: dict[str, Any] = {"id": update._id, "collection": update.collection, "spec": update.spec}
-    if isinstance(update, Aggregate):
+    if isinstance(update, FieldsUpdate):
         body["values"] = update.values()
     else:
         body["doc"] = update.doc
@@ -104,7 +104,7 @@ class Lines(ConflictFreeUpdate):
         return _execute_lines(updates)
 
 
-class AggregateLines(Aggregate):
+class AggregateLines(FieldsUpdate):
     """Writes ``{"id", "collection", "spec", "values"}`` per executed key of a route
     with ``fields``: each field's executed value (a set as a sorted list, a mean as
     a number...). ``database`` as for ``Lines``."""

@@ -20,20 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.update import ConflictFreeUpdate, Failures, Update
 from ..exceptions import ConfigError, SinkError
-from ..fields.strategies import Aggregate as FieldsAggregate
+from ..fields.aggregate import FieldsUpdate
 from . import Database, parse_database, sqlfields
 from .sqlbase import (
     BACKENDS,
     INT64,
     MARK,
     Connection,
+    admit_rows,
     check_spec,
     checked_table,
     columns,
-    ensure_columns,
     execute_by_database,
     key_columns,
-    row_key,
     value_kind,
     write,
 )
@@ -53,6 +52,7 @@ class Row:
     table: str
     spec: dict[str, tuple[str, Any]]  # folded name -> (name, value)
     doc: dict[str, tuple[str, int | float]]
+    wanted: dict[str, tuple[str, str]]  # folded name -> (name, int|float)
 
 
 def prepare(c: type[Connection], u: Update) -> Row:
@@ -78,38 +78,21 @@ def prepare(c: type[Connection], u: Update) -> Row:
             )
         # SQLite: "Clicks" and "clicks" are one column, so they add up, as it would.
         doc[f] = (doc[f][0], doc[f][1] + v) if f in doc else (k, v)
-    return Row(u, table, spec, doc)
+    wanted = {f: (k, value_kind(v)) for f, (k, v) in doc.items()}
+    return Row(u, table, spec, doc, wanted)
+
+
+def _numeric(column_kind: str, wanted: str) -> bool:
+    return column_kind in ("int", "float")
 
 
 def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     """Upsert rows into one table inside the caller's transaction; return rejected rows."""
-    cols = columns(c, table, rows[0].spec)
-    keys = key_columns(cols)
-    failures: Failures = []
-    ready: list[tuple[tuple[Any, ...], Row]] = []
-    wanted: dict[str, tuple[str, str]] = {}  # folded doc column -> (name, int|float)
-    for row in rows:
-        try:
-            key = row_key(cols, row)
-            bad = [
-                k
-                for f, (k, _) in row.doc.items()
-                if f in cols and (cols[f].pk or cols[f].kind not in ("int", "float"))
-            ]
-            if bad:
-                raise SinkError(f"{table}: doc columns {bad} are not numeric")
-        except SinkError as e:
-            failures.append((row.update, e))
-            continue
-        ready.append((key, row))
-        for f, (name, v) in row.doc.items():
-            if f not in wanted or isinstance(v, float):
-                wanted[f] = (wanted.get(f, (name, ""))[0], value_kind(v))
-    cols = ensure_columns(c, table, cols, wanted)
-    if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
-        c.tables.pop(table, None)
+    ready, failures, cols = admit_rows(c, table, columns(c, table, rows[0].spec), rows, _numeric)
     if not ready:
         return failures
+    keys = key_columns(cols)
+    wanted = list(dict.fromkeys(f for _, row in ready for f in row.doc))
     q = c.quote
     sums = [q(cols[f].name) for f in wanted]
     names = [q(cols[k].name) for k in keys] + sums
@@ -202,7 +185,7 @@ class Counter(Table, ConflictFreeUpdate):
         return execute_by_database(updates, _write_counters)
 
 
-class Aggregate(Table, FieldsAggregate):
+class Aggregate(Table, FieldsUpdate):
     """Per-field strategies per key in a SQL table, merged with the row it finds.
 
     ``collection`` is the table, ``spec`` its primary key, and each of the route's

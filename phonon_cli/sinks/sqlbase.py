@@ -327,6 +327,8 @@ class Prepared(Protocol):
     table: str
     spec: dict[str, tuple[str, Any]]
     """Folded key column -> (column name, value)."""
+    wanted: dict[str, tuple[str, str]]
+    """Folded column it writes (beyond the key) -> (column name, kind)."""
 
 
 P = TypeVar("P", bound=Prepared)
@@ -371,6 +373,51 @@ def row_key(cols: dict[str, Column], row: Prepared) -> tuple[Any, ...]:
             f"do not match the table's primary key {sorted(cols[k].name for k in keys)}"
         )
     return tuple(coerce(cols[k], row.spec[k][1], row.table) for k in keys)
+
+
+def admit_rows(
+    c: Connection,
+    table: str,
+    cols: dict[str, Column],
+    rows: list[P],
+    suits: Callable[[str, str], bool],
+    nullable: bool = False,
+) -> tuple[list[tuple[tuple[Any, ...], P]], Failures, dict[str, Column]]:
+    """The rows a table can take, each with its key, after adding the columns they need.
+
+    Both SQL sinks begin a table's batch so: a row fails alone (the others are
+    written) when its spec does not match the table's primary key or a column it
+    writes has a kind that cannot hold its value (``suits(column kind, kind
+    wanted)`` is false, or it is a key column).
+
+    Returns:
+        ``(ready, failures, columns)``: ``ready`` as ``(key, row)``; ``columns``
+        the table's (``cols``), the added ones included.
+    """
+    failures: Failures = []
+    ready: list[tuple[tuple[Any, ...], P]] = []
+    wanted: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        try:
+            key = row_key(cols, row)
+            bad = [
+                name
+                for f, (name, kind) in row.wanted.items()
+                if f in cols and (cols[f].pk or not suits(cols[f].kind, kind))
+            ]
+            if bad:
+                raise SinkError(f"{table}: columns {bad} cannot hold what they are given")
+        except SinkError as e:
+            failures.append((row.update, e))
+            continue
+        ready.append((key, row))
+        for f, (name, kind) in row.wanted.items():
+            if f not in wanted or kind == "float":
+                wanted[f] = (wanted[f][0] if f in wanted else name, kind)
+    cols = ensure_columns(c, table, cols, wanted, nullable)
+    if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
+        c.tables.pop(table, None)
+    return ready, failures, cols
 
 
 def key_columns(cols: dict[str, Column]) -> list[str]:

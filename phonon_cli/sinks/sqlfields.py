@@ -21,38 +21,38 @@ JSON is TEXT in SQLite and JSONB in PostgreSQL. A first/last value is JSONB in
 PostgreSQL; in SQLite a string or number is stored as itself, anything else as
 JSON in a BLOB (so a string that looks like JSON is never taken for JSON).
 
+Each strategy's columns, and how a row turns back into slots, are its
+``Strategy.columns``, ``dump`` and ``load`` (fields/strategies.py).
+
 Writing a batch, in the one transaction ``sqlbase.write`` opens per database:
 take the table's advisory lock (PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already
 serializes writers), ``INSERT ... ON CONFLICT DO NOTHING`` the missing rows,
 read the batch's rows (``FOR UPDATE``), merge each with the session's slots using
-``fields.merge_slot`` (the very rules of the in-memory and in-Redis merges), and
+``fields.merge_into`` (the very rules of the in-memory and in-Redis merges), and
 ``UPDATE`` them with one ``executemany`` per set of fields. Every strategy thus
-combines across sessions exactly as within one.
+combines across sessions exactly as within one. A session whose every value was
+null has no slots: its row is inserted with NULL columns, as SQL's GROUP BY
+keeps a group whose values are all null.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from ..core.update import Failures, Update
 from ..exceptions import ConfigError, SinkError
-from ..fields.strategies import Field, fields_of, hll_estimate, merge_slot
+from ..fields.strategies import Field, fields_of, finite, merge_into, numbers
 from . import parse_database
 from .sqlbase import (
-    INT64,
     MARK,
     Connection,
+    admit_rows,
     check_spec,
     columns,
-    ensure_columns,
     key_columns,
-    row_key,
 )
 
 NUMBER_KINDS = ("int", "float", "other")
@@ -68,84 +68,9 @@ SELECT_CHUNK = 200
 """Rows read per SELECT (each adds a condition per key column)."""
 
 
-def canonical(value: Any) -> str:
-    """A value as the merge slots spell it (``fields._json``): sorted keys, so equal
-    values read back from JSONB (which reorders keys) compare equal."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-
-
-def _num(value: Any) -> str:
-    return "float" if isinstance(value, float) else "int"
-
-
 def layout(f: Field, slots: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """The columns of a field, ``(name, kind)``: numbers typed by the slot's value."""
-    s, m, n = f.slots(), f.merge, f.name
-    v = (slots or {}).get(s[0])
-    if m in ("sum", "min", "max"):
-        return [(n, _num(v))]
-    if m == "count":
-        return [(n, "int")]
-    if m == "mean":
-        return [(n, "float"), (f"{n}__sum", _num(v)), (f"{n}__count", "int")]
-    if m in ("first", "last"):
-        return [(n, "any"), (f"{n}__at", _num(v[0] if v else 0))]
-    if m == "list":
-        return [(n, "json"), (f"{n}__at", "json")]
-    if m == "distinct_count":
-        return [(n, "int"), (f"{n}__hll", "text")]
-    return [(n, "json")]  # set, top
-
-
-def dump(c: Connection, f: Field, slots: dict[str, Any]) -> list[Any]:
-    """The field's column values (``layout`` order) from its slots."""
-    s, m = f.slots(), f.merge
-    v = slots[s[0]]
-    if m == "mean":
-        return [v / slots[s[1]], v, slots[s[1]]]
-    if m in ("first", "last"):
-        return [c.dump_any(orjson.loads(v[1])), v[0]]
-    if m == "list":
-        items = merge_slot(s[0], [], v)  # ordered by time, capped, as the result is
-        return [_json([orjson.loads(t) for _, t in items]), _json([k for k, _ in items])]
-    if m in ("set", "top"):
-        return [_json(f.result(slots))]
-    if m == "distinct_count":
-        return [hll_estimate(v), bytes(v).hex()]
-    return [v]
-
-
-def load(c: Connection, f: Field, row: dict[str, Any]) -> dict[str, Any]:
-    """The slots a row holds for a field (``row``: folded column -> value); {} if unset."""
-    s, m, n = f.slots(), f.merge, f.name
-
-    def stored(name: str) -> Any:
-        return row.get(c.fold(name))
-
-    if m == "mean":
-        count = stored(f"{n}__count")
-        return {} if count is None else {s[0]: stored(f"{n}__sum"), s[1]: count}
-    if m in ("first", "last"):
-        at = stored(f"{n}__at")
-        return {} if at is None else {s[0]: (at, canonical(c.load_any(stored(n))))}
-    if m == "distinct_count":
-        registers = stored(f"{n}__hll")
-        return {} if registers is None else {s[0]: bytearray.fromhex(registers)}
-    v = stored(n)
-    if v is None:
-        return {}
-    if m == "set":
-        return {s[0]: {canonical(x) for x in c.load_json(v)}}
-    if m == "list":
-        times = c.load_json(stored(f"{n}__at")) or []
-        return {s[0]: [(k, canonical(x)) for k, x in zip(times, c.load_json(v))]}
-    if m == "top":
-        return {s[0]: [(k, canonical(x)) for k, x in c.load_json(v)]}
-    return {s[0]: v}
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return f.strategy.columns(f, slots)
 
 
 def backend_kind(database: Any) -> str:
@@ -205,16 +130,15 @@ def prepare(c: type[Connection], u: Update) -> Row:
     spec = check_spec(c, table, u, "Aggregate")
     fields = fields_of(u.doc)
     _checked(c, tuple(k for k, _ in spec.values()), fields)  # type: ignore[arg-type]
-    for slot, v in u.doc.items():
-        op = slot.partition(":")[0]
-        number = v[0] if op in ("first", "last") else v
-        if op in ("sum", "cnt", "min", "max", "msum", "mcnt", "first", "last") and (
-            (isinstance(number, int) and not -INT64 <= number < INT64)
-            or (isinstance(number, float) and not math.isfinite(number))
-        ):
+    for slot, number in numbers(u.doc):
+        if not finite(number):
             raise SinkError(f"{table}: {slot}={number!r} is not a 64-bit integer or finite float")
     wanted = {c.fold(name): (name, kind) for f in fields for name, kind in layout(f, u.doc)}
     return Row(u, table, spec, fields, wanted)
+
+
+def _suits(column_kind: str, wanted: str) -> bool:
+    return column_kind in COMPATIBLE[wanted]
 
 
 def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
@@ -222,39 +146,18 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     more = [c.column(name, kind) for name, kind in rows[0].wanted.values()]
     cols = columns(c, table, rows[0].spec, more)
     c.lock_table(table)  # PostgreSQL: one read-merge-write of this table at a time
-    keys = key_columns(cols)
-    failures: Failures = []
-    ready: list[tuple[tuple[Any, ...], Row]] = []
-    wanted: dict[str, tuple[str, str]] = {}
-    for row in rows:
-        try:
-            key = row_key(cols, row)
-            bad = [
-                name
-                for f, (name, kind) in row.wanted.items()
-                if f in cols and (cols[f].pk or cols[f].kind not in COMPATIBLE[kind])
-            ]
-            if bad:
-                raise SinkError(f"{table}: columns {bad} have the wrong type for their strategy")
-        except SinkError as e:
-            failures.append((row.update, e))
-            continue
-        ready.append((key, row))
-        for f, (name, kind) in row.wanted.items():
-            if f not in wanted or kind == "float":
-                wanted[f] = (name, kind)
-    cols = ensure_columns(c, table, cols, wanted, nullable=True)
-    if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
-        c.tables.pop(table, None)
+    ready, failures, cols = admit_rows(c, table, cols, rows, _suits, nullable=True)
     if not ready:
         return failures
+    keys = key_columns(cols)
+    wanted = list(dict.fromkeys(f for _, row in ready for f in row.wanted))
     # One key may execute twice in a batch (evicted, seen again, evicted again): its
     # sessions are merged first, or the second UPDATE would overwrite the first.
+    # merge_into copies: a failed transaction caches these very updates back in Redis.
     merged: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Field]]] = {}
     for key, row in ready:
         doc, named = merged.setdefault(key, ({}, {}))
-        for slot, value in row.update.doc.items():
-            doc[slot] = merge_slot(slot, doc[slot], value) if slot in doc else value
+        merge_into(doc, row.update.doc)
         named.update((f.name, f) for f in row.fields)
     # The same key order in every worker (and the table lock in PostgreSQL): no deadlock.
     keys_sorted = sorted(merged, key=repr)
@@ -266,19 +169,17 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
         f"ON CONFLICT ({', '.join(key_names)}) DO NOTHING",
         keys_sorted,
     )
-    stored = _read(c, table, cols, keys, list(wanted), keys_sorted)
+    stored = _read(c, table, cols, keys, wanted, keys_sorted)
     groups: dict[tuple[Field, ...], list[tuple[Any, ...]]] = {}
     for key in keys_sorted:
         doc, named = merged[key]
         values: list[Any] = []
         for field in named.values():
-            slots = load(c, field, stored[key])
-            for slot in field.slots():
-                if slot in doc:
-                    new = doc[slot]
-                    slots[slot] = merge_slot(slot, slots[slot], new) if slot in slots else new
-            values += dump(c, field, slots)
-        groups.setdefault(tuple(named.values()), []).append((*values, *key))
+            slots = field.strategy.load(c, field, stored[key])
+            merge_into(slots, {s: doc[s] for s in field.slots() if s in doc})
+            values += field.strategy.dump(c, field, slots)
+        if named:  # else every value was null: the row inserted above is the result
+            groups.setdefault(tuple(named.values()), []).append((*values, *key))
     where = " AND ".join(f"{k} = {MARK}" for k in key_names)
     for group, params in groups.items():
         sets = ", ".join(

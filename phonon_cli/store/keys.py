@@ -22,6 +22,9 @@ class ResourceKeys:
     """List of JSON partials (``Update``) or hash of sums (``ConflictFreeUpdate``)."""
     lock: str
     """String: the token of the lock's owner, with a PX expiry."""
+    quarantine: str
+    """List of JSON records: aggregates that could never be merged or written, each
+    with its recipe, payload and error (``core.quarantine``, ``phonon quarantine``)."""
 
     base: str
 
@@ -59,6 +62,7 @@ class Keys:
             meta=f"{base}:meta",
             partials=f"{base}:partials",
             lock=f"{base}:lock",
+            quarantine=f"{base}:quarantine",
             base=base,
         )
 

@@ -141,6 +141,61 @@ end
 local function payload_pairs(payload)
   return string.gmatch(payload, '([^\\t\\n]+)\\t([^\\n]+)')
 end
+
+-- A sum Redis cannot hold (HINCRBY past int64, HINCRBYFLOAT to an infinity) raises
+-- inside the script: the resources of the batch before it are done, the rest not,
+-- and the error reads like a lost store. So a deposit is checked whole first and
+-- refused (the caller quarantines it) before any of it is merged.
+local function int_parts(s)
+  local neg = string.sub(s, 1, 1) == '-'
+  local digits = (string.gsub(neg and string.sub(s, 2) or s, '^0+', ''))
+  if #digits > 19 then return false end
+  local hi = 0
+  if #digits > 9 then hi = tonumber(string.sub(digits, 1, #digits - 9)) end
+  return true, neg, hi, tonumber(string.sub(digits, -9)) or 0
+end
+
+local function int_fits(neg, hi, lo)
+  -- 9223372036854775807 = 2^63 - 1, as exact halves; one more when negative
+  if hi ~= 9223372036 then return hi < 9223372036 end
+  return lo <= (neg and 854775808 or 854775807)
+end
+
+local function sum_refused(cur, inc)
+  if string.find(inc, '^-?%d+$') and (not cur or string.find(cur, '^-?%d+$')) then
+    local ok, neg, hi, lo = int_parts(inc)
+    if not ok or not int_fits(neg, hi, lo) then return inc .. ' is outside int64' end
+    if not cur then return nil end
+    local ok2, neg2, hi2, lo2 = int_parts(cur)
+    if not ok2 then return 'the cached ' .. cur .. ' is outside int64' end
+    if neg ~= neg2 then return nil end
+    hi, lo = hi + hi2, lo + lo2
+    if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
+    if not int_fits(neg, hi, lo) then return cur .. ' + ' .. inc .. ' is outside int64' end
+    return nil
+  end
+  local a, b = tonumber(cur or '0'), tonumber(inc)
+  if not a or not b then return inc .. ' is not a number' end
+  local sum = a + b
+  if sum ~= sum or sum == math.huge or sum == -math.huge then
+    return (cur or '0') .. ' + ' .. inc .. ' is not a finite number'
+  end
+  return nil
+end
+
+local NOT_SUMMED = {min = 1, max = 1, first = 1, last = 1, set = 1, list = 1, top = 1, hll = 1}
+
+local function deposit_refused(hash, kind, payload)
+  if kind == 'json' then return nil end
+  for field, value in payload_pairs(payload) do
+    local op = (kind == 'fields') and string.match(field, '^(%a+)/?%d*:') or nil
+    if not NOT_SUMMED[op or ''] then
+      local err = sum_refused(redis.call('HGET', hash, field), value)
+      if err then return field .. ': ' .. err end
+    end
+  end
+  return nil
+end
 """
 
 ACQUIRE_LUA = """
@@ -208,7 +263,10 @@ RELEASE_LUA = """
 -- Returns, per resource: {0} when deposited (or nothing to take), or
 --   {1, kind, recipe, item, ...} when taken, items as in ACQUIRE (without the
 --   caller's own payload); recipe is the one kept in meta for "orphan" (the
---   caller has its own otherwise: "" then).
+--   caller has its own otherwise: "" then); or
+--   {2, reason} when the deposit was refused, nothing of it merged (a sum Redis
+--   cannot hold: deposit_refused): the resource is left all the same, and the
+--   caller quarantines the payload.
 local pid, now = ARGV[1], ARGV[2]
 if not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
@@ -247,7 +305,7 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       kind = redis.call('HGET', meta, 'kind') or kind
     end
     if t ~= 'none' then
-      if mode ~= 'orphan' and payload ~= '' then
+      if mode ~= 'orphan' and payload ~= '' and not deposit_refused(partials, kind, payload) then
         if kind == 'json' then
           redis.call('RPUSH', partials, payload)
         else
@@ -271,7 +329,13 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       out[i + 1] = r
     end
   else
+    local refused = nil
     if payload ~= '' then
+      refused = deposit_refused(partials, kind, payload)
+    end
+    if refused then
+      out[i + 1] = {2, refused}
+    elseif payload ~= '' then
       if kind == 'json' then
         redis.call('RPUSH', partials, payload)
       else
@@ -287,8 +351,29 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
     if left == 0 and redis.call('EXISTS', partials) == 0 then
       redis.call('DEL', meta)
     end
-    out[i + 1] = {0}
+    if not refused then out[i + 1] = {0} end
   end
+end
+return out
+"""
+
+QUARANTINE_LUA = """
+-- Set aside aggregates that can never be merged or written, in the same step that
+-- forgets what they were taken from: never both quarantined and still waiting.
+-- KEYS, 6 per resource: nodes, meta, partials, quarantine (list of JSON records),
+--   exec, exec_recipe (the partials taken to execute, if any; deleted)
+-- ARGV, 1 per resource: the record (JSON: kind, recipe, payload, error, at_ms)
+-- Returns, per resource: the number of records now in its quarantine
+local out = {}
+for i = 0, #KEYS / 6 - 1 do
+  local k = i * 6
+  local nodes, meta, partials, quarantine = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
+  redis.call('RPUSH', quarantine, ARGV[i + 1])
+  redis.call('DEL', KEYS[k+5], KEYS[k+6])
+  if redis.call('HLEN', nodes) == 0 and redis.call('EXISTS', partials) == 0 then
+    redis.call('DEL', meta)
+  end
+  out[i + 1] = redis.call('LLEN', quarantine)
 end
 return out
 """
@@ -442,12 +527,13 @@ RECOVER_LUA = MERGE_LUA + RECOVER_LUA
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
+QUARANTINE = Script(None, QUARANTINE_LUA.encode())  # type: ignore[arg-type]
 LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
 DECLARE_DEAD = Script(None, DECLARE_DEAD_LUA.encode())  # type: ignore[arg-type]
 
-ALL = (ACQUIRE, RELEASE, RECOVER, LOCK_RELEASE, LOCK_EXTEND, HEARTBEAT, DECLARE_DEAD)
+ALL = (ACQUIRE, RELEASE, RECOVER, QUARANTINE, LOCK_RELEASE, LOCK_EXTEND, HEARTBEAT, DECLARE_DEAD)
 
 FENCED_ERROR = "PHONON_FENCED"
 """How a fenced script's error starts (see FENCE_LUA)."""

@@ -1,4 +1,4 @@
-"""Shared by the fields tests: a recording Aggregate, a route using every strategy,
+"""Shared by the fields tests: a recording FieldsUpdate, a route using every strategy,
 and an independent computation of what that route must produce.
 
 ``expected`` is written from the strategies' definitions (docs/aggregation.md),
@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from phonon_cli.fields.strategies import Aggregate
+from phonon_cli.fields import FieldsUpdate
 
 FIELDS: dict[str, dict[str, Any]] = {
     "revenue": {"value": "{amount}", "merge": "sum"},
@@ -50,33 +50,42 @@ def expected(events: list[dict[str, Any]], key: str = "user") -> dict[Any, dict[
     Ties (same time, same score) go to the smaller JSON text for first and in
     lists and top, to the larger for last: the documented tie rule.
     ``visitors`` is the exact distinct count (the sink's is an estimate).
+    Nulls follow SQL: ``amount``, ``visitor`` and a null ``page`` in sets and
+    tops are skipped (None when every value was null), a null ``page`` is a
+    value for first, last and list, and ``events`` counts every event.
     """
     by_key: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for e in events:
         by_key[e[key]].append(e)
     out = {}
     for k, evs in by_key.items():
-        amounts = [e["amount"] for e in evs]
+        amounts = [e["amount"] for e in evs if e["amount"] is not None]
         timed = sorted((e["ts"], canonical(e["page"])) for e in evs)
-        ranked = sorted((-e["amount"], canonical(e["page"])) for e in evs)
+        ranked = sorted(
+            (-e["amount"], canonical(e["page"]))
+            for e in evs
+            if e["amount"] is not None and e["page"] is not None
+        )
+        pages = {canonical(e["page"]) for e in evs if e["page"] is not None}
+        visitors = {canonical(e["visitor"]) for e in evs if e["visitor"] is not None}
         out[k] = {
-            "revenue": sum(amounts),
+            "revenue": sum(amounts) if amounts else None,
             "events": len(evs),
-            "low": min(amounts),
-            "high": max(amounts),
+            "low": min(amounts, default=None),
+            "high": max(amounts, default=None),
             "entry": orjson.loads(timed[0][1]),
             "exit": orjson.loads(timed[-1][1]),
-            "pages": [orjson.loads(t) for t in sorted({canonical(e["page"]) for e in evs})],
+            "pages": [orjson.loads(t) for t in sorted(pages)] if pages else None,
             "trail": [orjson.loads(t) for _, t in timed[-3:]],
             "history": [orjson.loads(t) for _, t in timed],
-            "biggest": [[-s, orjson.loads(t)] for s, t in ranked[:2]],
-            "visitors": len({canonical(e["visitor"]) for e in evs}),
-            "avg": sum(amounts) / len(amounts),
+            "biggest": [[-s, orjson.loads(t)] for s, t in ranked[:2]] if ranked else None,
+            "visitors": len(visitors) if visitors else None,
+            "avg": sum(amounts) / len(amounts) if amounts else None,
         }
     return out
 
 
-class Recorder(Aggregate):
+class Recorder(FieldsUpdate):
     """Records the slots of every execution: (resource, doc)."""
 
     executed: ClassVar[list[tuple[str, dict[str, Any]]]] = []

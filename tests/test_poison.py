@@ -1,0 +1,196 @@
+"""Poison values and poison aggregates, with real ``phonon run`` processes and real Redis.
+
+A value no sink can hold (a number past int64, a sum that overflows, a null or an
+object where a key or column is built) is dead-lettered with its reason; the good
+events around it are written exactly. A sum that only overflows once two workers'
+partials meet in Redis is quarantined, not a lost store.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from phonon_cli.cli import main
+from phonon_cli.sinks.sql import Counter
+from phonon_cli.store.keys import Keys
+
+CONFIG = """
+[[routes]]
+update = "phonon_cli.sinks.sql:Counter"
+id = "{k}"
+collection = "t"
+database = "sqlite:///DB"
+spec = { k = "{k}" }
+doc = { n = "{n}" }
+"""
+
+NULLS = """
+[[routes]]
+update = "phonon_cli.sinks.sql:Counter"
+id = "{user}"
+collection = "t"
+database = "sqlite:///DB"
+spec = { user = "{user}" }
+doc = { "{event}" = 1 }
+"""
+
+BIG = 9_000_000_000_000_000_000
+"""Within int64; two of them are not."""
+
+
+def write_config(tmp_path: Path, text: str = CONFIG) -> tuple[Path, Path]:
+    db = tmp_path / "t.db"
+    cfg = tmp_path / "phonon.toml"
+    cfg.write_text(text.replace("DB", str(db)))
+    return cfg, db
+
+
+def rows(db: Path, *columns: str) -> dict:
+    with sqlite3.connect(db) as conn:
+        return {r[0]: r[1:] for r in conn.execute(f"SELECT {', '.join(columns)} FROM t")}
+
+
+def run(
+    redis_url: str, namespace: str, helpers: object, cfg: Path, events: list, dead: Path
+) -> subprocess.CompletedProcess[bytes]:
+    lines = b"".join(orjson.dumps(e) + b"\n" for e in events)
+    cmd = [*helpers.phonon_command(redis_url, namespace), "run", "-c", str(cfg)]  # type: ignore[attr-defined]
+    return subprocess.run([*cmd, "--dead-letter", str(dead)], input=lines, capture_output=True)
+
+
+def dead_letters(path: Path) -> list[tuple[dict, str]]:
+    if not path.exists():
+        return []
+    return [
+        (orjson.loads(d["line"]), d["reason"])
+        for d in map(orjson.loads, path.read_bytes().splitlines())
+    ]
+
+
+def test_numbers_no_sink_can_hold_are_dead_lettered(
+    redis_url, namespace, tmp_path, helpers, client
+) -> None:
+    cfg, db = write_config(tmp_path, CONFIG.replace('{ n = "{n}" }', '{ "{c}" = "{n}" }'))
+    events = [
+        {"k": "a", "c": "i", "n": 1},
+        {"k": "a", "c": "i", "n": 10_000_000_000_000_000_000},  # past int64 (orjson: an int)
+        {"k": "a", "c": "i", "n": 2},
+        {"k": "b", "c": "f", "n": 1.5e308},
+        {"k": "b", "c": "f", "n": 1.5e308},  # the sum would be inf
+        {"k": "b", "c": "f", "n": -1.0},
+        {"k": "c", "c": "i", "n": 2**63 - 1},
+        {"k": "c", "c": "i", "n": 1},  # the sum would leave int64
+        {"k": "c", "c": "i", "n": -5},
+        {"k": "d", "c": "f", "n": 1e30},  # a float far past 2**63, but finite: fine
+    ]
+    dead = tmp_path / "dead.jsonl"
+    proc = run(redis_url, namespace, helpers, cfg, events, dead)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert rows(db, "k", "i", "f") == {
+        "a": (3, 0),
+        "b": (0, 1.5e308 - 1.0),
+        "c": (2**63 - 6, 0),
+        "d": (0, 1e30),
+    }
+    got = dead_letters(dead)
+    assert [e for e, _ in got] == [events[1], events[4], events[7]]
+    assert "outside the 64-bit range" in got[0][1]
+    assert "the sum of 'f' would leave the 64-bit range" in got[1][1]
+    assert "the sum of 'i' would leave the 64-bit range" in got[2][1]
+    assert "dead-lettered 3" in proc.stderr.decode()
+    assert helpers.namespace_keys(client, namespace) == []
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ({"user": None, "event": "click"}, "field 'user' is null"),
+        ({"user": {"id": 1}, "event": "click"}, "field 'user' is an object"),
+        ({"user": [1], "event": "click"}, "field 'user' is a list"),
+        ({"user": "u1", "event": None}, "field 'event' is null"),
+        ({"user": "u1", "event": ["a"]}, "field 'event' is a list"),
+    ],
+)
+def test_a_null_or_object_key_or_column_is_dead_lettered(
+    redis_url, namespace, tmp_path, helpers, client, event, reason
+) -> None:
+    cfg, db = write_config(tmp_path, NULLS)
+    events = [{"user": "u1", "event": "click"}, event, {"user": "u1", "event": "click"}]
+    dead = tmp_path / "dead.jsonl"
+    proc = run(redis_url, namespace, helpers, cfg, events, dead)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert rows(db, "user", "click") == {"u1": (2,)}
+    ((line, why),) = dead_letters(dead)
+    assert line == event and why.startswith(reason)
+    assert helpers.namespace_keys(client, namespace) == []
+
+
+def test_a_null_spec_value_is_dead_lettered(redis_url, namespace, tmp_path, helpers) -> None:
+    cfg, db = write_config(
+        tmp_path, CONFIG.replace('spec = { k = "{k}" }', 'spec = { k = "{k}", s = "{s}" }')
+    )
+    events = [
+        {"k": "a", "s": None, "n": 1},
+        {"k": "a", "s": "x", "n": 2},
+        {"k": "b", "s": "y", "n": 3},
+    ]
+    dead = tmp_path / "dead.jsonl"
+    proc = run(redis_url, namespace, helpers, cfg, events, dead)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert rows(db, "k", "s", "n") == {"a": ("x", 2), "b": ("y", 3)}
+    assert dead_letters(dead) == [(events[0], "spec 's' is null: a key needs a scalar")]
+
+
+def test_a_sum_that_overflows_in_redis_is_quarantined_not_a_lost_store(
+    redis_url, namespace, tmp_path, helpers, client
+) -> None:
+    """Each worker's partial fits; the second deposit would not fit beside the first."""
+    cfg, db = write_config(tmp_path)
+    keys = Keys(namespace).resource("t:z")
+    holder = helpers.start_worker(redis_url, namespace, cfg, "--dead-letter", str(tmp_path / "d0"))
+    try:
+        assert holder.stdin is not None
+        holder.stdin.write(b'{"k": "z", "n": 1}\n')
+        holder.stdin.flush()
+        helpers.wait_for(lambda: client.hlen(keys.nodes) == 1, what="the holder to take z")
+        for i in (1, 2):
+            proc = run(
+                redis_url, namespace, helpers, cfg, [{"k": "z", "n": BIG}], tmp_path / f"d{i}"
+            )
+            assert proc.returncode == 0, proc.stderr.decode()
+        assert "quarantined" in proc.stderr.decode()
+        assert client.hlen(keys.nodes) == 1  # the refused worker left all the same
+    finally:
+        _, err = holder.communicate(timeout=30)
+    assert holder.returncode == 0, err.decode()
+    assert rows(db, "k", "n") == {"z": (BIG + 1,)}
+    (record,) = [orjson.loads(r) for r in client.lrange(keys.quarantine, 0, -1)]
+    assert record["payload"] == f"n\t{BIG}\n" and "outside int64" in record["error"]
+    assert client.exists(keys.nodes, keys.meta, keys.partials) == 0
+
+
+def test_flush_no_longer_fails_forever_on_a_null_key(
+    redis_url, namespace, tmp_path, helpers, client, make_process
+) -> None:
+    """A partial with a null spec, left in Redis by an older version: flush -c sets it
+    aside (quarantine) instead of failing on it at every run."""
+    cfg, db = write_config(tmp_path, NULLS)
+    p = make_process()
+    url = f"sqlite:///{db}"
+    Counter(p, "null", database=url, collection="t", spec={"user": None}, doc={"click": 2}).cache()
+    Counter(p, "u1", database=url, collection="t", spec={"user": "u1"}, doc={"click": 3}).cache()
+    p.stop()
+    base = ["--redis-url", redis_url, "--namespace", namespace]
+    for _ in range(2):
+        result = CliRunner().invoke(main, [*base, "flush", "-c", str(cfg), "--all"])
+        assert result.exit_code == 0, result.output
+    assert rows(db, "user", "click") == {"u1": (3,)}
+    keys = Keys(namespace).resource("t:null")
+    (record,) = [orjson.loads(r) for r in client.lrange(keys.quarantine, 0, -1)]
+    assert "spec 'user' is null" in record["error"] and record["payload"] == "click\t2\n"
