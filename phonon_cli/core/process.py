@@ -16,7 +16,7 @@ import redis
 
 from .. import defaults
 from ..clock import Clock, now_ms
-from ..exceptions import AlreadyLocked, LockNotOwned
+from ..exceptions import AlreadyLocked, LockNotOwned, StoreReset
 from ..store import scripts
 from ..store.connection import StoreSettings
 from ..store.keys import Keys
@@ -105,6 +105,8 @@ class Process:
         }
         """Sent with every heartbeat: a process wrongly recovered as dead (paused past
         its TTL) whose hash was deleted comes back whole on its next beat."""
+        self.store_id: str | None = None
+        """The namespace's store id, as found at registration (see ``Keys.store_id``)."""
         self.fenced = False
         """Set once Redis refused a change because this process was declared dead
         (see ``scripts.FENCE_LUA``); ``reregister`` starts over under a new id."""
@@ -145,16 +147,21 @@ class Process:
         fields.update(extra or {})
         fields.update({k: v for k, v in self.stats.items() if v is not None})
         args: list[Any] = [pid, now, self.process_ttl_ms, "1" if register else "0"]
+        args.append(self.store_id or secrets.token_hex(8))
         for name, value in fields.items():
             args += [name, value if isinstance(value, (str, int, float)) else str(value)]
         keys = [self.keys.alive(pid), self.keys.process(pid), self.keys.processes]
+        keys.append(self.keys.store_id)
 
         def build(pipe: Any) -> None:
             if load_scripts:
                 scripts.load(pipe)
             scripts.queue(pipe, scripts.HEARTBEAT, keys, args)
 
-        if scripts.run(client or self._heartbeat_client, build)[-1]:
+        store_id = scripts.run(client or self._heartbeat_client, build)[-1]
+        if store_id:
+            if self.store_id is None:
+                self.store_id = store_id
             return True
         if not self.fenced:
             log.error(
@@ -169,11 +176,22 @@ class Process:
     def reregister(self) -> str:
         """Start over under a new id after being fenced; returns the old id.
 
+        Raises:
+            StoreReset: it was not fenced but the store lost its state: going on
+                would count only what is left, so the run must end.
+
         What the old id held is the survivors' now (they recover it as any dead
         process's). What this process holds only in memory was never in Redis,
         so it stays safe to deposit or execute under the new id, once its
         references are taken again.
         """
+        found = self.client.get(self.keys.store_id)
+        if found != self.store_id:
+            raise StoreReset(
+                f"the store at {self.settings.describe()} was reset: namespace "
+                f"{self.keys.namespace!r} lost its state (a Redis restart without "
+                "persistence, or FLUSHALL); what was deposited there is gone"
+            )
         old = self.id
         self.id = secrets.token_hex(8)
         self._exec_seq = 0

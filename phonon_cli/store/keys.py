@@ -47,6 +47,10 @@ class Keys:
         self.namespace = namespace
         self.processes = f"{namespace}:processes"
         """Sorted set: process id -> last heartbeat (epoch ms). Every process not yet cleaned up."""
+        self.store_id = f"{namespace}:store-id"
+        """String: a random id the namespace's first process sets. A worker that finds
+        it gone or changed knows the store was reset (a restart without persistence,
+        FLUSHALL) and that what it held there is lost."""
         self.declared_dead = f"{namespace}:declared-dead"
         """Set: processes declared dead (out of ``processes``, fenced) whose recovery
         is not finished; a survivor that dies half way leaves them to the next."""

@@ -453,21 +453,26 @@ return out
 
 HEARTBEAT_LUA = """
 -- Say a process is alive, unless it was declared dead (fencing: see FENCE).
--- KEYS[1] its alive key, KEYS[2] its hash of figures, KEYS[3] the registry (zset)
+-- KEYS[1] its alive key, KEYS[2] its hash of figures, KEYS[3] the registry (zset),
+--   KEYS[4] the namespace's store id
 -- ARGV[1] process id, ARGV[2] now (epoch ms), ARGV[3] alive key TTL (ms),
---   ARGV[4] "1" for the first beat of a new id (registers it), then field, value pairs
--- Returns 1, or 0 if the process is no longer registered: it was declared dead and
---   may never come back under this id (nothing is written).
+--   ARGV[4] "1" for the first beat of a new id (registers it), ARGV[5] a store id
+--   to set if the namespace has none, then field, value pairs
+-- Returns the namespace's store id (set by its first process: a process that
+--   finds it gone or changed knows the store was reset), or 0 if the process is
+--   no longer registered: it was declared dead and may never come back under
+--   this id (nothing is written).
 local pid, now = ARGV[1], ARGV[2]
 if ARGV[4] ~= '1' and not redis.call('ZSCORE', KEYS[3], pid) then
   return 0
 end
 redis.call('SET', KEYS[1], now, 'PX', ARGV[3])
-if #ARGV > 4 then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 6))
 end
 redis.call('ZADD', KEYS[3], now, pid)
-return 1
+redis.call('SET', KEYS[4], ARGV[5], 'NX')
+return redis.call('GET', KEYS[4])
 """
 
 DECLARE_DEAD_LUA = """
@@ -574,7 +579,7 @@ def run(client: redis.Redis, build: Callable[[Pipeline], None]) -> list[Any]:
             load(reload)
             reload.execute()
         except ResponseError as e:
-            if str(e).startswith(FENCED_ERROR):
+            if FENCED_ERROR in str(e):
                 raise Fenced(str(e)) from None
             raise
     raise AssertionError("unreachable")

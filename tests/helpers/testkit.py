@@ -23,7 +23,10 @@ helpers_dir = TESTS / "helpers"
 
 
 def namespace_keys(client: redis.Redis, namespace: str) -> list[str]:
-    return sorted(client.scan_iter(match=f"{namespace}:*", count=1000))
+    """Every key left in the namespace, but its store id: a marker kept for good
+    (``Keys.store_id``), not state left behind."""
+    marker = Keys(namespace).store_id
+    return sorted(k for k in client.scan_iter(match=f"{namespace}:*", count=1000) if k != marker)
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> object:
