@@ -485,6 +485,7 @@ def flush(
         process = ctx.process(config, recover_failed_processes=False)
         for route in config.routes:
             process.register(route.update)
+            process.register_database(route.database)
         return process
 
     def say(message: str) -> None:

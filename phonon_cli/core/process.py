@@ -18,7 +18,7 @@ from .. import defaults
 from ..clock import Clock, now_ms
 from ..exceptions import AlreadyLocked, LockNotOwned, StoreReset
 from ..store import scripts
-from ..store.connection import StoreSettings
+from ..store.connection import StoreSettings, public_url
 from ..store.keys import Keys
 from ..store.lock import Lock
 from . import recovery
@@ -83,6 +83,9 @@ class Process:
         """Figures published with each heartbeat, for ``phonon status``."""
         self.known_classes: dict[str, type[Update]] = {}
         """Update classes this process may rebuild partials with: never import from data."""
+        self.databases: dict[str, Any] = {}
+        """Database URL as recipes name it (password hidden) -> the URL with it, from
+        this process's own config: a recipe in Redis never holds a password."""
         self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
         self._exec_seq = 0
         self._registered: set[type] = set()
@@ -255,6 +258,12 @@ class Process:
         if cls not in self._registered:  # every Update registers its class: keep it cheap
             self._registered.add(cls)
             self.known_classes.setdefault(class_name(cls), cls)
+
+    def register_database(self, database: Any) -> None:
+        """Allow partials whose recipe names ``database`` (by its URL without the
+        password) to be written there by this process (recovery, flush)."""
+        if isinstance(database, str):
+            self.databases.setdefault(public_url(database), database)
 
     def next_exec_seq(self) -> int:
         """A number that makes each execution's keys unique within this process."""

@@ -218,10 +218,21 @@ def rebuild(process: Process, recipe: str) -> Update | None:
         return None
     if cls is None:
         return None
+    database = r.get("database")
+    if isinstance(database, str) and "***" in database:
+        # Named without its password: only this process's own config has the real URL.
+        database = process.databases.get(database)
+        if database is None:
+            log.warning(
+                "%s: its database %s is not in this worker's config; left in redis",
+                r.get("collection"),
+                r.get("database"),
+            )
+            return None
     update = cls(
         process,
         r["id"],
-        database=r.get("database"),
+        database=database,
         collection=r.get("collection"),
         spec=r.get("spec"),
         doc={},

@@ -12,6 +12,7 @@ import orjson
 
 from .. import defaults, faults
 from ..exceptions import Fenced, SerializationError
+from ..store.connection import public_url
 from . import quarantine
 from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
 
@@ -191,12 +192,22 @@ class Update:
         return self.end_session()
 
     def recipe(self) -> str:
-        """JSON naming the class and arguments that rebuild this update (no pickle)."""
+        """JSON naming the class and arguments that rebuild this update (no pickle).
+
+        The database is named by its URL without the password: a recipe lives in
+        Redis, readable by anyone who can read Redis. A process rebuilding it
+        finds the real URL in its own config (``Process.databases``)."""
+        database = self.database
+        if isinstance(database, str):
+            public = public_url(database)
+            if public != database:  # a password: the recipe names the URL without it
+                self.process.databases.setdefault(public, database)
+                database = public
         return orjson.dumps(
             {
                 "cls": class_name(type(self)),
                 "id": self._id,
-                "database": self.database,
+                "database": database,
                 "collection": self.collection,
                 "spec": self.spec,
             },

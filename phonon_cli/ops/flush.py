@@ -285,7 +285,7 @@ def orphans(status: Status, match: Callable[[str], bool]) -> Iterable[str]:
 class Claimed:
     executed: int = 0
     left: list[str] = field(default_factory=list)
-    """Orphans not executed: class not in the config, or its execute failed."""
+    """Orphans not executed: class or database not in the config, or its execute failed."""
     failures: int = 0
 
 
@@ -391,7 +391,7 @@ def flush(
     if claimed.left:
         say(
             f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
-            f"(class not in {config_name}, or its execute failed)"
+            f"(class or database not in {config_name}, or its execute failed)"
         )
     if claimed.failures:
         problems.append(

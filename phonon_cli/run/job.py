@@ -64,6 +64,7 @@ class Job:
             raise
         for route in config.routes:
             process.register(route.update)
+            process.register_database(route.database)
         self.report = report
         self.runner = Runner(
             process,

@@ -29,6 +29,7 @@ import orjson
 
 from .. import defaults
 from ..exceptions import SinkError
+from ..store.connection import strip_secrets
 from . import Database, discard, parse_database, thread_handle
 
 if TYPE_CHECKING:
@@ -558,7 +559,8 @@ def write(
             )
     except Exception as e:  # noqa: BLE001 - the whole transaction failed: so did every row
         discard(db.url)
-        error = SinkError(f"{db.display}: {type(e).__name__}: {e}".rstrip())
+        reason = strip_secrets(str(e), db.url)  # a driver may quote what it was given
+        error = SinkError(f"{db.display}: {type(e).__name__}: {reason}".rstrip())
         error.__cause__ = e
         return failures + [(r.update, error) for rows in by_table.values() for r in rows]
     return failures + rejected

@@ -10,9 +10,11 @@ state with no set-up at all.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -30,20 +32,56 @@ from ..exceptions import StoreUnavailable
 log = logging.getLogger(__name__)
 
 
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:@/?#]*):(?P<pw>.*)@")
+"""``scheme://user:password@``: the password runs to the last ``@`` (a password with
+an unescaped ``@`` or ``/`` in it is still hidden whole; more is hidden, never less)."""
+_SECRET_PARAM = re.compile(
+    r"(?i)(?P<key>(?:^|[?&;\s])(?:password|passwd|pass|pwd|sslpassword|secret|token|auth)"
+    r"\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^&;#\s]*)"
+)
+"""``?password=...`` in a URL's query, or ``password=...`` in a libpq conninfo string."""
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe to print."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    """The URL (or PostgreSQL conninfo) with every password replaced by ``***``.
+
+    Every form phonon accepts: ``user:pass@``, ``:pass@`` (also in ``unix://`` and
+    ``redis+unix://`` URLs), ``?password=`` and other secret query parameters, a
+    conninfo ``password=...``, and URLs too malformed to parse (a bad port), which
+    are redacted as text rather than given up on or printed as they are.
+    """
+    if not isinstance(url, str):
+        return "<not a url>"
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url, count=1)
+    return _SECRET_PARAM.sub(lambda m: f"{m['key']}***", text)
+
+
+@functools.lru_cache(maxsize=256)
+def public_url(url: str) -> str:
+    """``redact``, cached: every recipe a worker writes names its database this way."""
+    return redact(url)
+
+
+def strip_secrets(message: str, url: str) -> str:
+    """``message`` with every password of ``url`` replaced by ``***``."""
+    for secret in secrets_of(url):
+        message = message.replace(secret, "***")
+    return message
+
+
+def secrets_of(url: str) -> list[str]:
+    """The passwords in ``url``, longest first, to strip from error messages that
+    quote them (a driver's message may repeat what it was given)."""
+    found = []
+    match = _USERINFO.match(url)
+    if match and match["pw"]:
+        found.append(match["pw"])
+        found.append(urllib.parse.unquote(match["pw"]))
+    for m in _SECRET_PARAM.finditer(url):
+        value = m["value"].strip("'")
+        if value:
+            found += [value, urllib.parse.unquote(value)]
+    return sorted({f for f in found if f}, key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -94,18 +132,22 @@ def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
     try:
         client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
     except ValueError as e:
-        raise StoreUnavailable(f"invalid redis url {redact(url)}: {e}") from None
+        raise StoreUnavailable(
+            f"invalid redis url {redact(url)}: {strip_secrets(str(e), url)}"
+        ) from None
     delay = 0.05
     for attempt in range(1, attempts + 1):
         try:
             client.ping()
             return client
         except redis.AuthenticationError as e:
-            raise StoreUnavailable(f"cannot authenticate to redis at {redact(url)}: {e}") from None
+            raise StoreUnavailable(
+                f"cannot authenticate to redis at {redact(url)}: {strip_secrets(str(e), url)}"
+            ) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
             if attempt == attempts:
                 raise StoreUnavailable(
-                    f"cannot reach redis at {redact(url)}: {_strip(str(e), url)}"
+                    f"cannot reach redis at {redact(url)}: {strip_secrets(str(e), url)}"
                 ) from None
             log.debug(
                 "redis at %s unreachable (%s), %d attempts left", redact(url), e, attempts - attempt
@@ -113,11 +155,6 @@ def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
             time.sleep(delay)
             delay *= 4
     raise AssertionError("unreachable")
-
-
-def _strip(message: str, url: str) -> str:
-    password = urllib.parse.urlsplit(url).password
-    return message.replace(password, "***") if password else message
 
 
 class EmbeddedServer:
