@@ -88,7 +88,12 @@ def fuse(
             id_expr = " + ".join(pieces) if pieces else "''"
     if not id_expr:
         lines.append("    i = ID(event)")  # first, as the route would: its errors come first
-        id_expr = "i"
+    else:
+        # The id's fields first, then the id itself (which refuses a null), then the
+        # rest: the route's order of errors (missing id field, null id field, spec...).
+        _fetch(lines, fetched)
+        lines.append(f"    i = {id_expr}")
+    id_fetched = len(fetched)
     spec_expr = "SPEC(event)"
     keys = [(name, t.key) for name, t in route.spec.items()]
     if all(key is not None for _, key in keys):
@@ -101,19 +106,22 @@ def fuse(
             k = local(name.key)
             env["N"] = value.source
             doc_expr = f"{{({k} if {k}.__class__ is str else _scalar({k}, {name.key!r})): N}}"
-    if fetched:
-        lines.append("    try:")
-        lines += [f"        {v} = event[{name!r}]" for name, v in fetched.items()]
-        lines.append("    except KeyError as e:")
-        lines.append("        raise _missing(e) from None")
-    # The spec is built before the id only where neither can fail any more (all
-    # their fields were fetched above): the order of errors is unchanged.
-    lines.append(f"    return (ROUTE, {id_expr}, {spec_expr}, {doc_expr})")
+    _fetch(lines, dict(list(fetched.items())[id_fetched:]))
+    lines.append(f"    return (ROUTE, i, {spec_expr}, {doc_expr})")
     code = "\n".join(lines)
     exec(compile(code, f"<route {route.update_path} {route.id.source!r}>", "exec"), env)  # noqa: S102
     fused: Fused = env["fused"]
     fused.__doc__ = code  # what was generated, for whoever debugs it
     return fused
+
+
+def _fetch(lines: list[str], fields: dict[str, str]) -> None:
+    """Look fields up into locals, one try around the lot: a missing one is named."""
+    if fields:
+        lines.append("    try:")
+        lines += [f"        {v} = event[{name!r}]" for name, v in fields.items()]
+        lines.append("    except KeyError as e:")
+        lines.append("        raise _missing(e) from None")
 
 
 def route_condition(path: str, allowed: tuple[Any, ...]) -> Callable[[dict[str, Any]], bool]:

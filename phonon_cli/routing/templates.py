@@ -234,22 +234,20 @@ def _joined(parts: list[str | tuple[str, ...]]) -> Callable[[Event], str]:
         fields, tail = tuple(steps), literal
 
         def joined_fields(event: Event) -> str:
-            out = []
+            # Every field is looked up before any is turned into text, so a missing
+            # field is reported before a null one (as the generated route does).
             try:
-                for literal, key in fields:
-                    if literal:
-                        out.append(literal)
-                    value = event[key]
-                    cls = value.__class__  # ids are mostly made of strs and ints
-                    out.append(
-                        value
-                        if cls is str
-                        else repr(value)
-                        if cls is int
-                        else scalar_text(value, key)
-                    )
+                values = [event[key] for _, key in fields]
             except KeyError as e:
                 raise _missing(e) from None
+            out = []
+            for (literal, key), value in zip(fields, values):
+                if literal:
+                    out.append(literal)
+                cls = value.__class__  # ids are mostly made of strs and ints
+                out.append(
+                    value if cls is str else repr(value) if cls is int else scalar_text(value, key)
+                )
             if tail:
                 out.append(tail)
             return "".join(out)
