@@ -55,15 +55,20 @@ class Poisoned:
 
 
 def quarantine(process: Process, items: Sequence[Poisoned]) -> None:
-    """Move aggregates to their resources' quarantine lists: one round trip."""
+    """Move aggregates to their resources' quarantine lists: one round trip.
+
+    Raises:
+        Fenced: this process was declared dead; nothing was moved (the survivor
+            that adopts its sets will find them failing, and quarantine them).
+    """
     if not items:
         return
     now = process.clock()
 
     def build(pipe: Pipeline) -> None:
         for start in range(0, len(items), defaults.BATCH_MAX_KEYS):
-            keys: list[str] = []
-            args: list[Any] = []
+            keys: list[str] = [process.keys.processes]
+            args: list[Any] = [process.id]
             for item in items[start : start + defaults.BATCH_MAX_KEYS]:
                 rk = process.keys.resource(item.resource)
                 keys += [rk.nodes, rk.meta, rk.partials, rk.quarantine, *item.exec_keys]

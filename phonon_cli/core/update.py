@@ -376,7 +376,9 @@ def _end_sessions(
 
 
 def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> set[Update]:
-    """Execute merged aggregates, a batch per class; cache back what fails. Returns the executed."""
+    """Execute merged aggregates, a batch per class: what fails for a passing reason
+    (``is_transient``) is cached back in Redis, what never can be written is
+    quarantined (``core.quarantine``). Returns the executed."""
     by_class: dict[type[Update], list[tuple[Update, Taken]]] = defaultdict(list)
     for update, got in ready:
         by_class[type(update)].append((update, got))
@@ -387,53 +389,64 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         failed = _execute_with_retries(cls, [u for u, _ in pairs])
         if any(got.items for _, got in pairs):
             faults.point("after-execute")
-        failed_ids = {id(u) for u, _ in failed}
-        retry = []
-        for update, error in failed:
-            update.error = error
-            if cls.is_transient(error):
-                retry.append(update)
-                log.error(
-                    "%s: execute failed after %d attempts (%s); aggregate cached in redis",
-                    update.resource,
-                    cls.execute_attempts,
-                    error,
-                )
-        taken_by = {id(u): got for u, got in pairs}
-        kept: set[int] = set()
-        if retry:
-            back = []
-            for u in retry:
-                rel = Release(u.resource, "cache", u.kind, u.recipe(), u.payload())
-                rel.exec_keys = taken_by[id(u)].exec_keys  # deposited and forgotten in one step
-                back.append(rel)
-            if not _cache_back(process, back):
-                kept = {id(u) for u in retry}  # their exec sets stay for the survivors
-        quarantine.quarantine(
-            process,
-            [
-                quarantine.poisoned(u, e, taken_by[id(u)].exec_keys)
-                for u, e in failed
-                if not cls.is_transient(e)
-            ],
-        )
-        finish(process, [got for u, got in pairs if id(u) not in kept])
-        executed.update(u for u, _ in pairs if id(u) not in failed_ids)
-        _count(process, "keys_executed", len(pairs) - len(failed))
-        _count(process, "execute_failures", len(retry))
+        failed_ids = {id(u): e for u, e in failed}
+        pairs, retried = _after_failures(process, cls, pairs, failed_ids)
+        written = [u for u, _ in pairs if id(u) not in failed_ids]
+        _count(process, "keys_executed", len(written))
+        _count(process, "execute_failures", retried)
+        executed.update(written)
+        finish(process, [got for _, got in pairs])
         for update, _ in pairs:
             update.execution_id = None
     return executed
 
 
-def _cache_back(process: Process, releases: Sequence[Release]) -> bool:
-    """Deposit again what could not be written; False if this process was fenced meanwhile.
+def _after_failures(
+    process: Process,
+    cls: type[Update],
+    pairs: list[tuple[Update, Taken]],
+    failed: dict[int, BaseException],
+) -> tuple[list[tuple[Update, Taken]], int]:
+    """Cache back what failed for a passing reason, quarantine what never can be
+    written. Returns the pairs whose taken sets to forget (all, unless this process
+    was fenced meanwhile) and how many were cached back."""
+    back, poisoned = [], []
+    for update, got in pairs:
+        error = failed.get(id(update))
+        if error is None:
+            continue
+        update.error = error
+        if cls.is_transient(error):
+            log.error(
+                "%s: execute failed after %d attempts (%s); aggregate cached in redis",
+                update.resource,
+                cls.execute_attempts,
+                error,
+            )
+            rel = Release(update.resource, "cache", update.kind, update.recipe())
+            rel.payload, rel.exec_keys = update.payload(), got.exec_keys
+            back.append(rel)
+        else:  # retrying cannot help: set aside, with the set it was taken from
+            poisoned.append(quarantine.poisoned(update, error, got.exec_keys))
+    if (back or poisoned) and not _cache_back(process, back, poisoned):
+        # Not cached back: their exec sets stay in Redis for the survivors.
+        return [(u, got) for u, got in pairs if id(u) not in failed], 0
+    return pairs, len(back)
+
+
+def _cache_back(
+    process: Process, releases: Sequence[Release], poisoned: Sequence[quarantine.Poisoned] = ()
+) -> bool:
+    """Deposit again what could not be written (and quarantine what never can be);
+    False if this process was fenced meanwhile.
 
     What it had taken is then in Redis as an exec set that a survivor adopts and
     executes under the same execution id, so there is nothing to put back here.
     """
     try:
-        release_many(process, releases)
+        if releases:
+            release_many(process, releases)
+        quarantine.quarantine(process, poisoned)
     except Fenced as e:
         process.fenced = True
         log.error(

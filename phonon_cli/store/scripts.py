@@ -305,6 +305,8 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
       kind = redis.call('HGET', meta, 'kind') or kind
     end
     if t ~= 'none' then
+      -- (a payload that cannot be summed into them stays out: the caller's write
+      -- of the whole then fails, and it is quarantined with the set)
       if mode ~= 'orphan' and payload ~= '' and not deposit_refused(partials, kind, payload) then
         if kind == 'json' then
           redis.call('RPUSH', partials, payload)
@@ -360,15 +362,20 @@ return out
 QUARANTINE_LUA = """
 -- Set aside aggregates that can never be merged or written, in the same step that
 -- forgets what they were taken from: never both quarantined and still waiting.
--- KEYS, 6 per resource: nodes, meta, partials, quarantine (list of JSON records),
---   exec, exec_recipe (the partials taken to execute, if any; deleted)
--- ARGV, 1 per resource: the record (JSON: kind, recipe, payload, error, at_ms)
+-- KEYS[1] the process registry (fencing: see FENCE), then 6 per resource: nodes,
+--   meta, partials, quarantine (list of JSON records), exec, exec_recipe (the
+--   partials taken to execute, if any; deleted)
+-- ARGV[1] process id, then 1 per resource: the record (JSON: kind, recipe,
+--   payload, error, at_ms)
 -- Returns, per resource: the number of records now in its quarantine
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return redis.error_reply(FENCED .. ARGV[1])
+end
 local out = {}
-for i = 0, #KEYS / 6 - 1 do
-  local k = i * 6
+for i = 0, (#KEYS - 1) / 6 - 1 do
+  local k = 1 + i * 6
   local nodes, meta, partials, quarantine = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
-  redis.call('RPUSH', quarantine, ARGV[i + 1])
+  redis.call('RPUSH', quarantine, ARGV[i + 2])
   redis.call('DEL', KEYS[k+5], KEYS[k+6])
   if redis.call('HLEN', nodes) == 0 and redis.call('EXISTS', partials) == 0 then
     redis.call('DEL', meta)
@@ -532,7 +539,7 @@ RECOVER_LUA = MERGE_LUA + RECOVER_LUA
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
-QUARANTINE = Script(None, QUARANTINE_LUA.encode())  # type: ignore[arg-type]
+QUARANTINE = Script(None, (FENCE_LUA + QUARANTINE_LUA).encode())  # type: ignore[arg-type]
 LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
