@@ -34,6 +34,13 @@ class Failure(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
 
 
+def reader_gone() -> None:
+    """stdout's reader went away (``phonon status --json | head``): it has what it
+    wanted, so stop quietly. Point stdout at /dev/null first, or the interpreter's
+    own flush at exit would complain on stderr about the broken pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def fail(error: PhononError) -> NoReturn:
     if isinstance(error, ConfigError):
         raise Failure(str(error), EXIT_USAGE) from None
@@ -420,14 +427,16 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
                 if watch and sys.stdout.isatty():
                     click.echo("\x1b[H\x1b[2J", nl=False)
                 click.echo(render(snap), nl=False)
+            sys.stdout.flush()  # here, so a reader gone away is noticed here
             if not watch:
                 break
-            sys.stdout.flush()
             time.sleep(watch)
             if not as_json and not sys.stdout.isatty():
                 click.echo()
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:
+        reader_gone()
     except redis.RedisError as e:
         _lost(settings, e)
     click.get_current_context().exit(code)

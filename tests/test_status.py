@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_orphaned_partial_and_locks(redis_url, namespace, make_process, tmp_path
     assert orphan["cached_age_s"] is not None and orphan["kind"] == "sums"
     assert refs["widgets:held"]["locked"] and not refs["widgets:held"]["orphaned"]
     assert report["totals"]["orphaned"] == 1 and report["totals"]["locked"] == 1
-    assert "ORPHANED PARTIALS (1 oldest of 1" in table and "phonon flush -c CONFIG" in table
+    assert "ORPHANED PARTIALS (1; execute" in table and "phonon flush -c CONFIG" in table
 
 
 def test_json_streams_every_reference_and_limit_keeps_the_oldest(
@@ -163,6 +164,28 @@ def test_json_streams_every_reference_and_limit_keeps_the_oldest(
     code, table, _ = cli(redis_url, namespace, "status", "--limit", "3")
     assert "REFERENCES (3 oldest of 2,501)" in table and "widgets:first" in table
     assert len(table.splitlines()) < 30
+    code, table, _ = cli(redis_url, namespace, "status", "--limit", "0")
+    assert "REFERENCES (0 oldest of 2,501)\n(2,501 not shown: raise --limit)" in table
+    # The reader of the output goes away after 100 bytes: a quiet stop, exit 0.
+    head = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            namespace,
+            "status",
+            "--json",
+        ],  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert head.stdout is not None and len(head.stdout.read(100)) == 100
+    head.stdout.close()
+    _, err = head.communicate(timeout=60)
+    assert head.returncode == 0 and err == b""
 
 
 def test_sources_show_committed_offsets_and_unknown_lag(redis_url, namespace, client) -> None:
@@ -180,6 +203,34 @@ def test_sources_show_committed_offsets_and_unknown_lag(redis_url, namespace, cl
     _, table, _ = cli(redis_url, namespace, "status")
     row = next(line for line in table.splitlines() if line.startswith("g1"))
     assert row.split()[1:] == ["file:/data/clicks", "0", "5", "-", "abc"]
+
+
+def test_lag_is_the_end_a_reader_published_minus_committed(
+    redis_url, namespace, client, tmp_path, helpers
+) -> None:
+    part = tmp_path / "topic" / "p-0"
+    part.mkdir(parents=True)
+    (part / f"{0:020d}.jsonl").write_text("".join(f'{{"a": {i % 50}}}\n' for i in range(3000)))
+    config = tmp_path / "lines.toml"
+    config.write_text('[[routes]]\nupdate = "phonon_cli.sinks.jsonl:Lines"\nid = "{a}"\n')
+    done = subprocess.run(
+        [
+            *helpers.phonon_command(redis_url, namespace),
+            "run",
+            "-c",
+            str(config),
+            "--source",
+            f"file:{tmp_path / 'topic'}",
+        ],  # fmt: skip
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    keys = Keys(namespace)
+    source = f"file:{tmp_path / 'topic'}"
+    client.hset(keys.offsets("phonon", source), "p-0", 2500)  # as if 500 were still to commit
+    (row,) = status_json(redis_url, namespace)["sources"]
+    assert (row["partition"], row["committed"], row["lag"]) == ("p-0", 2500, 500)
 
 
 def test_table_fits_100_columns_and_every_column_is_documented(

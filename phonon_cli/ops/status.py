@@ -266,8 +266,10 @@ class Status:
     def sources(self) -> list[dict[str, Any]]:
         """Committed offsets of every consumer group and source, per partition.
 
-        Fields: group, source, partition, committed, lag (None: unknown unless the
-        source records where a partition ends) and owner (the reading process, if known).
+        Fields: group, source, partition, committed, lag and owner (the reading
+        process, if known). Lag is what the readers last published (``source_info``):
+        a file partition's end minus its committed offset, a stream group's lag; None
+        when no reader has said.
         """
         found = []
         for key in self.client.scan_iter(match=self.keys.offsets_pattern(), count=SCAN_PAGE):
@@ -279,13 +281,16 @@ class Status:
         for group, source in found:
             pipe.hgetall(self.keys.offsets(group, source))
             pipe.hgetall(self.keys.members(group, source))
+            pipe.hgetall(self.keys.source_info(group, source))
         replies = pipe.execute() if found else []
         out = []
         for i, (group, source) in enumerate(found):
-            offsets, members = replies[2 * i], replies[2 * i + 1]
+            offsets, members, infos = replies[3 * i : 3 * i + 3]
             for part in sorted(offsets, key=_natural):
+                committed = _int(offsets[part])
                 row = {"group": group, "source": source, "partition": part}
-                row.update(committed=_int(offsets[part]), lag=None, owner=members.get(part))
+                lag = _lag(committed, infos.get(part))
+                row.update(committed=committed, lag=lag, owner=members.get(part))
                 out.append(row)
         return out
 
@@ -344,6 +349,21 @@ PROCESS_COLUMNS = "ID HOST*<24 PID> STATE UP> BEAT> ENTRIES> EVENTS> EV/S> EXEC>
 REFERENCE_COLUMNS = "RESOURCE* AGE> HOLDERS> DEAD> MODIFIED> PARTIAL> LOCK ORPHAN"
 ORPHAN_COLUMNS = "RESOURCE* PARTIAL> DEAD> CLASS<40"
 SOURCE_COLUMNS = "GROUP<16 SOURCE* PARTITION<16 COMMITTED> LAG> OWNER"
+def _lag(committed: int | None, info: str | None) -> int | None:
+    """Events behind, from what a partition's reader published (None if unknown)."""
+    if info is None:
+        return None
+    try:
+        published = orjson.loads(info)
+    except orjson.JSONDecodeError:
+        return None
+    end = published.get("end")
+    if isinstance(end, int) and committed is not None:
+        return max(0, end - committed)
+    lag = published.get("lag")
+    return lag if isinstance(lag, int) else None
+
+
 _SOURCE_FIELDS = "group source partition committed lag owner".split()
 _COLUMN = re.compile(r"(?P<header>[^*<>]+)(?P<flex>\*)?(?P<right>>)?(?:<(?P<max>\d+))?")
 
@@ -369,18 +389,20 @@ def render(snap: Snapshot, width: int = WIDTH) -> str:
     if any(t.nulls_skipped.values()):
         skipped = ", ".join(f"{r} {_num(n)}" for r, n in sorted(t.nulls_skipped.items()) if n)
         lines.append(_cut(f"nulls skipped: {skipped}", width))
-    lines += ["", f"PROCESSES ({t.processes:,})"]
     rows = [_process_row(p, now) for p in snap.processes[:limit]]
-    lines += _table(PROCESS_COLUMNS, rows, len(snap.processes), width)
-    lines += ["", f"REFERENCES ({len(snap.oldest):,} oldest of {t.references:,})"]
-    lines += _table(REFERENCE_COLUMNS, [r.row(now) for r in snap.oldest], 0, width)
+    lines += ["", _heading("PROCESSES", len(rows), t.processes)]
+    lines += _table(PROCESS_COLUMNS, rows, t.processes, width)
+    rows = [r.row(now) for r in snap.oldest]
+    lines += ["", _heading("REFERENCES", len(rows), t.references, "oldest ")]
+    lines += _table(REFERENCE_COLUMNS, rows, t.references, width)
     if t.orphaned:
-        lines += ["", f"ORPHANED PARTIALS ({len(snap.orphans):,} oldest of {t.orphaned:,}; "]
-        lines[-1] += "execute them with: phonon flush -c CONFIG --all)"
-        lines += _table(ORPHAN_COLUMNS, [r.orphan_row(now) for r in snap.orphans], 0, width)
-    lines += ["", f"SOURCES ({t.partitions:,} partitions)"]
+        rows = [r.orphan_row(now) for r in snap.orphans]
+        lines += ["", _heading("ORPHANED PARTIALS", len(rows), t.orphaned, "oldest ")]
+        lines[-1] = lines[-1][:-1] + "; execute them with: phonon flush -c CONFIG --all)"
+        lines += _table(ORPHAN_COLUMNS, rows, t.orphaned, width)
     rows = [[_opt(s[k]) for k in _SOURCE_FIELDS] for s in snap.sources[:limit]]
-    lines += _table(SOURCE_COLUMNS, rows, len(snap.sources), width)
+    lines += ["", _heading("SOURCE PARTITIONS", len(rows), t.partitions)]
+    lines += _table(SOURCE_COLUMNS, rows, t.partitions, width)
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
@@ -391,11 +413,16 @@ def _process_row(p: dict[str, Any], now: int) -> list[str]:
     return row + [_num(p["keys_executed"]), _num(p["keys_cached"])]
 
 
+def _heading(name: str, shown: int, total: int, which: str = "") -> str:
+    """``NAME (12)``, or ``NAME (3 oldest of 12)`` when ``--limit`` leaves some out."""
+    return f"{name} ({total:,})" if shown == total else f"{name} ({shown:,} {which}of {total:,})"
+
+
 def _table(columns: str, rows: list[list[str]], total: int, width: int) -> list[str]:
     """Aligned columns two spaces apart; the flexible one gives way to fit ``width``.
     ``total``: how many rows there are in all, to say how many were left out."""
     if not rows:
-        return ["(none)"]
+        return ["(none)"] if not total else [f"({total:,} not shown: raise --limit)"]
     specs = [c for c in map(_COLUMN.fullmatch, columns.split()) if c]
     heads = [c.group("header") for c in specs]
     widths = []
