@@ -23,7 +23,7 @@ from . import defaults
 from .core.update import Update
 from .exceptions import ConfigError
 from .fields.aggregate import FieldsUpdate
-from .poison import bad_number
+from .poison import bad_number, short
 from .routing.fields import parse_fields
 from .routing.filters import Scalar, matcher
 from .routing.routes import Route, Template
@@ -64,17 +64,17 @@ def parse_duration(value: Any) -> float:
         ValueError: not a duration, or a negative one.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"not a duration: {value!r} {_DURATION_HINT}")
+        raise ValueError(f"not a duration: {short(value)} {_DURATION_HINT}")
     if isinstance(value, str):
         match = _DURATION.fullmatch(value.strip())
         if match is None:
             if value.strip().startswith("-"):
                 raise ValueError(f"a duration cannot be negative: {value!r}")
-            raise ValueError(f"not a duration: {value!r} {_DURATION_HINT}")
+            raise ValueError(f"not a duration: {short(value)} {_DURATION_HINT}")
         number, unit = match.groups()
         return float(number) * _UNITS[unit or "s"]
     if not math.isfinite(value):
-        raise ValueError(f"not a duration: {value!r} {_DURATION_HINT}")
+        raise ValueError(f"not a duration: {short(value)} {_DURATION_HINT}")
     if value < 0:
         raise ValueError(f"a duration cannot be negative: {value!r}")
     return float(value)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
+
 from .exceptions import EventError
 
 INT64_MIN = -(2**63)
@@ -112,6 +114,14 @@ def add_sums(merged: dict[str, Any], doc: dict[str, Any]) -> str | None:
 
 
 def short(value: Any, limit: int = 60) -> str:
-    """``repr`` cut short: reasons end up in dead-letter files, one per line."""
-    text = repr(value)
+    """A value as the event spelled it (JSON: ``true``, ``null``, ``"x"``), cut short:
+    reasons end up in dead-letter files, one per line, read by people who wrote
+    JSON, not Python."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = repr(value)  # JSON has no spelling for it (orjson would write null)
+    else:
+        try:
+            text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:
+            text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

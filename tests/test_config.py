@@ -203,7 +203,7 @@ def test_from_mapping_validates_dicts() -> None:
         (
             '[cache]\nsoft_session = "15x"\n' + ROUTE,
             "cache.soft_session",
-            "not a duration: '15x' (use 90, 90s, 15m, 1h)",
+            'not a duration: "15x" (use 90, 90s, 15m, 1h)',
         ),
         (
             "[cache]\nhard_session = -5\n" + ROUTE,
@@ -213,7 +213,7 @@ def test_from_mapping_validates_dicts() -> None:
         (
             "[cache]\nhard_session = true\n" + ROUTE,
             "cache.hard_session",
-            "not a duration: True (use 90, 90s, 15m, 1h)",
+            "not a duration: true (use 90, 90s, 15m, 1h)",
         ),
         (
             '[cache]\nmax_entries = "10"\n' + ROUTE,
@@ -330,7 +330,7 @@ def test_from_mapping_validates_dicts() -> None:
         (
             ROUTE + 'soft_session = "soon"\n',
             "routes[0].soft_session",
-            "not a duration: 'soon' (use 90, 90s, 15m, 1h)",
+            'not a duration: "soon" (use 90, 90s, 15m, 1h)',
         ),
         (ROUTE + "collection = 3\n", "routes[0].collection", "expected a string, got integer"),
     ],
@@ -425,18 +425,18 @@ def test_parse_duration(value: Any, seconds: float) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("15x", "not a duration: '15x' (use 90, 90s, 15m, 1h)"),
-        ("", "not a duration: '' (use 90, 90s, 15m, 1h)"),
-        ("m", "not a duration: 'm' (use 90, 90s, 15m, 1h)"),
-        ("1h30m", "not a duration: '1h30m' (use 90, 90s, 15m, 1h)"),
-        ("15M", "not a duration: '15M' (use 90, 90s, 15m, 1h)"),
+        ("15x", 'not a duration: "15x" (use 90, 90s, 15m, 1h)'),
+        ("", 'not a duration: "" (use 90, 90s, 15m, 1h)'),
+        ("m", 'not a duration: "m" (use 90, 90s, 15m, 1h)'),
+        ("1h30m", 'not a duration: "1h30m" (use 90, 90s, 15m, 1h)'),
+        ("15M", 'not a duration: "15M" (use 90, 90s, 15m, 1h)'),
         ("-5s", "a duration cannot be negative: '-5s'"),
         (-1, "a duration cannot be negative: -1"),
         (-0.5, "a duration cannot be negative: -0.5"),
         (float("inf"), "not a duration: inf (use 90, 90s, 15m, 1h)"),
         (float("nan"), "not a duration: nan (use 90, 90s, 15m, 1h)"),
-        (True, "not a duration: True (use 90, 90s, 15m, 1h)"),
-        (None, "not a duration: None (use 90, 90s, 15m, 1h)"),
+        (True, "not a duration: true (use 90, 90s, 15m, 1h)"),
+        (None, "not a duration: null (use 90, 90s, 15m, 1h)"),
         ([1], "not a duration: [1] (use 90, 90s, 15m, 1h)"),
     ],
 )

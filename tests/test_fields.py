@@ -167,7 +167,7 @@ CONFIG_ERRORS = [
     ("max_events = 0", "routes[0].max_events", "expected a positive integer, got 0"),
     ("ends_when = {}", "routes[0].ends_when", "empty: it would end every session"),
     ("ends_when = { kind = [] }", "routes[0].ends_when.kind", "an empty list matches nothing"),
-    ('idle = "5x"', "routes[0].idle", "not a duration: '5x'"),
+    ('idle = "5x"', "routes[0].idle", 'not a duration: "5x"'),
     (
         'idle = "5s"\nsoft_session = "5s"',
         "routes[0].idle",
@@ -301,14 +301,14 @@ def test_build_makes_every_fields_slots() -> None:
     [
         (
             {"user": 1, "amount": "7", "page": "/", "ts": 1, "visitor": 1},
-            "revenue is not a number: '7'",
+            'revenue is not a number: "7"',
         ),
         (
             {"user": 1, "amount": 7, "page": "/", "ts": "x", "visitor": 1},
             "entry time is not a number",
         ),
         ({"user": 1, "amount": 7, "page": "/", "ts": 1}, "missing field 'visitor'"),
-        ({"user": 1, "amount": True, "page": "/", "ts": 1, "visitor": 1}, "is not a number: True"),
+        ({"user": 1, "amount": True, "page": "/", "ts": 1, "visitor": 1}, "is not a number: true"),
     ],
 )
 def test_wrong_types_are_event_errors(event: dict[str, Any], reason: str) -> None:

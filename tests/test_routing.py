@@ -230,7 +230,7 @@ def test_spec_mixes_fields_and_constants() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "shown"), [("x", "'x'"), (True, "True"), (None, "None"), ([1], "[1]")]
+    ("value", "shown"), [("x", '"x"'), (True, "true"), (None, "null"), ([1], "[1]")]
 )
 def test_non_numeric_doc_value_is_an_event_error(value: Any, shown: str) -> None:
     route = make_route(id="x", doc={"{event_type}": "{n}"})

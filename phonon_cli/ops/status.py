@@ -349,6 +349,8 @@ PROCESS_COLUMNS = "ID HOST*<24 PID> STATE UP> BEAT> ENTRIES> EVENTS> EV/S> EXEC>
 REFERENCE_COLUMNS = "RESOURCE* AGE> HOLDERS> DEAD> MODIFIED> PARTIAL> LOCK ORPHAN"
 ORPHAN_COLUMNS = "RESOURCE* PARTIAL> DEAD> CLASS<40"
 SOURCE_COLUMNS = "GROUP<16 SOURCE* PARTITION<16 COMMITTED> LAG> OWNER"
+
+
 def _lag(committed: int | None, info: str | None) -> int | None:
     """Events behind, from what a partition's reader published (None if unknown)."""
     if info is None:

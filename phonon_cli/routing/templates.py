@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from ..exceptions import EventError
-from ..poison import scalar_text
+from ..poison import scalar_text, short
 
 __all__ = ["Event", "Getter", "Template"]
 
@@ -35,9 +35,7 @@ def _text(value: Any) -> str:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    """``repr`` cut short: error messages end up in dead-letter files, one per line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return short(value, limit)
 
 
 def _parse(source: str) -> list[str | tuple[str, ...]]:
