@@ -474,7 +474,7 @@ def test_stream_exact_totals_and_nothing_pending_after_a_clean_stop(env: Env) ->
     key = f"{env.ns}-events"
     topic = Topic(env.tmp / "unused", partitions=0)
     xadd(env, key, topic, 700)  # before the group exists: read from the stream's start
-    workers = [env.run(f"redis-stream:{key}", name=f"w{i}") for i in range(2)]
+    workers = [env.run(f"redis-stream:{key}", args=("--follow",), name=f"w{i}") for i in range(2)]
     env.helpers.wait_for(lambda: env.events_read(workers) == 700, what="the backlog handled")
     xadd(env, key, topic, 800)
     env.helpers.wait_for(lambda: env.events_read(workers) == 1500, what="new entries handled")
@@ -487,13 +487,13 @@ def test_stream_exact_totals_and_nothing_pending_after_a_clean_stop(env: Env) ->
 def test_a_killed_consumers_pending_entries_are_claimed_and_counted(env: Env) -> None:
     key = f"{env.ns}-events"
     topic = Topic(env.tmp / "unused", partitions=0)
-    first = env.run(f"redis-stream:{key}", name="first")
+    first = env.run(f"redis-stream:{key}", args=("--follow",), name="first")
     xadd(env, key, topic, 600)
     env.helpers.wait_for(lambda: env.events_read([first]) == 600, what="the first read all")
     assert pending(env, key) == 600  # in its cache only: not safe, not acknowledged
     first.send_signal(signal.SIGKILL)
     first.wait()
-    second = env.run(f"redis-stream:{key}", name="second")
+    second = env.run(f"redis-stream:{key}", args=("--follow",), name="second")
     env.helpers.wait_for(
         lambda: env.events_read([second]) == 600, timeout_s=15, what="the second claimed them"
     )
@@ -506,14 +506,24 @@ def test_a_killed_consumers_pending_entries_are_claimed_and_counted(env: Env) ->
     env.client.delete(key)
 
 
+def test_a_stream_without_follow_ends_at_its_end(env: Env) -> None:
+    key = f"{env.ns}-events"
+    topic = Topic(env.tmp / "unused", partitions=0)
+    xadd(env, key, topic, 900)
+    worker = env.run(f"redis-stream:{key}", name="once")
+    assert worker.wait(timeout=30) == 0  # on its own: no signal, like file: without --follow
+    assert env.totals() == (topic.expected, 900)
+    assert pending(env, key) == 0
+    env.client.delete(key)
+
+
 def test_several_sources_in_one_run_file_and_stream_with_another_field(env: Env) -> None:
     topic = Topic(env.tmp / "topic", partitions=2)
     topic.fill(3000)
     key = f"{env.ns}-events"
     xadd(env, key, topic, 300, field="payload")
     worker = env.run(f"file:{topic.path}", f"redis-stream:{key}?field=payload")
-    env.helpers.wait_for(lambda: env.events_read([worker]) == topic.count, what="both read")
-    env.stop(worker)
+    assert worker.wait(timeout=60) == 0  # both sources read to their end
     assert env.totals() == (topic.expected, topic.count)
     assert pending(env, key) == 0
     env.client.delete(key)

@@ -128,7 +128,7 @@ def test_sigterm_to_the_parent_drains_every_worker_of_a_stream(run: Run) -> None
     for line in run.events(3000).splitlines():
         pipe.xadd(key, {"data": line})
     pipe.execute()
-    proc = run.start("--workers", "3", "--source", f"redis-stream:{key}")
+    proc = run.start("--workers", "3", "--source", f"redis-stream:{key}", "--follow")
     run.helpers.wait_for(
         lambda: len(run.members()) == 3 and run.events_read() == 3000,
         timeout_s=30,
@@ -163,7 +163,7 @@ def test_a_killed_worker_is_a_dead_process_and_the_others_go_on(run: Run) -> Non
     for line in run.events(3000).splitlines():
         pipe.xadd(key, {"data": line})
     pipe.execute()
-    proc = run.start("--workers", "3", "--source", f"redis-stream:{key}")
+    proc = run.start("--workers", "3", "--source", f"redis-stream:{key}", "--follow")
     run.helpers.wait_for(
         lambda: len(run.members()) == 3 and run.events_read() == 3000,
         timeout_s=30,

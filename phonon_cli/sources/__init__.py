@@ -31,7 +31,8 @@ def open_source(
         spec: ``-``, ``file:PATH``, ``redis-pubsub:CHANNEL`` or ``redis-stream:KEY``.
         process: this worker; every source but stdin coordinates through its Redis.
         group: the consumer group (committed offsets, partition split, stream group).
-        follow: file sources tail their partitions instead of ending.
+        follow: file sources tail their partitions and streams wait for new entries,
+            instead of ending at the end of what is there (pub/sub always follows).
         start_from: ``committed`` or ``earliest``, for sources with offsets.
 
     Raises:
@@ -64,7 +65,7 @@ def open_source(
         return PubSubSource(spec, rest, process, group)
     from .stream import StreamSource
 
-    return StreamSource(spec, rest, process, group, start_from)
+    return StreamSource(spec, rest, process, group, start_from, follow)
 
 
 def open_sources(

@@ -76,10 +76,21 @@ class StreamSource(ThreadedSource):
         process: this worker; its id names the consumer.
         group: the consumer group, created (from the stream's start) if missing.
         start_from: ``earliest`` moves the group back to the stream's start first.
+        follow: wait for new entries; without it, end once nothing is left to read
+            or to claim from dead members (like ``file:`` without ``--follow``).
     """
 
-    def __init__(self, name: str, rest: str, process: Process, group: str, start_from: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        rest: str,
+        process: Process,
+        group: str,
+        start_from: str,
+        follow: bool = True,
+    ) -> None:
         super().__init__()
+        self.follow = follow
         self.name = name
         self.key, field = parse_spec(rest)
         self.field = None if field == "*" else field.encode()
@@ -162,8 +173,14 @@ class StreamSource(ThreadedSource):
                 log.warning("%s: connection lost (%s); retrying", self.name, e)
                 self._stop.wait(tick_s)
                 continue
-            for _stream, entries in reply or []:
-                self._emit(out, entries, tick_s)
+            if reply:
+                for _stream, entries in reply:
+                    self._emit(out, entries, tick_s)
+            elif not self.follow:
+                leftover = self._claim(client)
+                if not leftover:
+                    return  # read to the end, and no dead member's entries to take over
+                self._emit(out, leftover, tick_s)
 
     def _create_group(self) -> None:
         client = self.process.client
