@@ -18,6 +18,7 @@ from .exceptions import ConfigError, PhononError, StoreUnavailable
 
 if TYPE_CHECKING:
     from .core.process import Process
+    from .store.connection import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,23 @@ class Context:
     heartbeat_interval_s: float
     verbose: int
     quiet: bool
+    cluster: bool = False
+    """--redis-cluster (or PHONON_REDIS_CLUSTER) was given: it wins over the config."""
+
+    def is_cluster(self, config: Config | None = None) -> bool:
+        if self.cluster:
+            return True
+        return bool(config and config.store.cluster)
+
+    def settings(self, config: Config | None = None) -> StoreSettings:
+        """The store the options (then the config, then the environment) name."""
+        from .store.connection import StoreSettings
+
+        return StoreSettings.from_env(
+            self.redis_url or (config.store.url if config else None),
+            self.namespace or (config.store.namespace if config else None),
+            cluster=self.is_cluster(config),
+        )
 
     def process(self, config: Config | None = None, **kwargs: Any) -> Process:
         """A ``Process`` on the store the options (then the config, then the default) name."""
@@ -65,7 +83,11 @@ class Context:
         namespace = self.namespace or (config.store.namespace if config else None)
         try:
             return Process(
-                url, namespace=namespace, heartbeat_interval=self.heartbeat_interval_s, **kwargs
+                url,
+                namespace=namespace,
+                heartbeat_interval=self.heartbeat_interval_s,
+                cluster=self.is_cluster(config),
+                **kwargs,
             )
         except PhononError as e:
             fail(e)
@@ -114,6 +136,13 @@ def load(config_path: str) -> Config:
     help="Redis to coordinate through (default: an embedded server under PHONON_HOME).",
 )
 @click.option(
+    "--redis-cluster",
+    "redis_cluster",
+    is_flag=True,
+    envvar="PHONON_REDIS_CLUSTER",
+    help="--redis-url names a node of a Redis Cluster (also [store] cluster = true).",
+)
+@click.option(
     "--namespace",
     envvar="PHONON_NAMESPACE",
     show_envvar=True,
@@ -137,6 +166,7 @@ def load(config_path: str) -> Config:
 def main(
     ctx: click.Context,
     redis_url: str | None,
+    redis_cluster: bool,
     namespace: str | None,
     heartbeat_interval: float,
     verbose: int,
@@ -144,7 +174,7 @@ def main(
 ) -> None:
     """Aggregate JSON event streams across many workers: one database write per key per session."""
     logs.setup(verbose, quiet)
-    ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet)
+    ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet, redis_cluster)
 
 
 @main.command(short_help="Validate a config and import its classes, offline.")
@@ -322,11 +352,8 @@ def run_workers(
 
     from .run.loop import RunStats, progress_printer
     from .run.workers import Supervisor
-    from .store.connection import StoreSettings
 
-    settings = StoreSettings.from_env(
-        ctx.redis_url or config.store.url, ctx.namespace or config.store.namespace
-    )
+    settings = ctx.settings(config)
     try:  # once here, so that N workers do not each report the store missing (or start it)
         settings.connect().close()
     except PhononError as e:
@@ -366,12 +393,7 @@ def run_workers(
 def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
     """Settings and a client for the store the options (then the config) name; no Process,
     so that reading or publishing never registers this command as a worker."""
-    from .store.connection import StoreSettings
-
-    settings = StoreSettings.from_env(
-        ctx.redis_url or (config.store.url if config else None),
-        ctx.namespace or (config.store.namespace if config else None),
-    )
+    settings = ctx.settings(config)
     try:
         return settings, settings.connect(create=False)
     except PhononError as e:

@@ -129,6 +129,8 @@ class StoreConfig:
 
     url: str | None = None
     namespace: str | None = None
+    cluster: bool | None = None
+    """``url`` names a node of a Redis Cluster."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ def expand_variables(data: Any, path: str, environ: Mapping[str, str], key: str 
 
 
 _TOP_KEYS = ("store", "cache", "routes")
-_STORE_KEYS = ("url", "namespace")
+_STORE_KEYS = ("url", "namespace", "cluster")
 _CACHE_KEYS = ("max_entries", "soft_session", "hard_session")
 _ROUTE_KEYS = (
     "when",
@@ -320,7 +322,14 @@ class _Validator:
                 Keys(namespace)
             except ValueError as e:
                 self.fail("store.namespace", f"{e} (no spaces, braces or glob characters)")
-        return StoreConfig(url=url, namespace=namespace)
+        cluster = None
+        if "cluster" in store:
+            cluster = store["cluster"]
+            if not isinstance(cluster, bool):
+                self.fail("store.cluster", f"expected true or false, not {cluster!r}")
+            if cluster and url and not url.startswith(("redis://", "rediss://")):
+                self.fail("store.cluster", "a cluster is reached by a redis:// or rediss:// URL")
+        return StoreConfig(url=url, namespace=namespace, cluster=cluster)
 
     def cache(self, value: Any) -> CacheConfig:
         cache = self.table(value, "cache", _CACHE_KEYS)

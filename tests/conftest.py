@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from types import ModuleType
 
 import pytest
 import redis
+import rediscluster
 import testkit
 
 from phonon_cli.core.process import Process
@@ -50,6 +52,34 @@ def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = server.ensure_running()
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[rediscluster.Cluster]:
+    """A real 3-master Redis Cluster on loopback ports, started once per session when
+    redis-server is on the machine (and always under CI=true, failing if it cannot)."""
+    why_not = rediscluster.available()
+    if why_not:
+        missing_service(f"no redis cluster: {why_not}")
+    try:
+        cluster = rediscluster.Cluster(tmp_path_factory.mktemp("cluster"), masters=3).start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        missing_service(f"cannot start a redis cluster: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_namespace(redis_cluster: rediscluster.Cluster) -> Iterator[str]:
+    """A fresh namespace on the cluster, checked empty on every primary and deleted after."""
+    ns = f"phonon-test-{secrets.token_hex(4)}"
+    client = redis_cluster.client()
+    assert next(client.scan_iter(match=f"{ns}:*"), None) is None, f"namespace {ns} is not empty"
+    yield ns
+    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture(params=["embedded", "external"])

@@ -187,7 +187,11 @@ def test_from_mapping_validates_dicts() -> None:
     ("text", "key", "message"),
     [
         ("stor = {}\n" + ROUTE, "stor", "unknown key 'stor' (known: cache, routes, store)"),
-        ('[store]\nuri = "x"\n' + ROUTE, "store.uri", "unknown key 'uri' (known: namespace, url)"),
+        (
+            '[store]\nuri = "x"\n' + ROUTE,
+            "store.uri",
+            "unknown key 'uri' (known: cluster, namespace, url)",
+        ),
         (
             "[cache]\nsize = 1\n" + ROUTE,
             "cache.size",

@@ -23,6 +23,8 @@ import redis
 import testkit
 from testkit import phonon_command
 
+from phonon_cli.store.keys import Keys
+
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 CONFIG = """
@@ -99,8 +101,8 @@ def finish(worker: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, s
 
 
 def alive_ids(client, namespace: str) -> set[str]:
-    ids = client.zrange(f"{namespace}:processes", 0, -1)
-    return {pid for pid in ids if client.exists(f"{namespace}:process:{pid}:alive")}
+    ids = client.zrange(Keys(namespace).processes, 0, -1)
+    return {pid for pid in ids if client.exists(Keys(namespace).alive(pid))}
 
 
 def exec_keys(client, namespace: str) -> list[str]:
@@ -175,8 +177,8 @@ def test_worker_paused_while_executing_is_fenced_and_counts_once(
             all(
                 client.hexists(f"{namespace}:ref:{{totals:k{i}}}:nodes", pid)
                 for i in range(10)
-                for pid in client.zrange(f"{namespace}:processes", 0, -1)
-                if client.hget(f"{namespace}:process:{pid}", "pid") == str(paused.pid)
+                for pid in client.zrange(Keys(namespace).processes, 0, -1)
+                if client.hget(Keys(namespace).process(pid), "pid") == str(paused.pid)
             )
             and client.hlen(f"{namespace}:ref:{{totals:k9}}:nodes") == 1
         ),

@@ -26,6 +26,7 @@ import redis
 from phonon_cli.sources import open_source
 from phonon_cli.sources.base import Chunk, assign
 from phonon_cli.sources.files import PartitionReader
+from phonon_cli.store.keys import Keys
 
 CONFIG = """
 [[routes]]
@@ -101,8 +102,8 @@ class Env:
     def events_read(self, workers: list[subprocess.Popen[bytes]]) -> int:
         """What the workers' run loops have handled (published with each heartbeat)."""
         total = 0
-        for pid_ in self.client.zrange(f"{self.ns}:processes", 0, -1):
-            fields = self.client.hgetall(f"{self.ns}:process:{pid_}")
+        for pid_ in self.client.zrange(Keys(self.ns).processes, 0, -1):
+            fields = self.client.hgetall(Keys(self.ns).process(pid_))
             if int(fields.get("pid", 0)) in {w.pid for w in workers}:
                 total += int(fields.get("events_read", 0))
         return total
@@ -269,7 +270,7 @@ def test_a_killed_follower_hands_its_partitions_over_and_loses_nothing(
     topic.fill(400)
     victim_id = sorted(set(owners(env, source).values()))[0]
     victim = next(
-        w for w in workers if str(w.pid) == env.client.hget(f"{env.ns}:process:{victim_id}", "pid")
+        w for w in workers if str(w.pid) == env.client.hget(Keys(env.ns).process(victim_id), "pid")
     )
     theirs = [p for p, o in owners(env, source).items() if o == victim_id]
 
@@ -424,7 +425,7 @@ def test_an_unknown_or_missing_source_is_a_usage_error(env: Env) -> None:
         assert worker.wait(timeout=30) == 2
     log = env.log("bad")
     assert "unknown source 'kafka:events'" in log and "no such file or directory" in log
-    assert env.client.zcard(f"{env.ns}:processes") == 0  # the process was stopped
+    assert env.client.zcard(Keys(env.ns).processes) == 0  # the process was stopped
 
 
 # -- pub/sub ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 import pytest
 
+from phonon_cli.store.keys import Keys
+
 pytestmark = pytest.mark.slow
 
 CONFIG = """
@@ -73,9 +75,9 @@ class Run:
     def members(self) -> dict[str, dict[str, str]]:
         """Live processes of the namespace -> their published figures."""
         out = {}
-        for pid in self.client.zrange(f"{self.ns}:processes", 0, -1):
-            if self.client.exists(f"{self.ns}:process:{pid}:alive"):
-                out[pid] = self.client.hgetall(f"{self.ns}:process:{pid}")
+        for pid in self.client.zrange(Keys(self.ns).processes, 0, -1):
+            if self.client.exists(Keys(self.ns).alive(pid)):
+                out[pid] = self.client.hgetall(Keys(self.ns).process(pid))
         return out
 
     def events_read(self) -> int:

@@ -18,7 +18,7 @@ from .. import defaults
 from ..clock import Clock, now_ms
 from ..exceptions import AlreadyLocked, LockNotOwned, StoreReset
 from ..store import scripts
-from ..store.connection import StoreSettings, public_url
+from ..store.connection import StoreSettings, clone, public_url
 from ..store.keys import Keys
 from ..store.lock import Lock
 from . import recovery
@@ -45,6 +45,8 @@ class Process:
         home: ``PHONON_HOME`` for the embedded server.
         clock: epoch-ms clock (tests inject one).
         start_heartbeat: start the heartbeat thread (tests may drive ``heartbeat()``).
+        cluster: ``redis_url`` names a node of a Redis Cluster; unset,
+            ``PHONON_REDIS_CLUSTER``.
 
     Raises:
         StoreUnavailable: the store cannot be reached.
@@ -64,8 +66,9 @@ class Process:
         home: str | None = None,
         clock: Clock = now_ms,
         start_heartbeat: bool = True,
+        cluster: bool | None = None,
     ) -> None:
-        settings = StoreSettings.from_env(redis_url, namespace, home)
+        settings = StoreSettings.from_env(redis_url, namespace, home, cluster)
         self.settings = settings
         self.client: redis.Redis = client if client is not None else settings.connect()
         self.keys = Keys(settings.namespace)
@@ -93,12 +96,7 @@ class Process:
         """Ends the heartbeat thread: set last, once the references are released."""
         self._stop_recovery = threading.Event()
         self._stopped = False
-        pool = self.client.connection_pool
-        self._heartbeat_client = redis.Redis(
-            connection_pool=type(pool)(
-                connection_class=pool.connection_class, **pool.connection_kwargs
-            )
-        )
+        self._heartbeat_client = clone(self.client)
         self.started_ms = self.clock()
         self.identity: dict[str, Any] = {
             "host": socket.gethostname(),

@@ -23,6 +23,8 @@ from .reference import Release, Taken, release_many
 from .update import Update, execute_taken
 
 if TYPE_CHECKING:
+    from redis.client import Pipeline
+
     from .process import Process
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,8 @@ def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> l
 def unregister(process: Process, pid: str) -> None:
     """Forget process ``pid``: its registry entry, figures, held set and alive key."""
     pipe = process.client.pipeline(transaction=False)
-    pipe.delete(process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid))
+    for key in (process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid)):
+        pipe.delete(key)  # one key per DEL: a cluster pipeline refuses several
     pipe.zrem(process.keys.processes, pid)
     pipe.srem(process.keys.declared_dead, pid)
     pipe.execute()
@@ -144,7 +147,11 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
             mine.append(own)
             keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key, *own]
             args.append("adopt" if flag else "merge")
-        results = scripts.RECOVER(keys=keys, args=args, client=process.client)
+
+        def build(pipe: Pipeline, keys: list[str] = keys, args: list[str | int] = args) -> None:
+            scripts.queue(pipe, scripts.RECOVER, keys, args)
+
+        (results,) = scripts.run(process.client, build)
         for (resource, _, _), own, (left, cached, saved, *items) in zip(chunk, mine, results):
             if saved:
                 got = _adopted(process, resource, saved, items, own)
@@ -177,7 +184,10 @@ def _adoptable(process: Process, recipe_keys: list[str]) -> list[bool]:
     """Per exec set, whether this process knows its class (and so may execute it)."""
     if not recipe_keys:
         return []
-    saved = cast("list[str | None]", process.client.mget(recipe_keys))
+    pipe = process.client.pipeline(transaction=False)
+    for key in recipe_keys:  # GETs, not MGET: on a cluster the keys are on many nodes
+        pipe.get(key)
+    saved = cast("list[str | None]", pipe.execute())
     return [s is not None and _known(process, split_exec_recipe(s)[2]) for s in saved]
 
 

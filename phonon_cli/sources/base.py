@@ -245,11 +245,9 @@ def bytes_client(process: Process) -> redis.Redis:
     Event payloads need not be UTF-8: the process's decoding client would raise
     on one and kill the reader, where the run loop dead-letters it with a reason.
     """
-    import redis
+    from ..store.connection import clone
 
-    pool = process.client.connection_pool
-    kwargs = {**pool.connection_kwargs, "decode_responses": False}
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+    return clone(process.client, decode_responses=False)
 
 
 def split_lines(lines: Iterable[bytes], chunk: Chunk, limit: int) -> None:

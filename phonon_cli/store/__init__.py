@@ -6,6 +6,6 @@ through it.
 
 from __future__ import annotations
 
-from .connection import EmbeddedServer, StoreSettings, connect, redact
+from .connection import EmbeddedServer, StoreSettings, clone, connect, is_cluster, redact
 
-__all__ = ["EmbeddedServer", "StoreSettings", "connect", "redact"]
+__all__ = ["EmbeddedServer", "StoreSettings", "clone", "connect", "is_cluster", "redact"]

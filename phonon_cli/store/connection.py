@@ -5,6 +5,12 @@ daemon on a unix socket with its data under ``PHONON_HOME``. Every phonon
 process started with the same home finds it running (or starts it, under a file
 lock so two starters cannot race), so ``run``, ``status`` and ``flush`` share
 state with no set-up at all.
+
+A Redis Cluster is reached with redis-py's ``RedisCluster`` from the URL of any
+node. It is handed around typed as ``redis.Redis``: it answers the same commands
+(routing each by its key's slot), and the few places where a cluster needs
+something else (scripts split by slot, script loading, cloning a client) ask
+``is_cluster`` here.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from .. import defaults
@@ -91,22 +99,32 @@ class StoreSettings:
     url: str | None = None
     namespace: str = defaults.NAMESPACE
     home: str = defaults.HOME
+    cluster: bool = False
+    """``url`` names one node of a Redis Cluster."""
 
     @classmethod
     def from_env(
-        cls, url: str | None = None, namespace: str | None = None, home: str | None = None
+        cls,
+        url: str | None = None,
+        namespace: str | None = None,
+        home: str | None = None,
+        cluster: bool | None = None,
     ) -> StoreSettings:
-        """Explicit values first, then ``PHONON_REDIS_URL``/``PHONON_NAMESPACE``/``PHONON_HOME``."""
+        """Explicit values first, then ``PHONON_REDIS_URL``/``PHONON_NAMESPACE``/``PHONON_HOME``
+        /``PHONON_REDIS_CLUSTER``."""
+        if cluster is None:
+            cluster = env_flag("PHONON_REDIS_CLUSTER")
         return cls(
             url=url or os.environ.get("PHONON_REDIS_URL") or None,
             namespace=namespace or os.environ.get("PHONON_NAMESPACE") or defaults.NAMESPACE,
             home=home or os.environ.get("PHONON_HOME") or defaults.HOME,
+            cluster=cluster,
         )
 
     def describe(self) -> str:
         """What status prints as the store: the redacted URL or the embedded server."""
         if self.url:
-            return redact(self.url)
+            return f"redis cluster via {redact(self.url)}" if self.cluster else redact(self.url)
         server = EmbeddedServer(self.home)
         return f"embedded redis at {server.socket_path} (data in {server.home})"
 
@@ -118,13 +136,33 @@ class StoreSettings:
                 that only look (``status``, ``flush``) pass False, so that a typo'd
                 PHONON_HOME is an error rather than a new, empty store left running.
         """
+        if self.cluster:
+            if not self.url:
+                raise StoreUnavailable(
+                    "--redis-cluster needs the URL of a cluster node (--redis-url or "
+                    "PHONON_REDIS_URL); the embedded server is not a cluster"
+                )
+            return connect_cluster(self.url)
         if self.url:
             return connect(self.url)
         return connect(EmbeddedServer(self.home).ensure_running(create=create))
 
 
+def env_flag(name: str) -> bool:
+    """An environment variable read as a yes/no switch (unset is no)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` (or a pipeline of one) talks to a Redis Cluster."""
+    return isinstance(client, RedisCluster)
+
+
 def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
     """Connect and PING, retrying a bounded number of times.
+
+    A node of a Redis Cluster is refused here: a plain client would get MOVED for
+    most keys, half way through a run.
 
     Raises:
         StoreUnavailable: naming the URL without its password.
@@ -139,6 +177,12 @@ def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
     for attempt in range(1, attempts + 1):
         try:
             client.ping()
+            if url.startswith(("redis://", "rediss://")) and _cluster_enabled(client):
+                client.close()
+                raise StoreUnavailable(
+                    f"redis at {redact(url)} is a cluster node: run with --redis-cluster "
+                    "(or PHONON_REDIS_CLUSTER=1, or cluster = true under [store])"
+                )
             return client
         except redis.AuthenticationError as e:
             raise StoreUnavailable(
@@ -155,6 +199,82 @@ def connect(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
             time.sleep(delay)
             delay *= 4
     raise AssertionError("unreachable")
+
+
+def _cluster_enabled(client: redis.Redis) -> bool:
+    """Whether the server is a cluster node. A server that does not know INFO cluster
+    (or forbids it) is taken for a plain one."""
+    try:
+        info = client.info("cluster")
+    except redis.ResponseError:
+        return False
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+def connect_cluster(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redis.Redis:
+    """A ``RedisCluster`` client from the URL of any node, checked with a PING of every
+    primary. Typed as ``redis.Redis``: see the module docstring.
+
+    Raises:
+        StoreUnavailable: the node is not in cluster mode, or cannot be reached
+            (naming the URL without its password).
+    """
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            client = RedisCluster.from_url(url, decode_responses=True, health_check_interval=30)
+            client.ping(target_nodes=RedisCluster.PRIMARIES)
+            return client  # type: ignore[return-value]
+        except ValueError as e:
+            raise StoreUnavailable(f"invalid redis url {redact(url)}: {e}") from None
+        except redis.AuthenticationError as e:
+            raise StoreUnavailable(
+                f"cannot authenticate to redis at {redact(url)}: {strip_secrets(str(e), url)}"
+            ) from None
+        except RedisClusterException as e:
+            if "not enabled" in str(e):
+                raise StoreUnavailable(
+                    f"redis at {redact(url)} is not a cluster node (cluster mode is off): "
+                    "drop --redis-cluster (and PHONON_REDIS_CLUSTER, [store] cluster)"
+                ) from None
+            error: Exception = e
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+            error = e
+        if attempt == attempts:
+            raise StoreUnavailable(
+                f"cannot reach redis cluster at {redact(url)}: {strip_secrets(str(error), url)}"
+            ) from None
+        log.debug(
+            "redis cluster at %s unreachable (%s), %d attempts left",
+            redact(url),
+            error,
+            attempts - attempt,
+        )
+        time.sleep(delay)
+        delay *= 4
+    raise AssertionError("unreachable")
+
+
+def clone(client: redis.Redis, decode_responses: bool | None = None) -> redis.Redis:
+    """A second client to the same store with connections of its own (the heartbeat's,
+    so it never queues behind the run loop; a bytes-answering one for event payloads).
+
+    Args:
+        decode_responses: override the original's setting.
+    """
+    if isinstance(client, RedisCluster):
+        kwargs = dict(client.nodes_manager.connection_kwargs)
+        for internal in ("redis_connect_func", "oss_cluster_maint_notifications_handler", "db"):
+            kwargs.pop(internal, None)
+        if decode_responses is not None:
+            kwargs["decode_responses"] = decode_responses
+        nodes = [ClusterNode(n.host, n.port) for n in client.get_nodes()]
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    if decode_responses is not None:
+        kwargs["decode_responses"] = decode_responses
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
 
 
 class EmbeddedServer:

@@ -45,13 +45,18 @@ class Keys:
         if not namespace or any(c in namespace for c in "{}*?[] "):
             raise ValueError(f"invalid namespace {namespace!r}")
         self.namespace = namespace
-        self.processes = f"{namespace}:processes"
+        # Every process-level key shares one hash tag, the namespace's: on a Redis
+        # Cluster the scripts that touch several of them (HEARTBEAT, DECLARE_DEAD,
+        # FENCE_HELD) then touch one slot.
+        procs = f"{namespace}:{{{namespace}}}"
+        self._procs = procs
+        self.processes = f"{procs}:processes"
         """Sorted set: process id -> last heartbeat (epoch ms). Every process not yet cleaned up."""
-        self.store_id = f"{namespace}:store-id"
+        self.store_id = f"{procs}:store-id"
         """String: a random id the namespace's first process sets. A worker that finds
         it gone or changed knows the store was reset (a restart without persistence,
         FLUSHALL) and that what it held there is lost."""
-        self.declared_dead = f"{namespace}:declared-dead"
+        self.declared_dead = f"{procs}:declared-dead"
         """Set: processes declared dead (out of ``processes``, fenced) whose recovery
         is not finished; a survivor that dies half way leaves them to the next."""
         self.recovery_lock = f"{namespace}:maintenance:recovery"
@@ -92,15 +97,15 @@ class Keys:
 
     def process(self, process_id: str) -> str:
         """Hash: host, pid, started_ms, last heartbeat and the figures status shows."""
-        return f"{self.namespace}:process:{process_id}"
+        return f"{self._procs}:process:{process_id}"
 
     def alive(self, process_id: str) -> str:
         """String with a TTL of three heartbeats: a process is alive while it exists."""
-        return f"{self.namespace}:process:{process_id}:alive"
+        return f"{self._procs}:process:{process_id}:alive"
 
     def held(self, process_id: str) -> str:
         """Set of resources a process holds (or is executing): what recovery must visit."""
-        return f"{self.namespace}:process:{process_id}:held"
+        return f"{self._procs}:process:{process_id}:held"
 
     def lock(self, name: str) -> str:
         """A free-standing lock taken with ``Process.lock``."""

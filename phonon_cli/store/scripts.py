@@ -6,6 +6,12 @@ Every key arrives through ``KEYS``; ARGV is documented at the top of each script
 The batched scripts take a fixed number of keys and arguments per resource, so
 one call covers a whole batch. On Redis Cluster a batch is split by slot; each
 resource's keys share a hash tag, so no script needs keys of two slots.
+
+That split lives here, once: ``queue`` turns one batched call into one call per
+hash slot (with the same leading arguments), the cluster pipeline sends each
+node its share (written to every node before any reply is read), and ``run``
+puts the replies back in the caller's order. Callers never know which store
+they talk to.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
 from ..exceptions import Fenced
+from . import slots
+from .connection import is_cluster
 
 if TYPE_CHECKING:
     import redis
@@ -208,14 +216,17 @@ ACQUIRE_LUA = """
 --   the resource's name (for the held set)
 -- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
 --   items are JSON partials (kind "json") or field, value pairs (kind "sums").
+-- On a Redis Cluster the two leading KEYS are left out (they are in another slot):
+-- FENCE_HELD checks the fence and fills the held set first (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
-if not redis.call('ZSCORE', KEYS[1], pid) then
+local head = #KEYS % 3
+if head == 2 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
 local out = {}
-for i = 0, (#KEYS - 2) / 3 - 1 do
-  local nodes, meta, partials = KEYS[i*3+3], KEYS[i*3+4], KEYS[i*3+5]
-  redis.call('SADD', KEYS[2], ARGV[4 + i * 2])
+for i = 0, (#KEYS - head) / 3 - 1 do
+  local nodes, meta, partials = KEYS[head+i*3+1], KEYS[head+i*3+2], KEYS[head+i*3+3]
+  if head == 2 then redis.call('SADD', KEYS[2], ARGV[4 + i * 2]) end
   redis.call('HSET', nodes, pid, now)
   local taken = {}
   if ARGV[3 + i * 2] == '1' then
@@ -267,14 +278,17 @@ RELEASE_LUA = """
 --   {2, reason} when the deposit was refused, nothing of it merged (a sum Redis
 --   cannot hold: deposit_refused): the resource is left all the same, and the
 --   caller quarantines the payload.
+-- On a Redis Cluster the two leading KEYS are left out (they are in another slot):
+-- FENCE_HELD checks the fence before and empties the held set after (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
-if not redis.call('ZSCORE', KEYS[1], pid) then
+local head = #KEYS % 5
+if head == 2 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
 
 local out = {}
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local k = 2 + i * 5
+for i = 0, (#KEYS - head) / 5 - 1 do
+  local k = head + i * 5
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
   local a = 3 + i * 5
@@ -283,7 +297,7 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
   else
-    redis.call('SREM', KEYS[2], ARGV[a+4])
+    if head == 2 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
     redis.call('HDEL', nodes, pid)
     left = redis.call('HLEN', nodes)
   end
@@ -499,6 +513,28 @@ end
 return out
 """
 
+FENCE_HELD_LUA = """
+-- On a Redis Cluster, what ACQUIRE and RELEASE do with the process's own keys, which
+-- live in another slot than the batch's resources (store/slots.py): sent, and
+-- answered, before the batch's per-slot calls ("+") or after them ("-").
+-- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set
+-- ARGV[1] process id, ARGV[2] "+" (check the fence, then add) or "-" (remove),
+--   then the resources
+-- Returns 1, or the FENCED error (nothing written) if "+" finds the process gone.
+local pid, op = ARGV[1], ARGV[2]
+if op == '+' and not redis.call('ZSCORE', KEYS[1], pid) then
+  return redis.error_reply(FENCED .. pid)
+end
+for i = 3, #ARGV do
+  if op == '+' then
+    redis.call('SADD', KEYS[2], ARGV[i])
+  else
+    redis.call('SREM', KEYS[2], ARGV[i])
+  end
+end
+return 1
+"""
+
 LOCK_RELEASE_LUA = """
 -- Release a lock only if we own it.
 -- KEYS[1] the lock; ARGV[1] our token
@@ -535,6 +571,7 @@ local FENCED = 'PHONON_FENCED process declared dead: '
 ACQUIRE_LUA = FENCE_LUA + ACQUIRE_LUA
 RELEASE_LUA = FENCE_LUA + MERGE_LUA + RELEASE_LUA
 RECOVER_LUA = MERGE_LUA + RECOVER_LUA
+FENCE_HELD_LUA = FENCE_LUA + FENCE_HELD_LUA
 
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
@@ -544,15 +581,42 @@ LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
 DECLARE_DEAD = Script(None, DECLARE_DEAD_LUA.encode())  # type: ignore[arg-type]
+FENCE_HELD = Script(None, FENCE_HELD_LUA.encode())  # type: ignore[arg-type]
 
-ALL = (ACQUIRE, RELEASE, RECOVER, QUARANTINE, LOCK_RELEASE, LOCK_EXTEND, HEARTBEAT, DECLARE_DEAD)
+ALL = (
+    ACQUIRE,
+    RELEASE,
+    RECOVER,
+    QUARANTINE,
+    LOCK_RELEASE,
+    LOCK_EXTEND,
+    HEARTBEAT,
+    DECLARE_DEAD,
+    FENCE_HELD,
+)
 
 FENCED_ERROR = "PHONON_FENCED"
 """How a fenced script's error starts (see FENCE_LUA)."""
 
+LAYOUT: dict[str, slots.Layout] = {
+    ACQUIRE.sha: slots.Layout(2, 3, 2, held=lambda a: ("+", a[1])),
+    RELEASE.sha: slots.Layout(2, 5, 5, held=lambda a: None if a[0] == "orphan" else ("-", a[4])),
+    RECOVER.sha: slots.Layout(0, 7, 1),
+    QUARANTINE.sha: slots.Layout(0, 6, 1),
+}
+"""How each batched script lays out its KEYS and ARGV, for the per-slot split on a
+Redis Cluster (``slots``): the process's own keys first, then so many keys and
+arguments per resource, and which resources enter (+) or leave (-) the held set."""
+
 
 def load(pipe: Pipeline) -> None:
-    """Queue SCRIPT LOAD of every script (a process does it with its first heartbeat)."""
+    """Queue SCRIPT LOAD of every script (a process does it with its first heartbeat).
+
+    A cluster pipeline cannot route SCRIPT LOAD: it is sent to every primary at once.
+    """
+    if is_cluster(pipe):
+        slots.load(pipe, ALL)
+        return
     for script in ALL:
         pipe.script_load(script.script)
 
@@ -564,16 +628,28 @@ def queue(pipe: Pipeline, script: Script, keys: Sequence[str], args: Sequence[An
     pipeline, doubling the round trips. Scripts are loaded up front instead,
     and ``run`` reloads them if the server lost them (a restart, SCRIPT FLUSH).
     """
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    if is_cluster(pipe):
+        slots.queue(pipe, script, keys, args, LAYOUT.get(script.sha))
+    else:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def run(client: redis.Redis, build: Callable[[Pipeline], None]) -> list[Any]:
-    """Execute the pipeline that ``build`` fills: one round trip.
+    """Execute the pipeline that ``build`` fills: one round trip (on a cluster, one
+    per node, all nodes written before any is read).
 
     If the scripts were flushed, none of the EVALSHAs ran; the other commands
     in our pipelines are idempotent (SADD, SREM, DEL), so loading the scripts
-    and running the whole pipeline again is safe.
+    and running the whole pipeline again is safe. On a cluster only the calls a
+    node refused are sent again (``_reassemble``): the others did run.
     """
+    if is_cluster(client):
+        try:
+            return slots.run(client, build, ALL, FENCE_HELD)
+        except ResponseError as e:
+            if str(e).startswith(FENCED_ERROR):
+                raise Fenced(str(e)) from None
+            raise
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
         build(pipe)
