@@ -382,12 +382,15 @@ QUARANTINE_LUA = """
 -- ARGV[1] process id, then 1 per resource: the record (JSON: kind, recipe,
 --   payload, error, at_ms)
 -- Returns, per resource: the number of records now in its quarantine
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+-- On a Redis Cluster the leading KEYS[1] is left out (another slot): FENCE_HELD
+-- checks the fence first (store/slots.py).
+local head = #KEYS % 6
+if head == 1 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return redis.error_reply(FENCED .. ARGV[1])
 end
 local out = {}
-for i = 0, (#KEYS - 1) / 6 - 1 do
-  local k = 1 + i * 6
+for i = 0, (#KEYS - head) / 6 - 1 do
+  local k = head + i * 6
   local nodes, meta, partials, quarantine = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4]
   redis.call('RPUSH', quarantine, ARGV[i + 2])
   redis.call('DEL', KEYS[k+5], KEYS[k+6])
@@ -602,7 +605,7 @@ LAYOUT: dict[str, slots.Layout] = {
     ACQUIRE.sha: slots.Layout(2, 3, 2, held=lambda a: ("+", a[1])),
     RELEASE.sha: slots.Layout(2, 5, 5, held=lambda a: None if a[0] == "orphan" else ("-", a[4])),
     RECOVER.sha: slots.Layout(0, 7, 1),
-    QUARANTINE.sha: slots.Layout(0, 6, 1),
+    QUARANTINE.sha: slots.Layout(1, 6, 1),
 }
 """How each batched script lays out its KEYS and ARGV, for the per-slot split on a
 Redis Cluster (``slots``): the process's own keys first, then so many keys and

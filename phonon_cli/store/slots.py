@@ -128,13 +128,14 @@ def run(
     splits: list[_Split] = getattr(pipe, "phonon_splits", [])
     fenced = [s for s in splits if s.head]
     if fenced:  # the fence first: a fenced process applies nothing
-        head, pid = fenced[0].head, fenced[0].pid
+        # registry, then (for ACQUIRE/RELEASE, not QUARANTINE) the held set
+        head, pid = max((s.head for s in fenced), key=len), fenced[0].pid
         entering = [r for s in fenced for r in s.entering]
         _execute(client, scripts, fence_held, head, [pid, "+", *entering])
     results = _reassemble(client, scripts, pipe.execute(raise_on_error=False), splits)
     leaving = [r for s in fenced for r in s.leaving]
     if leaving:  # only once they are left: recovery visits what the held set names
-        _execute(client, scripts, fence_held, fenced[0].head, [fenced[0].pid, "-", *leaving])
+        _execute(client, scripts, fence_held, head, [pid, "-", *leaving])
     return results
 
 
