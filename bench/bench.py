@@ -4,7 +4,11 @@ The floor is the least any tool must do with these events: orjson parse, a dict
 sum per key, one executemany UPSERT into SQLite. phonon does that plus routing,
 the LRU cache and Redis coordination (embedded server, batched scripts).
 
-Usage: python bench/bench.py [EVENTS_HIGH] [EVENTS_LOW]
+A third row runs the same high-locality events through a route with ``fields``
+using every strategy, beside the same events through the ``doc`` route, and
+prints fields ÷ doc (issue 14 asks for at least 0.5).
+
+Usage: python bench/bench.py [EVENTS_HIGH] [EVENTS_LOW] [EVENTS_FIELDS]
 """
 
 from __future__ import annotations
@@ -35,6 +39,31 @@ database = "sqlite:///{db}"
 spec = {{ parent_post_id = "{{parent_post_id}}", target_post_id = "{{target_post_id}}" }}
 doc = {{ "{{event_type}}" = 1 }}
 """
+
+FIELDS_CONFIG = """
+[cache]
+max_entries = {max_entries}
+
+[[routes]]
+when = {{ event_type = ["clicks", "impressions"] }}
+update = "phonon_cli.sinks.sql:Aggregate"
+id = "{{parent_post_id}}.{{target_post_id}}"
+collection = "widgets"
+database = "sqlite:///{db}"
+spec = {{ parent_post_id = "{{parent_post_id}}", target_post_id = "{{target_post_id}}" }}
+fields.events = {{ merge = "count" }}
+fields.ts_sum = {{ value = "{{ts}}", merge = "sum" }}
+fields.ts_min = {{ value = "{{ts}}", merge = "min" }}
+fields.ts_max = {{ value = "{{ts}}", merge = "max" }}
+fields.ts_mean = {{ value = "{{ts}}", merge = "mean" }}
+fields.first_type = {{ value = "{{event_type}}", merge = "first", by = "{{ts}}" }}
+fields.last_type = {{ value = "{{event_type}}", merge = "last", by = "{{ts}}" }}
+fields.types = {{ value = "{{event_type}}", merge = "set" }}
+fields.recent = {{ value = "{{event_type}}", merge = "list", n = 5, by = "{{ts}}" }}
+fields.latest = {{ value = "{{ts}}", merge = "top", n = 3, score = "{{ts}}" }}
+fields.distinct_ts = {{ value = "{{ts}}", merge = "distinct_count" }}
+"""
+"""Every strategy, on the widget events."""
 
 
 def generate(path: Path, events: int, keys: int | None) -> None:
@@ -76,10 +105,12 @@ def floor(path: Path, db: Path) -> float:
     return time.perf_counter() - started
 
 
-def phonon(path: Path, db: Path, home: Path, max_entries: int) -> tuple[float, float, str]:
+def phonon(
+    path: Path, db: Path, home: Path, max_entries: int, config: str = CONFIG
+) -> tuple[float, float, str]:
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "bench.toml"
-    cfg.write_text(CONFIG.format(max_entries=max_entries, db=db))
+    cfg.write_text(config.format(max_entries=max_entries, db=db))
     env = {k: v for k, v in os.environ.items() if k not in ("PHONON_REDIS_URL",)}
     env["PHONON_HOME"] = str(home)
     # Start the embedded server first, so its start-up is not counted.
@@ -120,6 +151,7 @@ def check_equal(a: Path, b: Path) -> None:
 def main() -> None:
     high = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     low = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000
+    fields_events = int(sys.argv[3]) if len(sys.argv) > 3 else 200_000
     work = Path(tempfile.mkdtemp(prefix="phonon-bench-"))
     rows = []
     try:
@@ -138,6 +170,7 @@ def main() -> None:
             rows.append(
                 (name, events, keys, events / floor_s, events / wall_s, events / loop_s, summary)
             )
+        fields_row = fields_vs_doc(work, fields_events)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
@@ -153,6 +186,28 @@ def main() -> None:
     print("loop ev/s: from its own summary (excludes interpreter start-up).")
     for name, *_, summary in rows:
         print(f"  {name}: {summary}")
+    events, doc_loop, fields_loop, summary = fields_row
+    print(
+        f"\nfields route (every strategy) vs doc route, {events:,} high-locality events, "
+        f"10,000 keys:\n  doc {doc_loop:,.0f} ev/s, fields {fields_loop:,.0f} ev/s (loop), "
+        f"fields/doc {fields_loop / doc_loop:.2f}\n  fields: {summary}"
+    )
+
+
+def fields_vs_doc(work: Path, events: int) -> tuple[int, float, float, str]:
+    """The same events through the doc route and through a fields route using every
+    strategy: loop events/s of each (from the summaries), and the fields run's summary."""
+    data = work / "fields.jsonl"
+    generate(data, events, 10_000)
+    _, doc_loop, _ = phonon(data, work / "doc-f.db", work / "home-doc-f", 10_000)
+    _, fields_loop, summary = phonon(
+        data, work / "fields-f.db", work / "home-fields-f", 10_000, FIELDS_CONFIG
+    )
+    with sqlite3.connect(work / "fields-f.db") as conn:
+        total = conn.execute("SELECT sum(events) FROM widgets").fetchone()[0]
+    if total != events:
+        raise SystemExit(f"the fields route counted {total} events of {events}")
+    return events, events / doc_loop, events / fields_loop, summary
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from aggregates import FIELDS, canonical, expected, fields_toml
 
 from phonon_cli.config import Config
 from phonon_cli.fields import hll
+from phonon_cli.fields.aggregate import event_slots
 from phonon_cli.fields.strategies import merge_slot
 from phonon_cli.sinks import close_all
 
@@ -151,7 +152,7 @@ def test_sessions_combine_with_the_row_and_columns_are_typed(
         for e in session:
             id_, spec, doc = route.build(e)
             if id_ in built:
-                built[id_].merge_slots(doc)
+                built[id_].merge_event(doc)
             else:
                 built[id_] = route.update(
                     process,
@@ -159,7 +160,7 @@ def test_sessions_combine_with_the_row_and_columns_are_typed(
                     database=db_url,
                     collection="sessions",
                     spec=spec,
-                    doc=doc,
+                    doc=event_slots(route.declared, doc),
                     fields=[f.field for f in route.fields],
                     acquire=False,
                 )
@@ -231,7 +232,7 @@ def test_first_last_of_any_json_type_round_trip(make_process: Any, db_url: str) 
                     database=db_url,
                     collection="anyv",
                     spec=spec,
-                    doc=doc,
+                    doc=event_slots(route.declared, doc),
                     fields=[f.field for f in route.fields],
                     acquire=False,
                 )
@@ -542,7 +543,7 @@ def test_orphan_partial_is_written_without_its_route(make_process: Any, db_url: 
     evs = events(40, 1, seed=3)
     doc: dict[str, Any] = {}
     for e in evs:
-        for slot, v in route.build(e)[2].items():
+        for slot, v in event_slots(route.declared, route.build(e)[2]).items():
             doc[slot] = merge_slot(slot, doc[slot], v) if slot in doc else v
     left = make_process()
     fields = [f.field for f in route.fields]

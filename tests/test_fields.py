@@ -18,6 +18,7 @@ from phonon_cli.config import Config, load_config
 from phonon_cli.core.cache import LruCache
 from phonon_cli.exceptions import ConfigError, EventError
 from phonon_cli.fields import hll
+from phonon_cli.fields.aggregate import event_slots, merge_event_for
 from phonon_cli.fields.strategies import Field, encode_slot, merge_slot
 from phonon_cli.routing import fields as fieldconfig
 from phonon_cli.routing.fields import skipped_nulls
@@ -40,7 +41,8 @@ def merged_doc(route: Route, events: list[dict[str, Any]]) -> dict[Any, dict[str
     """Per id, every event's slots merged in order by one update: the reference."""
     docs: dict[Any, dict[str, Any]] = {}
     for event in events:
-        id_, _, slots = route.build(event)
+        id_, _, items = route.build(event)
+        slots = event_slots(route.declared, items)
         doc = docs.setdefault(id_, {})
         for slot, v in slots.items():
             doc[slot] = merge_slot(slot, doc[slot], v) if slot in doc else v
@@ -275,7 +277,8 @@ def test_old_session_keys_still_work() -> None:
 def test_build_makes_every_fields_slots() -> None:
     route = route_of()
     event = {"user": "u1", "amount": 7, "page": "/a", "ts": 5, "visitor": "v"}
-    id_, spec, doc = route.build(event)
+    id_, spec, items = route.build(event)
+    doc = event_slots(route.declared, items)
     registers: hll.Registers = {}
     hll.add(registers, '"v"')
     assert (id_, spec) == ("u1", {"user": "u1"})
@@ -321,7 +324,7 @@ def test_wrong_types_are_event_errors(event: dict[str, Any], reason: str) -> Non
 def test_nulls_follow_sql_and_are_counted_per_route() -> None:
     route = route_of()
     event = {"user": "u1", "amount": None, "page": None, "ts": 5, "visitor": None}
-    assert route.build(event)[2] == {
+    assert event_slots(route.declared, route.build(event)[2]) == {
         "cnt:events": 1,
         "first:entry": (5, "null"),
         "last:exit": (5, "null"),
@@ -347,7 +350,9 @@ def test_a_field_may_dead_letter_nulls_or_take_a_missing_field_as_null() -> None
             "n": {"merge": "count"},
         }
     )
-    assert loose.build({"user": 1, "t": 2})[2] == {"last:y": (2, "null"), "cnt:n": 1}
+    items = loose.build({"user": 1, "t": 2})[2]
+    assert items == (None, (2, "null"), 1)
+    assert event_slots(loose.declared, items) == {"last:y": (2, "null"), "cnt:n": 1}
     assert skipped_nulls(loose.fields) == 1
     with pytest.raises(EventError, match="missing field 'a'"):
         route_of(fields={"x": {"value": "{a}", "merge": "sum"}}).build({"user": 1})
@@ -357,8 +362,8 @@ def test_timed_strategies_without_by_use_the_arrival_clock(monkeypatch: pytest.M
     clock = iter([1000, 2000])
     monkeypatch.setattr(fieldconfig, "now_ms", lambda: next(clock))
     route = route_of(fields={"last_page": {"value": "{page}", "merge": "last"}})
-    first = route.build({"user": 1, "page": "/b"})[2]
-    second = route.build({"user": 1, "page": "/a"})[2]
+    first = event_slots(route.declared, route.build({"user": 1, "page": "/b"})[2])
+    second = event_slots(route.declared, route.build({"user": 1, "page": "/a"})[2])
     assert (first, second) == (
         {"last:last_page": (1000, '"/b"')},
         {"last:last_page": (2000, '"/a"')},
@@ -441,7 +446,13 @@ def test_aggregate_independent_of_order_cache_and_split(workers: list[Any], data
         cache, process = caches[w], processes[w]
         fresh = id_ not in cache
         update = Recorder(
-            process, id_, collection="s", spec=spec, doc=doc, fields=fields, acquire=fresh
+            process,
+            id_,
+            collection="s",
+            spec=spec,
+            doc=event_slots(route.declared, doc),
+            fields=fields,
+            acquire=fresh,
         )
         cache.set(id_, update)
         if expire:
@@ -494,6 +505,23 @@ def test_redis_merge_equals_python_merge(workers: list[Any], a: list[Any], b: li
     Recorder.executed.clear()
     assert taken.end_session() is True
     assert [(r, encoded(d)) for r, d in Recorder.executed] == [(f"s:{key}", encoded(want))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(EVENT, max_size=40))
+def test_generated_merge_equals_the_strategies_merge(events: list[dict[str, Any]]) -> None:
+    """The run loop's generated per-event merge (each strategy's ``add_code``) gives
+    the slots the strategies' ``merger`` gives, nulls included."""
+    route = route_of()
+    merge = merge_event_for(route.declared)
+    docs: dict[Any, dict[str, Any]] = {}
+    for event in events:
+        id_, _, items = route.build(event)
+        merge(docs.setdefault(id_, {}), items)
+    reference = merged_doc(route, events)
+    assert {k: encoded(d) for k, d in docs.items()} == {
+        k: encoded(d) for k, d in reference.items()
+    }
 
 
 def test_hll_estimate_is_close_for_known_cardinalities() -> None:

@@ -22,21 +22,24 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Any
 
 BITS = 10
 """log2 of the register count."""
 REGISTERS = 1 << BITS
-_REST = 64 - BITS
-_REST_MASK = (1 << _REST) - 1
+assert BITS == 10, "register() has 64 - BITS = 54 written out"
 
 Registers = dict[int, int]
 """Register index -> rank, for the registers that are not zero."""
 
 
-def register(text: str) -> tuple[int, int]:
-    """The register a value (its canonical JSON text) sets, and the rank it sets."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    return h >> _REST, _REST - (h & _REST_MASK).bit_length() + 1
+def register(
+    text: str, _blake2b: Any = hashlib.blake2b, _from_bytes: Any = int.from_bytes
+) -> tuple[int, int]:
+    """The register a value (its canonical JSON text) sets, and the rank it sets.
+    (Called once per event: the defaults bind the functions once.)"""
+    h = _from_bytes(_blake2b(text.encode(), digest_size=8).digest(), "big")
+    return h >> 54, 55 - (h & 0x3FFFFFFFFFFFFF).bit_length()
 
 
 def add(registers: Registers, text: str) -> None:

@@ -8,8 +8,9 @@ a dead worker left. Each ``Strategy`` below holds everything one strategy means,
 so adding one is adding a class here (and its branch in the Lua, which the
 parity test in tests/test_fields.py holds to the Python):
 
-- the event's slots (``putter``: type checks, one value's state);
-- the merge of two states (``merger``: in place, O(1) amortised per event);
+- what an event adds (``item``: code for the route's generated builder);
+- the merge of two states (``merger``), and of an event's item into a state
+  (``add_code``, for the generated per-event merge: in place, O(1) amortised);
 - the text in Redis (``encode``, ``decode``: what the Lua merges);
 - the executed value (``result``);
 - the SQL columns, and how a row's columns turn back into slots to combine
@@ -34,7 +35,7 @@ mean            msum,mcnt  the sum and the count                         sum / c
 ==============  =========  ============================================  ===============
 
 Nulls never reach a strategy: routing/fields.py skips them (or dead-letters the
-event) before ``putter`` is called, as each strategy's ``skips_nulls`` says.
+event) before its slots are made, as each strategy's ``skips_nulls`` says.
 """
 
 from __future__ import annotations
@@ -42,19 +43,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import field as dataclass_field
 from typing import Any, ClassVar, Protocol
 
 import orjson
 
 from ..exceptions import EventError, SerializationError
-from ..poison import INT64_END, INT64_MIN, bad_number, short
+from ..poison import INT64_END, INT64_MIN, short
 from . import hll
 
 Slots = dict[str, Any]
-Put = Callable[[Any, Any, Slots], None]
-"""``put(value, key, slots)``: one event's (non-null) value and its time or score
-(None for the strategies without one) written into ``slots``."""
 Merge = Callable[[Any, Any], Any]
 """``merge(a, b)``: ``a`` combined with ``b``, in place where ``a`` is a container."""
 
@@ -99,10 +97,25 @@ class Strategy:
     """The slot ops that add up event values, so a merge may leave the 64-bit range
     (a count adds ones: it cannot, within any session)."""
 
+    key_name: ClassVar[str | None] = None
+    """What the key of a keyed strategy is called in messages: "time" or "score"."""
+    uses_text: ClassVar[bool] = False
+    """Its slots hold the value's canonical JSON text (``_json``)."""
+
     def slot_names(self, name: str, n: int) -> tuple[str, ...]:
         return (f"{self.op}:{name}",)
 
-    def putter(self, f: Field) -> Put:
+    def item(self, v: str, k: str, t: str) -> str:
+        """The Python expression of what one event adds, for the route's generated
+        builder (routing/fields.py): ``v`` names the value (a checked number for a
+        ``numeric`` strategy), ``k`` the key (a checked number), ``t`` the value's
+        JSON text. Null values never get here where the strategy skips them."""
+        raise NotImplementedError
+
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        """Python lines adding one event's item ``x`` (never None) into ``doc``, in
+        place, for the generated per-event merge (aggregate.py): the same rule as
+        ``merger`` applied to the state of one event. The slot may be missing."""
         raise NotImplementedError
 
     def merger(self, n: int) -> Merge:
@@ -150,19 +163,8 @@ class _Number(Strategy):
 
     numeric = True
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
-        name = f.name
-
-        def put(value: Any, key: Any, out: Slots) -> None:
-            if value.__class__ is int:
-                if not INT64_MIN <= value < INT64_END:
-                    raise _not_a_number(name, value)
-            elif value.__class__ is not float or value - value != 0.0:  # not finite: nan
-                raise _not_a_number(name, value)
-            out[slot] = value
-
-        return put
+    def item(self, v: str, k: str, t: str) -> str:
+        return v
 
     def number(self, state: Any) -> Any:
         return state
@@ -194,6 +196,9 @@ class Sum(_Number):
     name, op = "sum", "sum"
     summed = ("sum",)
 
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"doc[{slots[0]!r}] = x"]  # x: the sum, checked (aggregate.py)
+
     def merger(self, n: int) -> Merge:
         return _add
 
@@ -204,13 +209,11 @@ class Count(_Number):
     needs_value = False
     skips_nulls = False  # count counts events
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
+    def item(self, v: str, k: str, t: str) -> str:
+        return "1"
 
-        def put(value: Any, key: Any, out: Slots) -> None:
-            out[slot] = 1
-
-        return put
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"c = doc.get({slots[0]!r})", f"doc[{slots[0]!r}] = 1 if c is None else c + 1"]
 
     def merger(self, n: int) -> Merge:
         return _add
@@ -222,12 +225,18 @@ class Count(_Number):
 class Min(_Number):
     name, op = "min", "min"
 
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"c = doc.get({slots[0]!r})", f"if c is None or x < c: doc[{slots[0]!r}] = x"]
+
     def merger(self, n: int) -> Merge:
         return _smaller
 
 
 class Max(_Number):
     name, op = "max", "max"
+
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"c = doc.get({slots[0]!r})", f"if c is None or x > c: doc[{slots[0]!r}] = x"]
 
     def merger(self, n: int) -> Merge:
         return _larger
@@ -240,23 +249,16 @@ class Mean(_Number):
     ops: ClassVar[tuple[str, ...]] = ("msum", "mcnt")
     summed = ("msum",)
 
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        total, count = slots
+        return [
+            f"doc[{total!r}] = x",  # the sum, checked (aggregate.py)
+            f"c = doc.get({count!r})",
+            f"doc[{count!r}] = 1 if c is None else c + 1",
+        ]
+
     def slot_names(self, name: str, n: int) -> tuple[str, ...]:
         return (f"msum:{name}", f"mcnt:{name}")
-
-    def putter(self, f: Field) -> Put:
-        total, count = f.slots()
-        name = f.name
-
-        def put(value: Any, key: Any, out: Slots) -> None:
-            if value.__class__ is int:
-                if not INT64_MIN <= value < INT64_END:
-                    raise _not_a_number(name, value)
-            elif value.__class__ is not float or value - value != 0.0:  # not finite: nan
-                raise _not_a_number(name, value)
-            out[total] = value
-            out[count] = 1
-
-        return put
 
     def merger(self, n: int) -> Merge:
         return _add
@@ -286,19 +288,11 @@ class _Timed(Strategy):
     timed = True
     skips_nulls = False  # any JSON value, null included
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
-        what = f"{f.name} time"
+    def item(self, v: str, k: str, t: str) -> str:
+        return f"({k}, {t})"
 
-        def put(value: Any, key: Any, out: Slots) -> None:
-            if key.__class__ is int:
-                if not INT64_MIN <= key < INT64_END:
-                    raise _not_a_number(what, key)
-            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
-                raise _not_a_number(what, key)
-            out[slot] = (key, _json(value))
-
-        return put
+    key_name = "time"
+    uses_text = True
 
     def encode(self, state: Any, n: int) -> str:
         return f"{state[0]!r} {state[1]}"
@@ -333,6 +327,9 @@ class First(_Timed):
 
     name, op = "first", "first"
 
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"c = doc.get({slots[0]!r})", f"if c is None or x < c: doc[{slots[0]!r}] = x"]
+
     def merger(self, n: int) -> Merge:
         return _smaller
 
@@ -342,6 +339,9 @@ class Last(_Timed):
 
     name, op = "last", "last"
 
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        return [f"c = doc.get({slots[0]!r})", f"if c is None or x > c: doc[{slots[0]!r}] = x"]
+
     def merger(self, n: int) -> Merge:
         return _larger
 
@@ -349,13 +349,14 @@ class Last(_Timed):
 class Set(Strategy):
     name, op = "set", "set"
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
+    def item(self, v: str, k: str, t: str) -> str:
+        return t
 
-        def put(value: Any, key: Any, out: Slots) -> None:
-            out[slot] = {_json(value)}
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        s = slots[0]
+        return [f"c = doc.get({s!r})", f"if c is None: doc[{s!r}] = {{x}}", "else: c.add(x)"]
 
-        return put
+    uses_text = True
 
     def merger(self, n: int) -> Merge:
         def union(a: set[str], b: set[str]) -> set[str]:
@@ -398,6 +399,27 @@ class _Ranked(Strategy):
         """The items kept, in the executed order."""
         raise NotImplementedError
 
+    uses_text = True
+
+    def item(self, v: str, k: str, t: str) -> str:
+        return f"({k}, {t})"
+
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        s = slots[0]
+        lines = [
+            f"c = doc.get({s!r})",
+            f"if c is None: doc[{s!r}] = [x]",
+            "else:",
+            "    c.append(x)",
+        ]
+        if n:  # cut back to the cap once twice over it: sorted in place, as ``ordered``
+            lines += [f"    if len(c) > {2 * n}:", *(f"        {cut}" for cut in self.cut_code(n))]
+        return lines
+
+    def cut_code(self, n: int) -> list[str]:
+        """Lines keeping in ``c`` only the items ``ordered`` keeps (order aside)."""
+        raise NotImplementedError
+
     def merger(self, n: int) -> Merge:
         ordered = self.ordered
 
@@ -428,23 +450,14 @@ class List(_Ranked):
     timed = True
     skips_nulls = False
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
-        what = f"{f.name} time"
-
-        def put(value: Any, key: Any, out: Slots) -> None:
-            if key.__class__ is int:
-                if not INT64_MIN <= key < INT64_END:
-                    raise _not_a_number(what, key)
-            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
-                raise _not_a_number(what, key)
-            out[slot] = [(key, _json(value))]
-
-        return put
+    key_name = "time"
 
     def ordered(self, items: list[tuple[Any, str]], n: int) -> list[tuple[Any, str]]:
         items = sorted(items)
         return items[-n:] if n else items
+
+    def cut_code(self, n: int) -> list[str]:
+        return ["c.sort()", f"del c[:-{n}]"]
 
     def result(self, f: Field, slots: Slots) -> Any:
         return [orjson.loads(t) for _, t in self.ordered(slots[f.slots()[0]], f.n)]
@@ -475,23 +488,14 @@ class Top(_Ranked):
     options: ClassVar[tuple[str, ...]] = ("score", "n")
     required: ClassVar[tuple[str, ...]] = ("n", "score")
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
-        what = f"{f.name} score"
-
-        def put(value: Any, key: Any, out: Slots) -> None:
-            if key.__class__ is int:
-                if not INT64_MIN <= key < INT64_END:
-                    raise _not_a_number(what, key)
-            elif key.__class__ is not float or key - key != 0.0:  # not finite: nan
-                raise _not_a_number(what, key)
-            out[slot] = [(key, _json(value))]
-
-        return put
+    key_name = "score"
 
     def ordered(self, items: list[tuple[Any, str]], n: int) -> list[tuple[Any, str]]:
         items = sorted(items, key=_rank)
         return items[:n] if n else items
+
+    def cut_code(self, n: int) -> list[str]:
+        return ["c.sort(key=RANK)", f"del c[{n}:]"]
 
     def result(self, f: Field, slots: Slots) -> Any:
         return [[k, orjson.loads(t)] for k, t in self.ordered(slots[f.slots()[0]], f.n)]
@@ -506,15 +510,19 @@ class DistinctCount(Strategy):
 
     name, op = "distinct_count", "hll"
 
-    def putter(self, f: Field) -> Put:
-        (slot,) = f.slots()
-        register = hll.register
+    def item(self, v: str, k: str, t: str) -> str:
+        return f"REGISTER({t})"  # (register, rank): one register per event
 
-        def put(value: Any, key: Any, out: Slots) -> None:
-            index, rank = register(_json(value))
-            out[slot] = {index: rank}
+    def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
+        s = slots[0]
+        return [
+            "i, r = x",
+            f"c = doc.get({s!r})",
+            f"if c is None: doc[{s!r}] = {{i: r}}",
+            "elif r > c.get(i, 0): c[i] = r",
+        ]
 
-        return put
+    uses_text = True
 
     def merger(self, n: int) -> Merge:
         return hll.union
@@ -574,14 +582,14 @@ class Field:
     name: str
     merge: str
     n: int = 0
+    strategy: Strategy = dataclass_field(init=False, repr=False, compare=False, hash=False)
+    _slots: tuple[str, ...] = dataclass_field(init=False, repr=False, compare=False, hash=False)
 
-    @cached_property
-    def strategy(self) -> Strategy:
-        return STRATEGIES[self.merge]
-
-    @cached_property
-    def _slots(self) -> tuple[str, ...]:
-        return self.strategy.slot_names(self.name, self.n)
+    def __post_init__(self) -> None:
+        # Plain attributes, set once: read for every executed key.
+        strategy = STRATEGIES[self.merge]
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "_slots", strategy.slot_names(self.name, self.n))
 
     def slots(self) -> tuple[str, ...]:
         return self._slots
@@ -593,25 +601,30 @@ class Field:
         return self.strategy.result(self, slots)
 
 
+class _Rules(dict[str, tuple[Strategy, int]]):
+    """Slot name -> (strategy, cap), made on first sight: slot names are few (the
+    fields of the routes), and each executed key asks for every one of its slots."""
+
+    def __missing__(self, slot: str) -> tuple[Strategy, int]:
+        head, sep, _ = slot.partition(":")
+        op, _, n = head.partition("/")
+        strategy = BY_OP.get(op)
+        if not sep or strategy is None or not (n.isdigit() or n == ""):
+            raise SerializationError(f"unknown slot {slot!r}")
+        found = self[slot] = (strategy, int(n or 0))
+        return found
+
+
+RULES = _Rules()
+
+
 def rule(slot: str) -> tuple[Strategy, int]:
     """The strategy merging a slot, and its cap, from the slot's name.
 
     Raises:
         SerializationError: the name is not ``<op>[/<n>]:<field>`` of a known op.
     """
-    found = _RULES.get(slot)
-    if found is None:
-        head, sep, _ = slot.partition(":")
-        op, _, n = head.partition("/")
-        strategy = BY_OP.get(op)
-        if not sep or strategy is None or not (n.isdigit() or n == ""):
-            raise SerializationError(f"unknown slot {slot!r}")
-        found = _RULES[slot] = (strategy, int(n or 0))
-    return found
-
-
-_RULES: dict[str, tuple[Strategy, int]] = {}
-"""Slot name -> (strategy, cap): slot names are few (the fields of the routes)."""
+    return RULES[slot]
 
 
 class _Mergers(dict[str, Merge]):
@@ -627,31 +640,6 @@ MERGERS = _Mergers()
 """The run loop's per-event path: ``MERGERS[slot](cur, new)``, one lookup and one call."""
 
 
-class _Summed(dict[str, bool]):
-    """Slot name -> whether its merge adds event values (``Strategy.summed``)."""
-
-    def __missing__(self, slot: str) -> bool:
-        strategy, _ = rule(slot)
-        summed = self[slot] = slot.partition(":")[0] in strategy.summed
-        return summed
-
-
-SUMMED = _Summed()
-
-
-def sum_problem(doc: Slots, slots: Slots) -> str | None:
-    """Why merging ``slots`` into ``doc`` would make a sum no sink can hold, or None.
-    Checked before anything is merged, so a refused event leaves ``doc`` as it was."""
-    for slot, value in slots.items():
-        if SUMMED[slot]:
-            cur = doc.get(slot)
-            if cur is not None:
-                total = cur + value
-                if not INT64_MIN <= total < INT64_END and bad_number(total):
-                    return f"the sum of {slot!r} would leave the 64-bit range ({short(total)})"
-    return None
-
-
 def merge_slot(slot: str, a: Any, b: Any) -> Any:
     """The merge of two values of one slot, sharing no container with ``a`` or ``b``:
     the same rules as the Lua ``merge_field``."""
@@ -662,11 +650,10 @@ def merge_slot(slot: str, a: Any, b: Any) -> Any:
 def merge_into(doc: Slots, slots: Slots) -> None:
     """``slots`` merged into ``doc``; what ``doc`` keeps shares no container with ``slots``."""
     for slot, value in slots.items():
-        strategy, _ = rule(slot)
         if slot in doc:
             doc[slot] = MERGERS[slot](doc[slot], value)
         else:
-            doc[slot] = strategy.copy(value)
+            doc[slot] = RULES[slot][0].copy(value)
 
 
 def encode_slot(slot: str, value: Any) -> str:
@@ -683,19 +670,29 @@ def decode_slot(slot: str, text: str) -> Any:
 
 def fields_of(doc: Slots) -> tuple[Field, ...]:
     """The fields whose slots ``doc`` holds (for a partial rebuilt without its route)."""
-    seen: dict[str, Field] = {}
-    for slot in doc:
-        strategy, n = rule(slot)
-        op, name = slot.partition(":")[0].partition("/")[0], slot.partition(":")[2]
-        if op == strategy.op and name not in seen:
-            seen[name] = Field(name, strategy.name, n)
-    return tuple(seen.values())
+    names = tuple(doc)
+    found = _FIELDS_OF.get(names)
+    if found is None:
+        seen: dict[str, Field] = {}
+        for slot in names:
+            strategy, n = RULES[slot]
+            op, name = slot.partition(":")[0].partition("/")[0], slot.partition(":")[2]
+            if op == strategy.op and name not in seen:
+                seen[name] = Field(name, strategy.name, n)
+        found = tuple(seen.values())
+        if len(_FIELDS_OF) > 1024:  # slot sets are few (a route's fields, some null)
+            _FIELDS_OF.clear()
+        _FIELDS_OF[names] = found
+    return found
+
+
+_FIELDS_OF: dict[tuple[str, ...], tuple[Field, ...]] = {}
 
 
 def numbers(doc: Slots) -> Iterable[tuple[str, Any]]:
     """``(slot, number)`` for every number SQL stores as itself (to check its range)."""
     for slot, value in doc.items():
-        number = rule(slot)[0].number(value)
+        number = RULES[slot][0].number(value)
         if number is not None:
             yield slot, number
 
@@ -716,8 +713,32 @@ def _parse_number(text: str) -> int | float:
 
 def _json(value: Any) -> str:
     """The canonical JSON text of a value (keys sorted): what sets, lists, tops and
-    distinct counts compare, so equal values are equal whatever their key order."""
+    distinct counts compare, so equal values are equal whatever their key order.
+    Strings, the usual values, are remembered: a field's values repeat."""
+    if value.__class__ is int:
+        return repr(value)  # an int's JSON is its repr (bool is not int here)
+    if value.__class__ is str:
+        text = _TEXTS.get(value)
+        if text is None:
+            if len(_TEXTS) >= 4096:
+                _TEXTS.clear()
+            text = _TEXTS[value] = orjson.dumps(value).decode()
+        return text
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+_TEXTS: dict[str, str] = {}
+
+
+def check_number(what: str, value: Any) -> None:
+    """Raise ``EventError`` unless ``value`` is a number a sink can hold (the
+    generated builder inlines the common case and calls this for the rest)."""
+    if value.__class__ is int:
+        if INT64_MIN <= value < INT64_END:
+            return
+    elif value.__class__ is float and value - value == 0.0:  # finite
+        return
+    raise _not_a_number(what, value)
 
 
 def _json_text(value: Any) -> str:

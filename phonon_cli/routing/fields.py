@@ -15,25 +15,29 @@ keep null as a value and ``count`` counts the event. ``nulls = "dead-letter"``
 makes a null a dead letter instead; ``optional = true`` makes a missing field a
 null instead of a dead letter.
 
-Each field compiles to one closure, ``RouteField.start``, so that building an
-event's slots is a call per field and no dispatching.
+A route's fields compile to one generated function (``items_builder``), so that
+what an event adds to each field is one call, one lookup per event field and no
+dispatching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 from ..clock import now_ms
 from ..exceptions import EventError
-from ..fields.strategies import STRATEGIES, Field, Slots, Strategy
+from ..fields import hll
+from ..fields.strategies import STRATEGIES, Field, Strategy, _json, check_number
+from ..poison import INT64_END, INT64_MIN
+from .templates import _missing
 
 if TYPE_CHECKING:
     from .routes import Event, Template
 
-__all__ = ["FIELD_KEYS", "NULL_RULES", "RouteField", "Skipped", "parse_fields"]
+__all__ = ["FIELD_KEYS", "NULL_RULES", "RouteField", "Skipped", "items_builder", "parse_fields"]
 
 FIELD_KEYS = ("value", "merge", "by", "score", "n", "nulls", "optional")
 NULL_RULES = ("sql", "dead-letter")
@@ -58,9 +62,6 @@ class Skipped:
         self.n = 0
 
 
-Start = Callable[["Event", Slots], None]
-
-
 @dataclass(frozen=True, slots=True)
 class RouteField:
     """One declared field of a route: its strategy and the templates that feed it.
@@ -75,9 +76,6 @@ class RouteField:
         nulls: "sql" or "dead-letter".
         optional: a missing field is a null rather than a dead letter.
         skipped: the route's count of skipped nulls.
-        start: ``(event, slots)``: writes the event's slots for this field; raises
-            ``EventError`` on a missing field or a value of the wrong type (the
-            event is dead-lettered).
     """
 
     field: Field
@@ -86,10 +84,124 @@ class RouteField:
     nulls: NullRule = "sql"
     optional: bool = False
     skipped: Skipped = dataclass_field(default_factory=Skipped, compare=False, hash=False)
-    start: Start = dataclass_field(init=False, repr=False, compare=False, hash=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "start", _starter(self))
+
+def items_builder(fields: Sequence[RouteField]) -> Callable[[Event], tuple[Any, ...]]:
+    """One generated function making what an event adds to each field: its *items*.
+
+    The items are a tuple, one per field in order: what the field's strategy
+    adds (``Strategy.item``: the number, ``(time, JSON text)``, the register
+    and rank...), or None when a null is skipped. ``fields.aggregate`` merges
+    them into a key's slots with one generated function too, so an event is
+    two calls whatever the number of fields.
+
+    Each event field is looked up once however many fields read it (a
+    top-level ``"{field}"``, the usual case) and each value turned into JSON
+    text once. Other templates are rendered by their own function, in field
+    order. The generated function raises ``EventError`` (the event is
+    dead-lettered) for a field missing and not ``optional`` (the first one
+    missing), a null under ``nulls = "dead-letter"``, or a value of the wrong
+    type; skipped nulls are counted only for an event that is not refused.
+    """
+    env: dict[str, Any] = {
+        "EventError": EventError,
+        "_missing": _missing,
+        "now_ms": now_ms,
+        "J": _json,
+        "REGISTER": hll.register,
+        "CHECK": check_number,
+        "MIN": INT64_MIN,
+        "END": INT64_END,
+    }
+    fetched: dict[str, str] = {}  # required top-level field -> local variable
+    body: list[str] = []
+    texts: dict[str, str] = {}  # value local -> local of its JSON text
+
+    def local(template: Template, optional: bool, label: str) -> str:
+        """A local variable (or constant) holding the template's value for the event."""
+        if template.is_constant:
+            env[label] = template.source
+            return label
+        name = template.key
+        if name is not None and not optional:
+            if name not in fetched:
+                fetched[name] = f"e{len(fetched)}"
+            return fetched[name]
+        if name is None:
+            env[label] = _getter(template, optional)
+        body.append(
+            f"    {label.lower()} = " + (f"event.get({name!r})" if name else f"{label}(event)")
+        )
+        return label.lower()
+
+    for i, rf in enumerate(fields):
+        strategy = rf.field.strategy
+        value = local(rf.value, rf.optional, f"V{i}")
+        key = local(rf.key, rf.optional, f"K{i}") if rf.key is not None else None
+        if key is None and strategy.timed:
+            # Without ``by``, arrival order: the worker's clock. Depends on which event
+            # came first, which is the point of "first"/"last" without a time field.
+            body.append(f"    k{i} = now_ms()")
+            key = f"k{i}"
+        text = ""
+        if strategy.uses_text:
+            if value not in texts:
+                texts[value] = f"j{len(texts)}"
+                body.append(f"    {texts[value]} = J({value})")
+            text = texts[value]
+        body += _field_code(i, rf, value, key, text)
+    lines = ["def items(event):"]
+    if fetched:
+        lines.append("    try:")
+        lines += [f"        {v} = event[{name!r}]" for name, v in fetched.items()]
+        lines.append("    except KeyError as e:")
+        lines.append("        raise _missing(e) from None")
+    if fields:
+        env["SKIPPED"] = fields[0].skipped  # one per route, shared by its fields
+    lines += ["    skipped = 0", *body]
+    lines += ["    if skipped:", "        SKIPPED.n += skipped"]
+    lines.append(f"    return ({''.join(f'x{i}, ' for i in range(len(fields)))})")
+    code = "\n".join(lines)
+    exec(compile(code, "<fields>", "exec"), env)  # noqa: S102
+    built: Callable[[Event], tuple[Any, ...]] = env["items"]
+    built.__doc__ = code  # what was generated, for whoever debugs it
+    return built
+
+
+def _check(var: str, what: str) -> list[str]:
+    """A number a sink can hold: the common int inline, the rest through CHECK."""
+    return [
+        f"if {var}.__class__ is not int or not MIN <= {var} < END:",
+        f"    CHECK({what!r}, {var})",
+    ]
+
+
+def _field_code(i: int, rf: RouteField, value: str, key: str | None, text: str) -> list[str]:
+    """One field's lines: its null rule (SQL's, or a dead letter), its type checks,
+    then its item ``x<i>``."""
+    f = rf.field
+    strategy, strict = f.strategy, rf.nulls == "dead-letter"
+    put = [f"x{i} = {strategy.item(value, key or 'None', text)}"]
+    if key is not None:
+        put = _check(key, f"{f.name} {strategy.key_name}") + put
+    if strategy.numeric:
+        put = _check(value, f.name) + put
+    nulls = [value] if strict or strategy.skips_nulls else []
+    if key is not None:
+        nulls.append(key)
+    if not nulls:  # count: every event counts
+        return ["    " + line for line in put]
+    if strict:
+        refuse = [f"raise EventError({f.name!r} + ' is null')"]
+    else:
+        refuse = ["skipped += 1", f"x{i} = None"]
+    test = " or ".join(f"{v} is None" for v in nulls)
+    return [
+        f"    if {test}:",
+        *("        " + line for line in refuse),
+        "    else:",
+        *("        " + line for line in put),
+    ]
 
 
 def _getter(template: Template, optional: bool) -> Callable[[Event], Any]:
@@ -104,53 +216,6 @@ def _getter(template: Template, optional: bool) -> Callable[[Event], Any]:
             return None
 
     return render_or_null
-
-
-def _starter(rf: RouteField) -> Start:
-    f = rf.field
-    strategy = f.strategy
-    put = strategy.putter(f)
-    render = _getter(rf.value, rf.optional)
-    strict = rf.nulls == "dead-letter"
-    skips = strategy.skips_nulls
-    skipped = rf.skipped
-    name = f.name
-    if rf.key is None and not strategy.timed:
-        if not strict and not skips:  # count: every event counts
-            return lambda event, out: put(render(event), None, out)
-
-        def start(event: Event, out: Slots) -> None:
-            v = render(event)
-            if v is None:
-                if strict:
-                    raise EventError(f"{name} is null")
-                if skips:
-                    skipped.n += 1
-                    return
-            put(v, None, out)
-
-        return start
-    # Without ``by``, arrival order: the worker's clock. Depends on which event came
-    # first, which is the point of "first"/"last" without a time field; the docs say so.
-    render_key = _getter(rf.key, rf.optional) if rf.key is not None else _arrival
-
-    def start_keyed(event: Event, out: Slots) -> None:
-        v = render(event)
-        k = render_key(event)
-        if k is None or (v is None and skips):
-            if strict:
-                raise EventError(f"{name} {'value' if v is None else 'time or score'} is null")
-            skipped.n += 1
-            return
-        if v is None and strict:
-            raise EventError(f"{name} is null")
-        put(v, k, out)
-
-    return start_keyed
-
-
-def _arrival(event: Event) -> int:
-    return now_ms()
 
 
 class Checker(Protocol):

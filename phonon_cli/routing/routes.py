@@ -16,19 +16,21 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import EventError
 from ..poison import bad_number, scalar_text
 from .codegen import fuse
+from .fields import items_builder
 from .filters import Scalar, matcher
 from .templates import Event, Getter, Template, _missing, _short
 
 if TYPE_CHECKING:
     from ..core.update import Update
+    from ..fields.strategies import Field
     from .fields import RouteField
 
 __all__ = ["Built", "Event", "Route", "Routed", "Router", "Scalar", "Template", "matcher"]
 
-Built = tuple[str, dict[str, Any], dict[str, Any]]
+Built = tuple[str, dict[str, Any], Any]
 """What a route makes of an event: the id, the spec and the doc."""
 
-Routed = tuple["Route", str, dict[str, Any], dict[str, Any]]
+Routed = tuple["Route", str, dict[str, Any], Any]
 """One entry of ``Router.route``: the route, the id, the spec and the doc."""
 
 
@@ -51,7 +53,8 @@ class Route:
         soft_session_s, hard_session_s: per-route session lengths in seconds
             (``idle`` and ``max_age`` in the config); None means the global ones.
         fields: per-field merge strategies (``fieldconfig.RouteField``); when
-            given, the doc an event makes is the merge slots of every field.
+            given, the doc an event makes is what it adds to each field: a tuple
+            of items (``fields.items_builder``), merged by ``FieldsUpdate.merge_event``.
         max_events: end a key's session once it has merged this many events.
         ends_when: ``event -> bool``: end a key's session at once, after merging
             an event for which it is true.
@@ -71,6 +74,8 @@ class Route:
     max_events: int | None = None
     ends_when: Callable[[Event], bool] | None = field(default=None, compare=False, hash=False)
 
+    declared: tuple[Field, ...] = field(init=False, repr=False, compare=False, hash=False)
+    """The fields' ``Field``s, in order: what a ``FieldsUpdate`` of this route merges."""
     _match: Callable[[Event], bool] | None = field(
         init=False, repr=False, compare=False, hash=False
     )
@@ -86,9 +91,10 @@ class Route:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the derived fields are set once, here
         set_(self, "_match", matcher(self.when))
+        set_(self, "declared", tuple(f.field for f in self.fields))
         route, id_text = self, self.id.text
         spec = _spec_builder(self.spec)
-        doc = _slots_builder(self.fields) if self.fields else _doc_builder(self.doc)
+        doc = items_builder(self.fields) if self.fields else _doc_builder(self.doc)
 
         def entry(event: Event) -> Routed:
             return route, id_text(event), spec(event), doc(event)
@@ -189,20 +195,6 @@ def _doc_builder(doc: Mapping[Template, Template]) -> Callable[[Event], dict[str
         return out
 
     return summed
-
-
-def _slots_builder(fields: Sequence[RouteField]) -> Callable[[Event], dict[str, Any]]:
-    """The merge slots of every field: each field's slot names are distinct. A null
-    skipped leaves its field's slots out."""
-    starts = tuple(f.start for f in fields)
-
-    def slots(event: Event) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for start in starts:
-            start(event, out)
-        return out
-
-    return slots
 
 
 class Router:

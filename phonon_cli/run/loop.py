@@ -464,7 +464,7 @@ class Runner:
                             break
                     elif fast == "slots":
                         try:
-                            update.merge_slots(doc)  # type: ignore[attr-defined]
+                            update.merge_event(doc)  # type: ignore[attr-defined]
                         except EventError as e:
                             self._dead(chunk.source, line, str(e))
                             routed_n -= 1  # poison: dead-lettered, not routed
@@ -485,10 +485,10 @@ class Runner:
         opts = self.options
         soft, hard = route.soft_session_s, route.hard_session_s
         extra: dict[str, Any] = {}
-        fields = getattr(route, "fields", None)
-        if fields:
-            extra["fields"] = [f.field for f in fields]
-        return route.update(
+        items = None
+        if route.fields:  # the doc is the event's items: merged into an empty doc
+            extra["fields"], items, doc = route.declared, doc, {}
+        update = route.update(
             self.process,
             id_,
             database=route.database,
@@ -500,6 +500,9 @@ class Runner:
             hard_session=hard if hard is not None else opts.hard_session_s,
             **extra,
         )
+        if items is not None:
+            update.merge_event(items)  # type: ignore[attr-defined]
+        return update
 
     def _dead(self, source: str, line: bytes, reason: str, truncated: bool = False) -> None:
         self.stats.dead_lettered += 1
