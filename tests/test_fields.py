@@ -519,9 +519,7 @@ def test_generated_merge_equals_the_strategies_merge(events: list[dict[str, Any]
         id_, _, items = route.build(event)
         merge(docs.setdefault(id_, {}), items)
     reference = merged_doc(route, events)
-    assert {k: encoded(d) for k, d in docs.items()} == {
-        k: encoded(d) for k, d in reference.items()
-    }
+    assert {k: encoded(d) for k, d in docs.items()} == {k: encoded(d) for k, d in reference.items()}
 
 
 def test_hll_estimate_is_close_for_known_cardinalities() -> None:
