@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,6 +19,7 @@ from .exceptions import ConfigError, PhononError, StoreUnavailable
 
 if TYPE_CHECKING:
     from .core.process import Process
+    from .run.loop import RunStats
     from .store.connection import StoreSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class Context:
     quiet: bool
     cluster: bool = False
     """--redis-cluster (or PHONON_REDIS_CLUSTER) was given: it wins over the config."""
+    log_format: str = "text"
 
     def is_cluster(self, config: Config | None = None) -> bool:
         if self.cluster:
@@ -73,6 +76,26 @@ class Context:
             self.redis_url or (config.store.url if config else None),
             self.namespace or (config.store.namespace if config else None),
             cluster=self.is_cluster(config),
+        )
+
+    def progress(self, stats_interval_s: float | None) -> Callable[[str], None] | None:
+        """How a run shows progress: a line redrawn in place on a terminal, else
+        (or with ``--stats-interval``) a log line every interval; nothing when quiet."""
+        if self.quiet:
+            return None
+        if self.redraws(stats_interval_s):
+            from .run.loop import progress_printer
+
+            return progress_printer()
+        return logs.progress_logger(stats_interval_s or defaults.STATS_INTERVAL_S)
+
+    def redraws(self, stats_interval_s: float | None) -> bool:
+        """Whether progress is a line redrawn in place (then the summary starts below it)."""
+        return (
+            not self.quiet
+            and stats_interval_s is None
+            and sys.stderr.isatty()
+            and self.log_format == "text"
         )
 
     def process(self, config: Config | None = None, **kwargs: Any) -> Process:
@@ -161,6 +184,15 @@ def load(config_path: str) -> Config:
 )
 @click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="PHONON_LOG_FORMAT",
+    show_envvar=True,
+    help="Log lines on stderr: for people, or one JSON object a line.",
+)
 @click.version_option(package_name="phonon-cli")
 @click.pass_context
 def main(
@@ -171,10 +203,13 @@ def main(
     heartbeat_interval: float,
     verbose: int,
     quiet: bool,
+    log_format: str,
 ) -> None:
     """Aggregate JSON event streams across many workers: one database write per key per session."""
-    logs.setup(verbose, quiet)
-    ctx.obj = Context(redis_url, namespace, heartbeat_interval, verbose, quiet, redis_cluster)
+    logs.setup(verbose, quiet, log_format)
+    ctx.obj = Context(
+        redis_url, namespace, heartbeat_interval, verbose, quiet, redis_cluster, log_format
+    )
 
 
 @main.command(short_help="Validate a config and import its classes, offline.")
@@ -257,6 +292,20 @@ def check(config_path: str) -> None:
     help="A longer line is dead-lettered (whole, to be replayed once fixed).",
 )
 @click.option(
+    "--stats-interval",
+    callback=duration,
+    metavar="DUR",
+    envvar="PHONON_STATS_INTERVAL",
+    show_envvar=True,
+    help="Log a progress line every DUR (default: 10s when stderr is not a terminal; "
+    "on a terminal the line is redrawn in place).",
+)
+@click.option(
+    "--summary-json",
+    metavar="FILE|-",
+    help="Also write the end-of-run summary as one JSON object to FILE ('-': stderr).",
+)
+@click.option(
     "--workers",
     default="1",
     show_default=True,
@@ -278,6 +327,8 @@ def run(
     hard_session: float | None,
     dead_letter: str | None,
     max_line_bytes: int,
+    stats_interval: float | None,
+    summary_json: str | None,
     workers: int,
     worker_report_fd: int | None,
 ) -> None:
@@ -290,14 +341,15 @@ def run(
     them); the exit code is 1 if one of them was killed.
     """
     from .run.job import Job
-    from .run.loop import RunOptions, progress_printer
+    from .run.loop import RunOptions
     from .run.workers import Report
 
     config = load(config_path)
     home = os.environ.get("PHONON_HOME") or defaults.HOME
     dead_letter = dead_letter or str(Path(home) / "dead-letter.jsonl")
+    end = RunEnd(ctx, config, dead_letter, summary_json)
     if workers > 1 and worker_report_fd is None:
-        run_workers(ctx, config, workers, "-" in sources, dead_letter)
+        run_workers(ctx, config, workers, "-" in sources, end, stats_interval)
         return
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
@@ -306,7 +358,7 @@ def run(
         dead_letter=dead_letter,
     )
     report = Report(worker_report_fd) if worker_report_fd is not None else None
-    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet and not report else None
+    show = None if report else ctx.progress(stats_interval)
     process = ctx.process(config)
     try:
         job = Job(
@@ -331,26 +383,109 @@ def run(
         # Sessions in memory are lost with the store; sources with offsets replay
         # them (nothing was committed past them), stdin cannot.
         raise Failure(f"lost the store at {process.settings.describe()}: {e}") from None
-    if show is not None:
-        sys.stderr.write("\n")
-    if report is None and not ctx.quiet:
-        click.echo(f"phonon: {stats.summary()}", err=True)
+    if report is None:  # a worker of --workers: its parent reports for every worker
+        end.report(stats, redrawn=ctx.redraws(stats_interval))
+
+
+class RunEnd:
+    """The end of ``phonon run``: the summary (text, log record or JSON), and the exit
+    code, which counts what is still waiting in Redis rather than every write that
+    failed on the way (a database locked for a while fails writes that a later
+    session or another worker then makes)."""
+
+    def __init__(self, ctx: Context, config: Config, dead_letter: str, summary_json: str | None):
+        self.ctx, self.config = ctx, config
+        self.dead_letter, self.summary_json = dead_letter, summary_json
+
+    def report(
+        self,
+        stats: RunStats,
+        workers: int = 1,
+        problems: Sequence[str] = (),
+        exit_code: int = 0,
+        redrawn: bool = False,
+    ) -> None:
+        waiting = self._waiting() if stats.execute_failures else 0
+        code = exit_code or (EXIT_FAILURE if waiting else 0)
+        summary = stats.summary() + (f"; {workers} workers" if workers > 1 else "")
+        if redrawn:
+            sys.stderr.write("\n")  # past the progress line
+        self._say(summary, fields={"summary": True, **stats.figures(), "exit_code": code})
         if stats.dead_lettered:
-            click.echo(f"phonon: dead letters in {options.dead_letter}", err=True)
-    if stats.execute_failures:
-        raise Failure(
-            f"{stats.execute_failures} aggregates could not be written; they are kept "
-            "in redis (see 'phonon status', retry with 'phonon flush -c CONFIG')"
-        )
+            self._say(f"dead letters in {self.dead_letter}")
+        if self.summary_json:
+            self._write_json(stats, workers, code, waiting)
+        for problem in problems:
+            self._say(problem, error=True)
+        if waiting:
+            raise Failure(
+                f"{waiting} aggregate(s) could not be written and wait in redis "
+                "(see 'phonon status'; 'phonon flush -c CONFIG' writes them)"
+            )
+        if stats.execute_failures:
+            self._say(
+                f"{stats.execute_failures} write(s) failed on the way and were kept in redis; "
+                "none is left waiting"
+            )
+        if code:
+            click.get_current_context().exit(code)
+
+    def _say(self, message: str, error: bool = False, fields: dict[str, Any] | None = None) -> None:
+        """A line on stderr: text, or with --log-format json a log record with ``fields``."""
+        if self.ctx.quiet and not error:
+            return
+        if self.ctx.log_format == "json":
+            level = logging.ERROR if error else logging.INFO
+            logging.getLogger(logs.PROGRESS).log(level, "%s", message, extra=fields or {})
+        else:
+            click.echo(f"phonon: {'error: ' if error else ''}{message}", err=True)
+
+    def _waiting(self) -> int:
+        """Partials that no live worker holds: what nobody will write unless told."""
+        from .ops.status import Status
+
+        settings, client = _connect(self.ctx, self.config)
+        try:
+            return Status(client, settings.namespace, "").snapshot(0).totals.orphaned
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+
+    def _write_json(self, stats: RunStats, workers: int, code: int, waiting: int) -> None:
+        import orjson
+
+        elapsed = stats.elapsed_s
+        record = {
+            **stats.figures(),
+            "workers": workers,
+            "elapsed_s": round(elapsed, 3),
+            "events_per_s": round(stats.events_read / elapsed, 1) if elapsed > 0 else 0.0,
+            "waiting_in_redis": waiting,
+            "dead_letter": self.dead_letter if stats.dead_lettered else None,
+            "exit_code": code,
+        }
+        record.pop("entries", None)
+        data = orjson.dumps(record) + b"\n"
+        if self.summary_json == "-":
+            sys.stderr.buffer.write(data)
+            sys.stderr.flush()
+        else:
+            Path(self.summary_json).write_bytes(data)  # type: ignore[arg-type]
 
 
 def run_workers(
-    ctx: Context, config: Config, workers: int, feed_stdin: bool, dead_letter: str
+    ctx: Context,
+    config: Config,
+    workers: int,
+    feed_stdin: bool,
+    end: RunEnd,
+    stats_interval: float | None,
 ) -> None:
     """``run --workers N``: start N workers with this command line, print their summary."""
     import time
 
-    from .run.loop import RunStats, progress_printer
+    from .run.loop import RunStats
     from .run.workers import Supervisor
 
     settings = ctx.settings(config)
@@ -359,7 +494,7 @@ def run_workers(
     except PhononError as e:
         fail(e)
     started = time.monotonic()
-    show = progress_printer() if sys.stderr.isatty() and not ctx.quiet else None
+    show = ctx.progress(stats_interval)
 
     def progress(figures: dict[str, int]) -> None:
         assert show is not None
@@ -374,17 +509,8 @@ def run_workers(
     supervisor.install_signal_handlers()
     supervisor.start()
     outcome = supervisor.run()
-    if show is not None:
-        sys.stderr.write("\n")
     stats = RunStats.added_up(outcome.figures, started)
-    if not ctx.quiet:
-        click.echo(f"phonon: {stats.summary()}; {workers} workers", err=True)
-        if stats.dead_lettered:
-            click.echo(f"phonon: dead letters in {dead_letter}", err=True)
-    for problem in outcome.problems:
-        click.echo(f"phonon: error: {problem}", err=True)
-    if outcome.exit_code:
-        click.get_current_context().exit(outcome.exit_code)
+    end.report(stats, workers, outcome.problems, outcome.exit_code, ctx.redraws(stats_interval))
 
 
 # -- status and flush ---------------------------------------------------------------------

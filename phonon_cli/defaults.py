@@ -75,6 +75,10 @@ COMMIT_INTERVAL_S = 0.2
 STOP_GRACE_S = 1.0
 """Seconds a stopping run keeps handling what its sources had already queued."""
 
+STATS_INTERVAL_S = 10.0
+"""Seconds between progress lines in the log when stderr is not a terminal
+(``phonon run --stats-interval``)."""
+
 PROGRESS_INTERVAL_S = 0.5
 """Seconds between redraws of the progress line (when stderr is a terminal)."""
 

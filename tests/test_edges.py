@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import queue
 import signal
 import subprocess
 import sys
+import time
 from base64 import b64decode
 from pathlib import Path
 
@@ -123,3 +125,78 @@ def test_sigterm_with_stdin_still_open_exits_0(tmp_path: Path) -> None:
     os.close(write)
     assert proc.returncode == 0, err
     assert b"Fatal Python error" not in err
+
+
+def test_json_logs_are_one_object_a_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    summary = tmp_path / "summary.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--log-format",
+            "json",
+            "-v",
+            "run",
+            "-c",
+            str(cfg),
+            "--summary-json",
+            str(summary),
+        ],  # fmt: skip
+        input=b'{"a": 1, "n": 2}\nnot json\n{"a": 1, "n": 3}\n',
+        capture_output=True,
+        env={**os.environ, "PHONON_HOME": str(tmp_path / "home")},
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    records = [orjson.loads(line) for line in r.stderr.splitlines()]  # every line parses
+    assert {"ts", "level", "logger", "message"} <= set(records[0])
+    (end,) = [x for x in records if x.get("summary")]
+    assert (end["events_read"], end["routed"], end["dead_lettered"]) == (3, 2, 1)
+    written = orjson.loads(summary.read_bytes())
+    assert written["events_read"] == 3 and written["exit_code"] == 0
+    assert written["keys_executed"] == 1 and written["waiting_in_redis"] == 0
+
+
+def test_repeated_errors_are_folded() -> None:
+    from phonon_cli import logs
+
+    stream = io.StringIO()
+    handler = logs.FoldingHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("phonon_cli.test_folding")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for _ in range(2315):
+            log.error("sink down: %s", "connection refused")
+        log.warning("something else")
+        log.error("sink down: %s", "connection refused")
+        handler.close()
+    finally:
+        log.removeHandler(handler)
+    assert stream.getvalue().splitlines() == [
+        "ERROR sink down: connection refused",
+        "ERROR ... and 2,314 more like it: sink down: connection refused",
+        "WARNING something else",
+        "ERROR sink down: connection refused",
+    ]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    read, write = os.pipe()
+    proc = run_lines(tmp_path, "--stats-interval", "100ms", "--soft-session", "50ms", stdin=read)
+    os.close(read)
+    os.write(write, b'{"a": 0, "n": 1}\n')
+    assert proc.stdout is not None and proc.stdout.readline()  # it runs: its session ended
+    for i in range(1, 5):  # a trickle over a second: several intervals pass
+        time.sleep(0.25)
+        os.write(write, b'{"a": %d, "n": 1}\n' % i)
+    os.close(write)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    progress = [x for x in err.decode().splitlines() if x.startswith("phonon: progress: ")]
+    assert len(progress) >= 2, err
+    assert "events (" in progress[-1]
