@@ -378,6 +378,10 @@ class Set(Strategy):
     def result(self, f: Field, slots: Slots) -> Any:
         return [orjson.loads(t) for t in sorted(slots[f.slots()[0]])]
 
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        # The members are JSON texts already: the array is written, not parsed and dumped.
+        return ["[" + ",".join(sorted(slots[f.slots()[0]])) + "]"]
+
     def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
         v = row.get(c.fold(f.name))
         return {} if v is None else {f.slots()[0]: {_json(x) for x in c.load_json(v)}}
@@ -467,7 +471,7 @@ class List(_Ranked):
 
     def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
         items = self.ordered(slots[f.slots()[0]], f.n)
-        return [_json_text([orjson.loads(t) for _, t in items]), _json_text([k for k, _ in items])]
+        return ["[" + ",".join(t for _, t in items) + "]", _json_text([k for k, _ in items])]
 
     def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
         v = row.get(c.fold(f.name))
@@ -499,6 +503,10 @@ class Top(_Ranked):
 
     def result(self, f: Field, slots: Slots) -> Any:
         return [[k, orjson.loads(t)] for k, t in self.ordered(slots[f.slots()[0]], f.n)]
+
+    def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
+        items = self.ordered(slots[f.slots()[0]], f.n)
+        return ["[" + ",".join(f"[{_json_text(k)},{t}]" for k, t in items) + "]"]
 
     def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
         v = row.get(c.fold(f.name))

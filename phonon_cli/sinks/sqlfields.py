@@ -133,8 +133,24 @@ def prepare(c: type[Connection], u: Update) -> Row:
     for slot, number in numbers(u.doc):
         if not finite(number):
             raise SinkError(f"{table}: {slot}={number!r} is not a 64-bit integer or finite float")
-    wanted = {c.fold(name): (name, kind) for f in fields for name, kind in layout(f, u.doc)}
-    return Row(u, table, spec, fields, wanted)
+    return Row(u, table, spec, fields, _wanted(c, fields, u.doc))
+
+
+def _wanted(c: type[Connection], fields: tuple[Field, ...], doc: dict[str, Any]) -> Wanted:
+    """Folded column -> (column, kind) for these fields; a number column's kind
+    follows its value (int or float), so the layout is remembered per kind of value."""
+    shape = (c, fields, tuple(type(doc.get(f.slots()[0])) for f in fields))
+    found = _WANTED.get(shape)
+    if found is None:
+        found = {c.fold(name): (name, kind) for f in fields for name, kind in layout(f, doc)}
+        if len(_WANTED) > 1024:
+            _WANTED.clear()
+        _WANTED[shape] = found
+    return found
+
+
+Wanted = dict[str, tuple[str, str]]
+_WANTED: dict[tuple[Any, ...], Wanted] = {}
 
 
 def _suits(column_kind: str, wanted: str) -> bool:
@@ -153,12 +169,21 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     wanted = list(dict.fromkeys(f for _, row in ready for f in row.wanted))
     # One key may execute twice in a batch (evicted, seen again, evicted again): its
     # sessions are merged first, or the second UPDATE would overwrite the first.
-    # merge_into copies: a failed transaction caches these very updates back in Redis.
+    # Nothing here changes an update's own doc: a failed transaction caches these very
+    # updates back in Redis (merge_into copies what it keeps).
     merged: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Field]]] = {}
+    merged_from: dict[tuple[Any, ...], dict[str, Any]] = {}
     for key, row in ready:
-        doc, named = merged.setdefault(key, ({}, {}))
+        if key not in merged:
+            merged_from[key] = row.update.doc  # the usual case: read only, never changed
+            merged[key] = (row.update.doc, {f.name: f for f in row.fields})
+            continue
+        doc, named = merged[key]
+        if doc is merged_from.get(key):
+            doc = {}
+            merge_into(doc, merged_from[key])
         merge_into(doc, row.update.doc)
-        named.update((f.name, f) for f in row.fields)
+        merged[key] = (doc, {**named, **{f.name: f for f in row.fields}})
     # The same key order in every worker (and the table lock in PostgreSQL): no deadlock.
     keys_sorted = sorted(merged, key=repr)
     q = c.quote
@@ -174,9 +199,13 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     for key in keys_sorted:
         doc, named = merged[key]
         values: list[Any] = []
+        held = stored[key]
         for field in named.values():
-            slots = field.strategy.load(c, field, stored[key])
-            merge_into(slots, {s: doc[s] for s in field.slots() if s in doc})
+            slots = field.strategy.load(c, field, held)
+            if slots:  # combined with what the row holds (a new slots dict)
+                merge_into(slots, {s: doc[s] for s in field.slots() if s in doc})
+            else:  # a new row, or this field's first value: the session's slots as they are
+                slots = doc
             values += field.strategy.dump(c, field, slots)
         if named:  # else every value was null: the row inserted above is the result
             groups.setdefault(tuple(named.values()), []).append((*values, *key))
