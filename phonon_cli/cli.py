@@ -384,7 +384,7 @@ def run(
         # them (nothing was committed past them), stdin cannot.
         raise Failure(f"lost the store at {process.settings.describe()}: {e}") from None
     if report is None:  # a worker of --workers: its parent reports for every worker
-        end.report(stats, redrawn=ctx.redraws(stats_interval))
+        end.report(stats, redrawn=ctx.redraws(stats_interval), output_closed=process.output_closed)
 
 
 class RunEnd:
@@ -404,8 +404,9 @@ class RunEnd:
         problems: Sequence[str] = (),
         exit_code: int = 0,
         redrawn: bool = False,
+        output_closed: bool = False,
     ) -> None:
-        waiting = self._waiting() if stats.execute_failures else 0
+        waiting = self._waiting() if stats.execute_failures or output_closed else 0
         code = exit_code or (EXIT_FAILURE if waiting else 0)
         summary = stats.summary() + (f"; {workers} workers" if workers > 1 else "")
         if redrawn:
@@ -417,6 +418,11 @@ class RunEnd:
             self._write_json(stats, workers, code, waiting)
         for problem in problems:
             self._say(problem, error=True)
+        if output_closed:
+            raise Failure(
+                f"stdout's reader went away; {waiting} aggregate(s) not written are kept in "
+                "redis ('phonon flush -c CONFIG' writes them)"
+            )
         if waiting:
             raise Failure(
                 f"{waiting} aggregate(s) could not be written and wait in redis "

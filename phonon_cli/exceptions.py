@@ -59,6 +59,13 @@ class SinkError(PhononError):
     """A sink cannot write (after its retries)."""
 
 
+class OutputClosed(SinkError):
+    """Whoever read the sink's output (stdout) went away, as in ``phonon run | head``.
+
+    No retry can help and no other key can be written there: the run stops reading
+    and keeps everything not written in Redis, like a second signal would."""
+
+
 class EventError(PhononError):
     """An event that cannot be routed (a missing field, a doc value that is not a
     number). Its message is the reason written to the dead-letter file."""

@@ -200,3 +200,32 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     progress = [x for x in err.decode().splitlines() if x.startswith("phonon: progress: ")]
     assert len(progress) >= 2, err
     assert "events (" in progress[-1]
+
+
+def test_stdout_reader_gone_stops_the_run_and_keeps_the_rest(tmp_path: Path) -> None:
+    """``phonon run | head -1``: one error line and exit 1, everything unwritten kept."""
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"".join(b'{"a": %d, "n": 1}\n' % (i % 20_000) for i in range(50_000)))
+    with open(events, "rb") as stdin:
+        proc = run_lines(tmp_path, "--max-entries", "1000", stdin=stdin)
+        assert proc.stdout is not None
+        assert proc.stdout.readline()  # the first aggregate: then the reader goes away
+        proc.stdout.close()
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = err.decode().splitlines()
+    assert [x for x in lines if "rror" in x] == [lines[-1]], err  # one error line, the last
+    assert lines[-1].startswith("Error: stdout's reader went away; ")
+    assert "aggregate(s) not written are kept in redis" in lines[-1]
+    assert b"Broken pipe" not in err
+    assert time.monotonic() - started < 30  # it stopped reading: not 50,000 events of retries
+    status = subprocess.run(
+        [sys.executable, "-m", "phonon_cli", "status", "--json"],
+        capture_output=True,
+        env={**os.environ, "PHONON_HOME": str(tmp_path / "home")},
+        timeout=60,
+        check=True,
+    )
+    kept = int(lines[-1].split("; ")[1].split()[0])
+    assert kept > 0 and orjson.loads(status.stdout)["totals"]["orphaned"] == kept

@@ -111,6 +111,8 @@ class Process:
         self.fenced = False
         """Set once Redis refused a change because this process was declared dead
         (see ``scripts.FENCE_LUA``); ``reregister`` starts over under a new id."""
+        self.output_closed = False
+        """A sink's reader went away (``OutputClosed``): the run stops and keeps the rest."""
         self.heartbeat(self.client, load_scripts=True, register=True)
         self._thread: threading.Thread | None = None
         self._recovery_thread: threading.Thread | None = None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from .. import defaults, faults
-from ..exceptions import Fenced, SerializationError
+from ..exceptions import Fenced, OutputClosed, SerializationError
 from ..store.connection import public_url
 from . import quarantine
 from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
@@ -416,7 +416,12 @@ def _after_failures(
         if error is None:
             continue
         update.error = error
-        if cls.is_transient(error):
+        if isinstance(error, OutputClosed):  # said once, by the run loop, not per key
+            process.output_closed = True
+            rel = Release(update.resource, "cache", update.kind, update.recipe())
+            rel.payload, rel.exec_keys = update.payload(), got.exec_keys
+            back.append(rel)
+        elif cls.is_transient(error):
             log.error(
                 "%s: execute failed after %d attempts (%s); aggregate cached in redis",
                 update.resource,
@@ -462,6 +467,8 @@ def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
         failures = quarantine.isolate(cls, updates)  # a poison key fails alone
         if not failures or attempt == cls.execute_attempts:
             return failures
+        if all(isinstance(e, OutputClosed) for _, e in failures):
+            return failures  # nobody reads the output any more: waiting cannot help
         log.warning(
             "%s: %d executes failed (%s); %d attempts left",
             class_name(cls),

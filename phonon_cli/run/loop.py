@@ -308,6 +308,10 @@ class Runner:
                     if now >= next_commit:
                         self._commit()  # right after a flush: nothing is in flight
                         next_commit = now + defaults.COMMIT_INTERVAL_S
+                if self.process.output_closed and self.signals < 2:
+                    log.info("the output's reader went away: stopping, keeping the rest in redis")
+                    self.request_stop()
+                    self.request_stop()  # as a second signal: deposit the rest, no execute
                 if self._progress is not None and now >= next_progress:
                     self._progress(self._progress_line())
                     next_progress = now + defaults.PROGRESS_INTERVAL_S

@@ -16,10 +16,12 @@ from typing import Any
 import orjson
 
 from ..core.update import ConflictFreeUpdate, Failures, Update
-from ..exceptions import SinkError
+from ..exceptions import OutputClosed, SinkError
 from ..fields.aggregate import FieldsUpdate
 
 _write_lock = threading.Lock()
+_stdout_closed = threading.Event()
+"""Set at the first broken pipe on stdout: nothing is written there after it."""
 """One writer at a time in this process: the run loop and the heartbeat thread
 (executing recovered partials) must not interleave half-lines."""
 
@@ -71,6 +73,9 @@ def _execute_lines(updates: Sequence[Update]) -> Failures:
         owners.setdefault(target, []).append(u)
     for target, lines in targets.items():
         data = b"".join(lines)
+        if target == "-" and _stdout_closed.is_set():
+            failures += [(u, OutputClosed("stdout is closed")) for u in owners[target]]
+            continue
         try:
             with _write_lock:
                 if target == "-":
@@ -81,6 +86,12 @@ def _execute_lines(updates: Sequence[Update]) -> Failures:
                     _append(target, data)
         except (OSError, ValueError) as e:
             error = SinkError(f"{'stdout' if target == '-' else target}: cannot write: {e}")
+            if target == "-" and isinstance(e, BrokenPipeError):
+                _stdout_closed.set()
+                # What is left in Python's buffer can never be written: drop it now,
+                # or the interpreter's last flush at exit would fail on it again.
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives with the process
+                error = OutputClosed(f"stdout is closed ({e})")
             error.__cause__ = e
             failures += [(u, error) for u in owners[target]]
     return failures
