@@ -221,10 +221,43 @@ def main(
     metavar="FILE",
     help="TOML or YAML config: store, cache and routes.",
 )
-def check(config_path: str) -> None:
-    """Validate a config and import its classes, without running."""
+@click.option(
+    "--connect",
+    is_flag=True,
+    help="Also reach the store and every route's database, creating nothing.",
+)
+@pass_context
+def check(ctx: Context, config_path: str, connect: bool) -> None:
+    """Validate a config and import its classes, without running.
+
+    With --connect, also reach the store and open each route's database (exit 3
+    if the store cannot be reached, 1 if a database cannot).
+    """
     config = load(config_path)
     click.echo(f"{config_path}: ok, {len(config.routes)} route(s)")
+    if not connect:
+        return
+    settings = ctx.settings(config)
+    if settings.url is None and not settings.embedded_running():
+        click.echo(f"store: {settings.describe()}: not started yet ('phonon run' starts it)")
+    else:
+        _, client = _connect(ctx, config)
+        try:
+            client.ping()
+        except redis.RedisError as e:
+            _lost(settings, e)
+        click.echo(f"store: {settings.describe()}: reached")
+    failed = 0
+    for i, route in enumerate(config.routes):
+        try:
+            found = route.update.check_connect(route)
+        except PhononError as e:
+            click.echo(f"routes[{i}]: {e}", err=True)
+            failed += 1
+            continue
+        click.echo(f"routes[{i}]: {found or 'nothing to open (' + route.update_path + ')'}")
+    if failed:
+        raise Failure(f"{failed} route(s) cannot reach their database")
 
 
 @main.command(short_help="Aggregate events; write each key once per session.")

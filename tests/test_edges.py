@@ -229,3 +229,52 @@ def test_stdout_reader_gone_stops_the_run_and_keeps_the_rest(tmp_path: Path) -> 
     )
     kept = int(lines[-1].split("; ")[1].split()[0])
     assert kept > 0 and orjson.loads(status.stdout)["totals"]["orphaned"] == kept
+
+
+def counter_config(tmp_path: Path, database: str) -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[[routes]]\nupdate = "phonon_cli.sinks.sql:Counter"\nid = "{a}"\ncollection = "t"\n'
+        f'database = "{database}"\nspec = {{ a = "{{a}}" }}\ndoc = {{ n = "{{n}}" }}\n'
+    )
+    return cfg
+
+
+def test_check_connect_reaches_store_and_databases_creating_nothing(
+    tmp_path: Path, redis_url: str, postgres_url: str
+) -> None:
+    from click.testing import CliRunner
+
+    from phonon_cli.cli import main
+
+    db = tmp_path / "sub" / "w.db"
+    for database, found in [
+        (f"sqlite:///{db}", "SQLite file not there yet: the first write creates it"),
+        (postgres_url, "PostgreSQL "),
+    ]:
+        cfg = counter_config(tmp_path, database)
+        r = CliRunner().invoke(
+            main, ["--redis-url", redis_url, "check", "-c", str(cfg), "--connect"]
+        )
+        assert r.exit_code == 0, r.output
+        assert "store: " in r.output and ": reached" in r.output
+        assert f"routes[0]: {found}" in r.output
+    assert not db.exists() and not db.parent.exists()  # nothing created
+
+
+def test_check_connect_names_what_cannot_be_reached(tmp_path: Path, redis_url: str) -> None:
+    from click.testing import CliRunner
+
+    from phonon_cli.cli import main
+
+    cfg = counter_config(tmp_path, "postgresql://app:hunter2@127.0.0.1:1/app")
+    r = CliRunner().invoke(main, ["--redis-url", redis_url, "check", "-c", str(cfg), "--connect"])
+    assert r.exit_code == 1
+    assert "routes[0]: postgresql://app:***@127.0.0.1:1/app: " in r.stderr
+    assert "hunter2" not in r.output + r.stderr
+    r = CliRunner().invoke(
+        main,
+        ["--redis-url", "redis://:hunter2@127.0.0.1:1/0", "check", "-c", str(cfg), "--connect"],
+    )
+    assert r.exit_code == 3 and "hunter2" not in r.output + r.stderr
+    assert "redis://:***@127.0.0.1:1/0" in r.stderr

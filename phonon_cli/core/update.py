@@ -140,6 +140,17 @@ class Update:
         return failures
 
     @classmethod
+    def check_connect(cls, route: Any) -> str | None:
+        """``phonon check --connect``: reach where this class writes for ``route``,
+        creating nothing; say what was found (None: nothing to open, e.g. a custom
+        class that writes its own way). Sinks override.
+
+        Raises:
+            SinkError: it cannot be reached.
+        """
+        return None
+
+    @classmethod
     def is_transient(cls, error: BaseException) -> bool:
         """True when a failed execute may succeed later (the database is down,
         locked or busy): the aggregate then stays in Redis. Otherwise, after its

@@ -97,12 +97,28 @@ def _execute_lines(updates: Sequence[Update]) -> Failures:
     return failures
 
 
+def _probe(route: Any) -> str:
+    target = route.database
+    if target in (None, "-"):
+        return "stdout"
+    parent = os.path.dirname(os.path.abspath(target)) or "."
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise SinkError(f"{target}: {parent} is not writable")
+    return f"appends to {target}"
+
+
 class Lines(ConflictFreeUpdate):
     """Writes ``{"id", "collection", "spec", "doc"}`` per executed key, one per line.
 
     ``database`` is ``"-"`` or None for stdout, else a file path (parent
     directories are created). A batch is one write and one flush.
     """
+
+    @classmethod
+    def check_connect(cls, route: Any) -> str | None:
+        return _probe(route)
 
     def execute(self) -> None:
         failures = type(self).execute_many([self])
@@ -119,6 +135,10 @@ class AggregateLines(FieldsUpdate):
     """Writes ``{"id", "collection", "spec", "values"}`` per executed key of a route
     with ``fields``: each field's executed value (a set as a sorted list, a mean as
     a number...). ``database`` as for ``Lines``."""
+
+    @classmethod
+    def check_connect(cls, route: Any) -> str | None:
+        return _probe(route)
 
     def execute(self) -> None:
         failures = type(self).execute_many([self])

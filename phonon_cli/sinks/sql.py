@@ -33,6 +33,7 @@ from .sqlbase import (
     columns,
     execute_by_database,
     key_columns,
+    probe,
     value_kind,
     write,
 )
@@ -147,6 +148,10 @@ class Table:
         failures = type(self).execute_many([self])  # type: ignore[attr-defined]
         if failures:
             raise failures[0][1]
+
+    @classmethod
+    def check_connect(cls, route: Route) -> str | None:
+        return probe(route.database)
 
     @classmethod
     def check_route(cls, route: Route) -> None:

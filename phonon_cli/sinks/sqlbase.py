@@ -584,6 +584,55 @@ def execute_by_database(
     return failures
 
 
+PG_EXTRA = "'phonon-cli[postgres]'"
+
+
+def probe(database: Any) -> str:
+    """Reach a route's database without creating anything (``phonon check --connect``):
+    what was found, in a few words.
+
+    Raises:
+        SinkError: it cannot be reached (the message names it without its password).
+    """
+    db = parse_database(database)
+    return _probe_sqlite(db) if db.kind == "sqlite" else _probe_postgres(db)
+
+
+def _probe_sqlite(db: Database) -> str:
+    assert db.path is not None
+    path = os.path.abspath(db.path)
+    if not os.path.exists(path):
+        parent = os.path.dirname(path)
+        while parent and not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        if not os.access(parent or ".", os.W_OK):
+            raise SinkError(f"{db.display}: not there, and {parent} is not writable")
+        return "SQLite file not there yet: the first write creates it"
+    try:  # mode=rw: never create the file
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=1.0)
+        try:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise SinkError(f"{db.display}: {e}") from e
+    return f"SQLite, {tables} table(s) and indexes"
+
+
+def _probe_postgres(db: Database) -> str:
+    try:
+        import psycopg
+    except ImportError as e:
+        raise SinkError(f"{db.display}: PostgreSQL needs psycopg: pip install {PG_EXTRA}") from e
+    extra = {} if "connect_timeout" in db.url else {"connect_timeout": 10}
+    try:
+        with psycopg.connect(db.url, autocommit=True, **extra) as pg:  # type: ignore[arg-type]
+            version = pg.execute("SHOW server_version").fetchone()
+    except psycopg.Error as e:
+        raise SinkError(f"{db.display}: {str(e).strip().splitlines()[0]}") from e
+    return f"PostgreSQL {version[0] if version else '?'}"
+
+
 @functools.lru_cache(maxsize=256)
 def checked_table(database: Any, collection: Any) -> str:
     """The validated table name; cached, as every new key of a route asks the same."""

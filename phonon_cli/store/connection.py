@@ -128,6 +128,10 @@ class StoreSettings:
         server = EmbeddedServer(self.home)
         return f"embedded redis at {server.socket_path} (data in {server.home})"
 
+    def embedded_running(self) -> bool:
+        """The embedded server of ``home`` is up (False as well for a URL'd store)."""
+        return self.url is None and EmbeddedServer(self.home).is_running()
+
     def connect(self, create: bool = True) -> redis.Redis:
         """A client for this store, checked with a PING. Raises ``StoreUnavailable``.
 
