@@ -565,6 +565,15 @@ def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
         fail(e)
 
 
+def _config_process(ctx: Context, config: Config) -> Process:
+    """A process that may execute partials of the config's classes into its databases."""
+    process: Process = ctx.process(config, recover_failed_processes=False)
+    for route in config.routes:
+        process.register(route.update)
+        process.register_database(route.database)
+    return process
+
+
 def _lost(settings: Any, error: Exception) -> NoReturn:
     fail(StoreUnavailable(f"lost the store ({settings.describe()}): {error}"))
 
@@ -678,11 +687,7 @@ def flush(
 
     def executor() -> Process:
         assert config is not None
-        process = ctx.process(config, recover_failed_processes=False)
-        for route in config.routes:
-            process.register(route.update)
-            process.register_database(route.database)
-        return process
+        return _config_process(ctx, config)
 
     def say(message: str) -> None:
         if not ctx.quiet:
@@ -706,3 +711,165 @@ def flush(
         _lost(settings, e)
     if problems:
         raise Failure("; ".join(problems))
+
+
+# -- quarantine ----------------------------------------------------------------------------
+
+
+@main.group(short_help="Aggregates whose write failed for good: list, retry, drop them.")
+def quarantine() -> None:
+    """Aggregates set aside because their write can never succeed as they are (a column
+    the database refuses, a sum past int64, a null key): nothing else waits on them.
+    See docs/status.md (Quarantine)."""
+
+
+def _say(ctx: Context, message: str) -> None:
+    if not ctx.quiet:
+        click.echo(f"phonon: {message}", err=True)
+
+
+@quarantine.command("list", short_help="Quarantined resources, with their last error.")
+@click.argument("globs", nargs=-1, metavar="[GLOB]...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_context
+def quarantine_list(ctx: Context, globs: tuple[str, ...], as_json: bool) -> None:
+    """List quarantined resources (all, or those matching GLOBs): records, age, last error."""
+    import orjson
+
+    from .clock import now_ms
+    from .ops.flush import matcher
+    from .ops.quarantine import scan
+    from .store.keys import Keys
+
+    settings, client = _connect(ctx)
+    now, n = now_ms(), 0
+    try:
+        for q in scan(client, Keys(settings.namespace), matcher(globs, not globs)):
+            s, n = q.summary(now), n + 1
+            if as_json:
+                click.echo(orjson.dumps(s).decode())
+            else:
+                age = "-" if s["age_s"] is None else f"{s['age_s']:.0f}s"
+                click.echo(f"{s['resource']}\t{s['records']}\t{age}\t{s['error']}")
+    except redis.RedisError as e:
+        _lost(settings, e)
+    _say(ctx, f"{n:,} quarantined resource(s)")
+
+
+@quarantine.command("show", short_help="Every record of one quarantined resource.")
+@click.argument("resource")
+@pass_context
+def quarantine_show(ctx: Context, resource: str) -> None:
+    """Print every quarantined record of RESOURCE as JSON (exit 1 if it has none)."""
+    import orjson
+
+    from .ops.quarantine import show
+    from .store.keys import Keys
+
+    settings, client = _connect(ctx)
+    try:
+        q = show(client, Keys(settings.namespace), resource)
+    except redis.RedisError as e:
+        _lost(settings, e)
+    if q is None:
+        raise Failure(f"{resource}: nothing quarantined")
+    for record in q.records:
+        click.echo(orjson.dumps(record.to_json(), option=orjson.OPT_INDENT_2).decode())
+
+
+@quarantine.command("export", short_help="Write every record as JSON lines.")
+@click.argument("file", type=click.File("w"))
+@click.argument("globs", nargs=-1, metavar="[GLOB]...")
+@pass_context
+def quarantine_export(ctx: Context, file: Any, globs: tuple[str, ...]) -> None:
+    """Write the quarantined records (all, or those matching GLOBs) to FILE ('-': stdout),
+    one JSON object per line: resource, kind, recipe, payload, error, at_ms. Removes nothing."""
+    from .ops.flush import matcher
+    from .ops.quarantine import export
+    from .store.keys import Keys
+
+    settings, client = _connect(ctx)
+    try:
+        n = export(client, Keys(settings.namespace), file, matcher(globs, not globs))
+    except redis.RedisError as e:
+        _lost(settings, e)
+    _say(ctx, f"exported {n:,} record(s)")
+
+
+@quarantine.command("retry", short_help="Put them back as cached partials (-c: write now).")
+@click.argument("globs", nargs=-1, metavar="[GLOB]...")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Also execute them now, with the classes and databases this config names.",
+)
+@pass_context
+def quarantine_retry(ctx: Context, globs: tuple[str, ...], config_path: str | None) -> None:
+    """Put quarantined aggregates (all, or those matching GLOBs) back as their resources'
+    cached partials: the next holder, a survivor or 'phonon flush -c' executes them, or
+    this command with -c. Exit 1 if any could not go back, or failed again."""
+    from .ops.flush import claim_matching, matcher
+    from .ops.quarantine import retry
+    from .store.keys import Keys
+
+    config = load(config_path) if config_path else None
+    settings, client = _connect(ctx, config)
+    keys = Keys(settings.namespace)
+    problems = []
+    try:
+        result = retry(client, keys, matcher(globs, not globs))
+        _say(ctx, f"{result.moved:,} record(s) of {len(result.resources):,} resource(s) put back")
+        for resource, reason in result.kept.items():
+            problems.append(f"{resource} stays quarantined: {reason}")
+        if config is not None and result.resources:
+            process = _config_process(ctx, config)
+            try:
+                claimed = claim_matching(process, set(result.resources).__contains__)
+            finally:
+                process.stop()
+            failed = sorted(q.resource for q in _scan(client, keys, result.resources))
+            _say(ctx, f"executed {claimed.executed:,}; {len(failed):,} quarantined again")
+            problems += [f"{r} failed again (phonon quarantine show {r})" for r in failed]
+            problems += [f"{r} not executed (not in {config_path})" for r in claimed.left]
+    except PhononError as e:
+        fail(e)
+    except redis.RedisError as e:
+        _lost(settings, e)
+    if problems:
+        raise Failure("; ".join(problems))
+
+
+def _scan(client: Any, keys: Any, resources: list[str]) -> Any:
+    from .ops.quarantine import scan
+
+    return scan(client, keys, set(resources).__contains__)
+
+
+@quarantine.command("drop", short_help="Delete them for good (needs a GLOB and --yes).")
+@click.argument("globs", nargs=-1, required=True, metavar="GLOB...")
+@click.option("--yes", is_flag=True, help="Really delete: the aggregates are lost.")
+@pass_context
+def quarantine_drop(ctx: Context, globs: tuple[str, ...], yes: bool) -> None:
+    """Delete the quarantined aggregates matching GLOBs ('*' for all): their data is lost.
+    Without --yes, only lists what would go and exits 2."""
+    from .ops.flush import matcher
+    from .ops.quarantine import drop, scan
+    from .store.keys import Keys
+
+    settings, client = _connect(ctx)
+    keys, match = Keys(settings.namespace), matcher(globs)
+    try:
+        if not yes:
+            found = [q.resource for q in scan(client, keys, match)]
+            for resource in found:
+                click.echo(resource)
+            raise Failure(
+                f"{len(found):,} quarantined resource(s) match; add --yes to drop them for good",
+                EXIT_USAGE,
+            )
+        resources, records = drop(client, keys, match)
+    except redis.RedisError as e:
+        _lost(settings, e)
+    _say(ctx, f"dropped {records:,} record(s) of {resources:,} resource(s)")

@@ -4,7 +4,8 @@
 first) the worker reaches POINT. Actions: ``stop`` (SIGSTOP itself, like a long
 GC pause or a frozen VM: a test sends SIGCONT) and ``kill`` (SIGKILL itself).
 Points: ``before-execute`` (partials taken, nothing written yet) and
-``after-execute`` (written, the taken partials not yet forgotten in Redis).
+``after-execute`` (written, the taken partials not yet forgotten in Redis) and
+``in-recovery`` (holding the recovery lock, nothing recovered yet).
 Unset, each point costs one truth test per batch.
 """
 

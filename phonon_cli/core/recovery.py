@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
+import redis
 
-from .. import defaults
+from .. import defaults, faults
 from ..exceptions import AlreadyLocked, LockNotOwned
 from ..store import scripts
 from ..store.keys import Keys
-from ..store.lock import Lock
+from ..store.lock import Lock, owner_of
 from .reference import Release, Taken, release_many
 from .update import Update, execute_taken
 
@@ -71,12 +73,14 @@ def recover(process: Process) -> int:
         process.keys.recovery_lock,
         block=False,
         ttl_ms=defaults.RECOVERY_LOCK_TTL_S * 1000,
+        owner=process.id,
     )
     try:
         lock.acquire()
     except AlreadyLocked:
         return 0
     try:
+        faults.point("in-recovery")
         dead = declare_dead(process, candidates)
         orphans: list[str] = []
         for pid in dead:
@@ -89,6 +93,44 @@ def recover(process: Process) -> int:
             lock.release()
         except LockNotOwned:
             log.warning("recovery took longer than its lock; another survivor may have helped")
+
+
+@dataclass
+class RecoveryLock:
+    """Who holds the recovery lock, as ``status`` and ``flush -c`` report it."""
+
+    owner: str | None
+    """The process id that took it (None: taken by a version that did not say)."""
+    owner_alive: bool
+    expires_in_s: float | None
+    """Seconds before it expires on its own (None: no expiry, which phonon never sets)."""
+
+    def describe(self) -> str:
+        who = "an unknown process" if self.owner is None else f"process {self.owner}"
+        state = "alive, recovering" if self.owner_alive else "dead"
+        expiry = "" if self.expires_in_s is None else f", expires in {self.expires_in_s:.0f}s"
+        return f"the recovery lock is held by {who} ({state}){expiry}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "owner_alive": self.owner_alive,
+            "expires_in_s": self.expires_in_s,
+        }
+
+
+def recovery_lock(client: redis.Redis, keys: Keys) -> RecoveryLock | None:
+    """The recovery lock's holder, or None when nobody holds it. A holder that died
+    mid-recovery blocks every recovery until the lock expires: this says so."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.recovery_lock)
+    pipe.pttl(keys.recovery_lock)
+    token, ttl_ms = pipe.execute()
+    if token is None:
+        return None
+    owner = owner_of(token)
+    alive = bool(owner) and bool(client.exists(keys.alive(owner)))  # type: ignore[arg-type]
+    return RecoveryLock(owner, alive, None if ttl_ms < 0 else round(ttl_ms / 1000, 1))
 
 
 def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> list[str]:

@@ -287,6 +287,12 @@ class Claimed:
     left: list[str] = field(default_factory=list)
     """Orphans not executed: class or database not in the config, or its execute failed."""
     failures: int = 0
+    waiting: list[str] = field(default_factory=list)
+    """Orphans that could not be claimed: a dead process is still on their nodelist,
+    because recovery could not run (``blocked``) or has not yet."""
+    blocked: str | None = None
+    """Why recovery could not run: who holds its lock, and until when."""
+    quarantined: int = 0
 
 
 def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
@@ -298,21 +304,27 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
     executes the dead processes' own orphans, whatever their names, when
     their class is known.
     """
-    from ..core.recovery import claim_orphans
+    from ..core.recovery import claim_orphans, recovery_lock
 
     stats = process.stats
     executed_before = stats.get("keys_executed", 0)
     failures_before = stats.get("execute_failures", 0)
+    quarantined_before = stats.get("keys_quarantined", 0)
     process.recover()
     result = Claimed()
     status = Status(process.client, process.keys.namespace, "")
     batch: list[str] = []
 
     def claim(resources: list[str]) -> None:
-        # Those neither executed nor left were taken meanwhile by a holder or
-        # another process: theirs to write, not ours.
-        _executed, left = claim_orphans(process, resources)
+        executed, left = claim_orphans(process, resources)
         result.left += left
+        # Neither executed nor left: either taken meanwhile by a holder or another
+        # process (theirs to write), or still held by a dead process (waiting).
+        rest = set(resources) - set(executed) - set(left)
+        if rest:
+            holders = process.holders_by_resource(sorted(rest))
+            live = process.live_processes({h for hs in holders.values() for h in hs})
+            result.waiting += [r for r, hs in holders.items() if hs and not set(hs) & live]
 
     for resource in orphans(status, match):
         batch.append(resource)
@@ -323,6 +335,11 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
         claim(batch)
     result.executed = stats.get("keys_executed", 0) - executed_before
     result.failures = stats.get("execute_failures", 0) - failures_before
+    result.quarantined = stats.get("keys_quarantined", 0) - quarantined_before
+    if result.waiting:
+        lock = recovery_lock(process.client, process.keys)
+        if lock is not None and lock.owner != process.id:
+            result.blocked = lock.describe()
     return result
 
 
@@ -385,6 +402,14 @@ def flush(
         claimed = claim_matching(process, match)
     finally:
         process.stop()
+    return problems + _report_claimed(claimed, config_name, say, show)
+
+
+def _report_claimed(
+    claimed: Claimed, config_name: str, say: Callable[[str], None], show: Callable[[str], None]
+) -> list[str]:
+    """Say what ``flush -c`` did with the orphans; return the problems (exit 1)."""
+    problems: list[str] = []
     say(f"executed {claimed.executed:,} orphaned partial(s)")
     for resource in claimed.left:
         show(resource)
@@ -393,8 +418,21 @@ def flush(
             f"{len(claimed.left):,} orphaned partial(s) listed above were not executed "
             f"(class or database not in {config_name}, or its execute failed)"
         )
+    if claimed.quarantined:
+        say(
+            f"{claimed.quarantined:,} could never be written and were quarantined "
+            "(see: phonon quarantine list)"
+        )
     if claimed.failures:
         problems.append(
             f"{claimed.failures} orphaned partial(s) could not be written; they are kept in redis"
+        )
+    if claimed.waiting:
+        for resource in claimed.waiting:
+            show(resource)
+        why = claimed.blocked or "recovery has not released them yet"
+        problems.append(
+            f"{len(claimed.waiting):,} orphaned partial(s) listed above wait on a dead "
+            f"process's recovery: {why}; run this again then"
         )
     return problems

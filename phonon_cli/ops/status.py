@@ -25,7 +25,9 @@ import orjson
 import redis
 
 from ..clock import Clock, now_ms
+from ..core.recovery import RecoveryLock, recovery_lock
 from ..store.keys import Keys
+from . import quarantine
 
 SCAN_PAGE = 1000
 """Keys asked for per SCAN call; each page's details are read in one pipeline."""
@@ -97,6 +99,8 @@ class Totals:
     partitions: int = 0
     nulls_skipped: dict[str, int] = field(default_factory=dict)
     """Per fields route, the nulls skipped by every listed process (SQL's rule)."""
+    quarantined: int = 0
+    """Resources with aggregates set aside because they can never be written."""
 
     def count(self, ref: ReferenceInfo) -> None:
         self.references += 1
@@ -140,6 +144,10 @@ class Snapshot:
     oldest: list[ReferenceInfo] = field(default_factory=list)
     orphans: list[ReferenceInfo] = field(default_factory=list)
     totals: Totals = field(default_factory=Totals)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    """The ``limit`` most recently quarantined resources (``Quarantined.summary``)."""
+    recovery: RecoveryLock | None = None
+    """Who holds the recovery lock, when somebody does."""
 
 
 class Status:
@@ -307,7 +315,18 @@ class Status:
             if ref.orphaned:
                 orphans.add(ref.cached_ms, ref)
         snap.oldest, snap.orphans = oldest.sorted(), orphans.sorted()
+        snap.quarantined = self.quarantined(snap.totals, limit)
+        snap.recovery = recovery_lock(self.client, self.keys)
         return snap
+
+    def quarantined(self, totals: Totals, limit: int | None) -> list[dict[str, Any]]:
+        """The most recently quarantined resources (all when ``limit`` is None),
+        newest first; every one is counted in ``totals``."""
+        now = self.clock()
+        found = [q.summary(now) for q in quarantine.scan(self.client, self.keys)]
+        totals.quarantined = len(found)
+        found.sort(key=lambda q: -(q["at_ms"] or 0))
+        return found if limit is None else found[:limit]
 
     def write_json(self, out: IO[str], limit: int | None = None) -> int:
         """Write one JSON object, streaming the references; returns the exit code.
@@ -333,7 +352,13 @@ class Status:
             if limit is None:
                 totals.count(ref)
             out.write(("," if n else "") + _dumps(ref.to_json(now)))
-        tail = {"sources": sources, "totals": asdict(totals)}
+        lock = recovery_lock(self.client, self.keys)
+        tail = {
+            "sources": sources,
+            "quarantined": self.quarantined(totals, limit),
+            "recovery_lock": None if lock is None else lock.to_json(),
+            "totals": asdict(totals),
+        }
         out.write("]," + _dumps(tail)[1:] + "\n")
         return EXIT_OK
 
@@ -348,6 +373,7 @@ WIDTH = 100
 PROCESS_COLUMNS = "ID HOST*<24 PID> STATE UP> BEAT> ENTRIES> EVENTS> EV/S> EXEC> CACHED>"
 REFERENCE_COLUMNS = "RESOURCE* AGE> HOLDERS> DEAD> MODIFIED> PARTIAL> LOCK ORPHAN"
 ORPHAN_COLUMNS = "RESOURCE* PARTIAL> DEAD> CLASS<40"
+QUARANTINE_COLUMNS = "RESOURCE<40 RECORDS> SINCE> ERROR*"
 SOURCE_COLUMNS = "GROUP<16 SOURCE* PARTITION<16 COMMITTED> LAG> OWNER"
 
 
@@ -391,6 +417,12 @@ def render(snap: Snapshot, width: int = WIDTH) -> str:
     if any(t.nulls_skipped.values()):
         skipped = ", ".join(f"{r} {_num(n)}" for r, n in sorted(t.nulls_skipped.items()) if n)
         lines.append(_cut(f"nulls skipped: {skipped}", width))
+    if t.quarantined:
+        lines.append(
+            f"quarantined: {t.quarantined:,} resource(s) that can never be written as they are"
+        )
+    if snap.recovery is not None:
+        lines.append(_cut(f"recovery: {snap.recovery.describe()}", width))
     rows = [_process_row(p, now) for p in snap.processes[:limit]]
     lines += ["", _heading("PROCESSES", len(rows), t.processes)]
     lines += _table(PROCESS_COLUMNS, rows, t.processes, width)
@@ -402,10 +434,19 @@ def render(snap: Snapshot, width: int = WIDTH) -> str:
         lines += ["", _heading("ORPHANED PARTIALS", len(rows), t.orphaned, "oldest ")]
         lines[-1] = lines[-1][:-1] + "; execute them with: phonon flush -c CONFIG --all)"
         lines += _table(ORPHAN_COLUMNS, rows, t.orphaned, width)
+    if t.quarantined:
+        rows = [_quarantine_row(q) for q in snap.quarantined]
+        lines += ["", _heading("QUARANTINED", len(rows), t.quarantined, "newest ")]
+        lines[-1] = lines[-1][:-1] + "; see: phonon quarantine list)"
+        lines += _table(QUARANTINE_COLUMNS, rows, t.quarantined, width)
     rows = [[_opt(s[k]) for k in _SOURCE_FIELDS] for s in snap.sources[:limit]]
     lines += ["", _heading("SOURCE PARTITIONS", len(rows), t.partitions)]
     lines += _table(SOURCE_COLUMNS, rows, t.partitions, width)
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _quarantine_row(q: dict[str, Any]) -> list[str]:
+    return [q["resource"], _num(q["records"]), _age(q["age_s"]), q["error"] or "-"]
 
 
 def _process_row(p: dict[str, Any], now: int) -> list[str]:

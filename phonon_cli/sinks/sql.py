@@ -79,6 +79,10 @@ def prepare(c: type[Connection], u: Update) -> Row:
             )
         # SQLite: "Clicks" and "clicks" are one column, so they add up, as it would.
         doc[f] = (doc[f][0], doc[f][1] + v) if f in doc else (k, v)
+    if len(spec) + len(doc) > c.max_columns:
+        raise SinkError(
+            f"{table}: too many columns ({len(spec) + len(doc):,}; a table holds {c.max_columns:,})"
+        )
     wanted = {f: (k, value_kind(v)) for f, (k, v) in doc.items()}
     return Row(u, table, spec, doc, wanted)
 

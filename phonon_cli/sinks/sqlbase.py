@@ -66,6 +66,9 @@ class Connection:
     """Value kind -> SQL type. ``json``: a JSON document; ``any``: a value of any
     JSON type (SQLite keeps strings and numbers as they are)."""
     json_param: ClassVar[str] = MARK
+    max_columns: ClassVar[int] = 1600
+    """Columns a table may have: a row needing more can never be written, and is
+    refused before any SQL (SQLite takes ~10 s to fail 2,000 ALTER TABLEs)."""
     """The placeholder of a JSON column's parameter (given as JSON text)."""
 
     def __init__(self, db: Database) -> None:
@@ -148,6 +151,7 @@ class SQLite(Connection):
         "any": "",  # no type: SQLite stores each value as it is given
     }
     busy_timeout_s: ClassVar[float] = 5.0
+    max_columns: ClassVar[int] = 2000  # SQLITE_MAX_COLUMN's default
     """Seconds a write waits for another worker process's transaction to end."""
 
     def __init__(self, db: Database) -> None:

@@ -25,6 +25,7 @@ class Lock:
         key: the lock's Redis key (built by ``Keys``).
         ttl_ms: expiry, in milliseconds.
         block: wait for the lock (up to ``timeout_s``) instead of failing at once.
+        owner: who takes it (a process id), readable by others with ``owner_of``.
         timeout_s: how long a blocking acquire waits before raising ``AlreadyLocked``.
     """
 
@@ -36,6 +37,7 @@ class Lock:
         ttl_ms: int = defaults.LOCK_TTL_MS,
         block: bool = True,
         timeout_s: float = defaults.LOCK_TIMEOUT_S,
+        owner: str | None = None,
     ) -> None:
         self.client = client
         self.key = key
@@ -43,6 +45,9 @@ class Lock:
         self.block = block
         self.timeout_s = timeout_s
         self.token: str | None = None
+        self.owner = owner
+        """Put at the front of the token (``<owner>.<random>``), so that whoever finds
+        the lock taken can tell who holds it (``owner_of``)."""
 
     def acquire(self, block: bool | None = None) -> Lock:
         """Take the lock.
@@ -53,6 +58,8 @@ class Lock:
         """
         block = self.block if block is None else block
         token = secrets.token_hex(16)
+        if self.owner:
+            token = f"{self.owner}.{token}"
         deadline = time.monotonic() + self.timeout_s
         pause = defaults.LOCK_POLL_S
         while not self.client.set(self.key, token, nx=True, px=self.ttl_ms):
@@ -96,3 +103,10 @@ class Lock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def owner_of(token: str | None) -> str | None:
+    """The owner a lock's token names, or None (no lock, or taken without an owner)."""
+    if not token or "." not in token:
+        return None
+    return token.rpartition(".")[0] or None

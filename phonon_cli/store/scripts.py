@@ -538,6 +538,38 @@ end
 return 1
 """
 
+UNQUARANTINE_LUA = """
+-- Put a resource's quarantined aggregates back as its cached partial, for the
+-- next holder, a survivor or ``phonon flush -c`` to execute (``phonon quarantine
+-- retry``). A record that still cannot be summed in (deposit_refused) stays.
+-- KEYS[1] meta, KEYS[2] partials, KEYS[3] quarantine (list of JSON records)
+-- ARGV[1] now (epoch ms)
+-- Returns {records moved, records kept, why the last kept one was refused}
+local meta, partials, quarantine = KEYS[1], KEYS[2], KEYS[3]
+local kept, moved, reason = {}, 0, ''
+for _, text in ipairs(redis.call('LRANGE', quarantine, 0, -1)) do
+  local r = cjson.decode(text)
+  local refused = deposit_refused(partials, r.kind, r.payload)
+  if refused then
+    kept[#kept + 1] = text
+    reason = refused
+  else
+    if r.kind == 'json' then
+      redis.call('RPUSH', partials, r.payload)
+    else
+      merge_pairs(partials, r.kind, payload_pairs(r.payload))
+    end
+    redis.call('HSET', meta, 'recipe', r.recipe, 'kind', r.kind)
+    redis.call('HSETNX', meta, 'cached_ms', ARGV[1])
+    redis.call('HINCRBY', meta, 'times_modified', 1)
+    moved = moved + 1
+  end
+end
+redis.call('DEL', quarantine)
+if #kept > 0 then redis.call('RPUSH', quarantine, unpack(kept)) end
+return {moved, #kept, reason}
+"""
+
 LOCK_RELEASE_LUA = """
 -- Release a lock only if we own it.
 -- KEYS[1] the lock; ARGV[1] our token
@@ -580,6 +612,7 @@ ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
 QUARANTINE = Script(None, (FENCE_LUA + QUARANTINE_LUA).encode())  # type: ignore[arg-type]
+UNQUARANTINE = Script(None, (MERGE_LUA + UNQUARANTINE_LUA).encode())  # type: ignore[arg-type]
 LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
