@@ -77,7 +77,9 @@ def test_one_poison_key_is_quarantined_and_every_healthy_key_written(
     ((q,),) = [report["quarantined"]]
     assert (q["resource"], q["records"]) == ("t:bad", 1) and "too many columns" in q["error"]
     code, table, _ = cli(redis_url, namespace, "status")
-    assert code == 0 and "QUARANTINED (1; see: phonon quarantine list)" in table and "t:bad" in table
+    assert (
+        code == 0 and "QUARANTINED (1; see: phonon quarantine list)" in table and "t:bad" in table
+    )
 
     # list, show, export
     code, out, _ = cli(redis_url, namespace, "quarantine", "list", "--json")
