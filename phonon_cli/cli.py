@@ -20,6 +20,7 @@ from .exceptions import ConfigError, PhononError, StoreUnavailable
 if TYPE_CHECKING:
     from .core.process import Process
     from .run.loop import RunStats
+    from .run.metrics import MetricsServer
     from .store.connection import StoreSettings
 
 log = logging.getLogger(__name__)
@@ -339,6 +340,15 @@ def check(ctx: Context, config_path: str, connect: bool) -> None:
     help="Also write the end-of-run summary as one JSON object to FILE ('-': stderr).",
 )
 @click.option(
+    "--metrics",
+    "metrics_addr",
+    metavar="ADDR",
+    envvar="PHONON_METRICS",
+    show_envvar=True,
+    help="Serve Prometheus metrics on http://ADDR/metrics and a health check on "
+    "/healthz (e.g. 127.0.0.1:9464; with --workers, one endpoint for all).",
+)
+@click.option(
     "--workers",
     default="1",
     show_default=True,
@@ -362,6 +372,7 @@ def run(
     max_line_bytes: int,
     stats_interval: float | None,
     summary_json: str | None,
+    metrics_addr: str | None,
     workers: int,
     worker_report_fd: int | None,
 ) -> None:
@@ -382,7 +393,7 @@ def run(
     dead_letter = dead_letter or str(Path(home) / "dead-letter.jsonl")
     end = RunEnd(ctx, config, dead_letter, summary_json)
     if workers > 1 and worker_report_fd is None:
-        run_workers(ctx, config, workers, "-" in sources, end, stats_interval)
+        run_workers(ctx, config, workers, "-" in sources, end, stats_interval, metrics_addr)
         return
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
@@ -408,6 +419,9 @@ def run(
         )
     except PhononError as e:
         raise Failure(str(e), EXIT_USAGE) from None  # one line: the message names the source
+    metrics = None
+    if metrics_addr and report is None:  # a --workers child: the parent serves them all
+        metrics = serve_metrics(metrics_addr, job.figures, process.healthy)
     try:
         stats = job.run()
     except PhononError as e:
@@ -416,6 +430,9 @@ def run(
         # Sessions in memory are lost with the store; sources with offsets replay
         # them (nothing was committed past them), stdin cannot.
         raise Failure(f"lost the store at {process.settings.describe()}: {e}") from None
+    finally:
+        if metrics is not None:
+            metrics.close()
     if report is None:  # a worker of --workers: its parent reports for every worker
         end.report(stats, redrawn=ctx.redraws(stats_interval), output_closed=process.output_closed)
 
@@ -513,6 +530,17 @@ class RunEnd:
             Path(self.summary_json).write_bytes(data)  # type: ignore[arg-type]
 
 
+def serve_metrics(
+    addr: str, figures: Callable[[], dict[str, int]], healthy: Callable[[], bool]
+) -> MetricsServer:
+    from .run.metrics import MetricsServer
+
+    try:
+        return MetricsServer(addr, figures, healthy)
+    except ConfigError as e:
+        raise Failure(str(e), EXIT_USAGE) from None
+
+
 def run_workers(
     ctx: Context,
     config: Config,
@@ -520,6 +548,7 @@ def run_workers(
     feed_stdin: bool,
     end: RunEnd,
     stats_interval: float | None,
+    metrics_addr: str | None,
 ) -> None:
     """``run --workers N``: start N workers with this command line, print their summary."""
     import time
@@ -547,7 +576,14 @@ def run_workers(
     )
     supervisor.install_signal_handlers()
     supervisor.start()
-    outcome = supervisor.run()
+    metrics = None
+    if metrics_addr:
+        metrics = serve_metrics(metrics_addr, supervisor.figures, supervisor.all_alive)
+    try:
+        outcome = supervisor.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     stats = RunStats.added_up(outcome.figures, started)
     end.report(stats, workers, outcome.problems, outcome.exit_code, ctx.redraws(stats_interval))
 

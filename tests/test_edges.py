@@ -278,3 +278,80 @@ def test_check_connect_names_what_cannot_be_reached(tmp_path: Path, redis_url: s
     )
     assert r.exit_code == 3 and "hunter2" not in r.output + r.stderr
     assert "redis://:***@127.0.0.1:1/0" in r.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_move_during_a_run_and_healthz_answers(
+    tmp_path: Path, redis_url: str, helpers: object, workers: str
+) -> None:
+    port = free_port()
+    read, write = os.pipe()
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    proc = subprocess.Popen(
+        [
+            *helpers.phonon_command(redis_url, f"m{port}"),
+            "run",
+            "-c",
+            str(cfg),  # type: ignore[attr-defined]
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--workers",
+            workers,
+        ],  # fmt: skip
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read)
+    base = f"http://127.0.0.1:{port}"
+    wait_for = helpers.wait_for  # type: ignore[attr-defined]
+    os.write(write, b"".join(b'{"a": %d, "n": 1}\n' % (i % 50) for i in range(300)))
+    wait_for(
+        lambda: metric(scrape(f"{base}/metrics")[1], "phonon_events_read_total") == 300,
+        timeout_s=30,
+        what="the counter to reach 300",
+    )
+    assert scrape(f"{base}/healthz") == (200, "ok\n")
+    os.write(write, b'{"a": 1, "n": 1}\nnot json\n')
+    wait_for(
+        lambda: metric(scrape(f"{base}/metrics")[1], "phonon_dead_lettered_total") == 1,
+        timeout_s=30,
+        what="the dead letter counted",
+    )
+    text = scrape(f"{base}/metrics")[1]
+    assert metric(text, "phonon_events_read_total") == 302
+    entries = metric(text, "phonon_cache_entries")  # a key may be cached in every worker
+    assert entries is not None and 50 <= entries <= 50 * int(workers)
+    os.close(write)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert scrape(f"{base}/metrics")[0] == 0  # closed with the run

@@ -112,6 +112,8 @@ class Process:
         """Set once Redis refused a change because this process was declared dead
         (see ``scripts.FENCE_LUA``); ``reregister`` starts over under a new id."""
         self.output_closed = False
+        self.last_heartbeat_ms = 0
+        """When Redis last took this process's heartbeat (``healthy``, ``/healthz``)."""
         """A sink's reader went away (``OutputClosed``): the run stops and keeps the rest."""
         self.heartbeat(self.client, load_scripts=True, register=True)
         self._thread: threading.Thread | None = None
@@ -130,6 +132,10 @@ class Process:
             self.recover()
 
     # -- identity and liveness -------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Alive as the others see it: not fenced, and a heartbeat taken within the TTL."""
+        return not self.fenced and self.clock() - self.last_heartbeat_ms < self.process_ttl_ms
 
     def heartbeat(
         self,
@@ -165,6 +171,7 @@ class Process:
         if store_id:
             if self.store_id is None:
                 self.store_id = store_id
+            self.last_heartbeat_ms = now
             return True
         if not self.fenced:
             log.error(

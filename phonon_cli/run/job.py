@@ -76,6 +76,10 @@ class Job:
             report=report.write if report else None,
         )
 
+    def figures(self) -> dict[str, int]:
+        """What the run has counted so far (for ``--metrics``; read from another thread)."""
+        return self.runner.stats.figures(self.runner.cache.size())
+
     def run(self) -> RunStats:
         """Run to the end of input or a signal; always leave the store and close sinks.
 

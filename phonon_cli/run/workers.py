@@ -233,6 +233,10 @@ class Supervisor:
         self._stop_feeding.set()
         return self._outcome()
 
+    def all_alive(self) -> bool:
+        """Every worker still running (``/healthz`` of a ``--workers`` run)."""
+        return all(w.proc.poll() is None for w in self.workers)
+
     def figures(self) -> dict[str, int]:
         names = {k for w in self.workers for k in w.figures if k.startswith(NULLS)}
         return {k: sum(w.figures.get(k, 0) for w in self.workers) for k in (*REPORT_FIELDS, *names)}
