@@ -511,8 +511,10 @@ class RunEnd:
     def _write_json(self, stats: RunStats, workers: int, code: int, waiting: int) -> None:
         import orjson
 
+        from .run.loop import NULLS
+
         elapsed = stats.elapsed_s
-        record = {
+        record: dict[str, Any] = {
             **stats.figures(),
             "workers": workers,
             "elapsed_s": round(elapsed, 3),
@@ -522,6 +524,9 @@ class RunEnd:
             "exit_code": code,
         }
         record.pop("entries", None)
+        nulls = [k for k in record if k.startswith(NULLS)]  # per fields route: one object
+        if nulls:
+            record["nulls_skipped"] = {k[len(NULLS) :]: record.pop(k) for k in nulls}
         data = orjson.dumps(record) + b"\n"
         if self.summary_json == "-":
             sys.stderr.buffer.write(data)

@@ -585,3 +585,35 @@ def test_status_adds_up_the_nulls_each_worker_skipped(make_process: Any, namespa
     snap = Status(p.client, namespace, "x").snapshot(20)
     assert snap.totals.nulls_skipped == {"routes[0]": 7, "routes[1]": 7}
     assert "nulls skipped: routes[0] 7, routes[1] 7\n" in render(snap)
+
+
+def test_summary_json_counts_skipped_nulls_per_route(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "agg.toml"
+    cfg.write_text(route_toml(f"sqlite:///{tmp_path}/s.db", fields=FIELDS_SUM))
+    evs = [{"user": "a", "amount": None}, {"user": "a", "amount": 2}, {"user": "b", "amount": None}]
+    summary = tmp_path / "summary.json"
+    result = subprocess.run(
+        phonon(
+            "run",
+            "-c",
+            str(cfg),
+            "--summary-json",
+            str(summary),
+            redis_url=redis_url,
+            namespace=namespace,
+        ),
+        input=lines(evs),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert orjson.loads(summary.read_bytes())["nulls_skipped"] == {"routes[0]": 2}
+    assert {u: r["total"] for u, r in rows(f"sqlite:///{tmp_path}/s.db").items()} == {
+        "a": 2,
+        "b": None,
+    }
+
+
+FIELDS_SUM = 'fields.total = { value = "{amount}", merge = "sum" }\n'
