@@ -355,3 +355,42 @@ def test_metrics_move_during_a_run_and_healthz_answers(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert scrape(f"{base}/metrics")[0] == 0  # closed with the run
+
+
+def test_status_figures_are_about_a_second_behind_the_run(
+    tmp_path: Path, redis_url: str, namespace: str, client: object, helpers: object
+) -> None:
+    """With a 30 s heartbeat, status still sees a run's figures within a couple of seconds."""
+    read, write = os.pipe()
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "phonon_cli",
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            namespace,
+            "--heartbeat-interval",
+            "30",
+            "run",
+            "-c",
+            str(cfg),
+        ],  # fmt: skip
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read)
+    os.write(write, b"".join(b'{"a": %d, "n": 1}\n' % (i % 40) for i in range(500)))
+    events_read = helpers.events_read  # type: ignore[attr-defined]
+    helpers.wait_for(  # type: ignore[attr-defined]
+        lambda: list(events_read(client, namespace).values()) == [500],
+        timeout_s=5,
+        what="status to see the 500 events (the heartbeat is 30 s away)",
+    )
+    os.close(write)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err

@@ -28,6 +28,7 @@ from types import FrameType
 from typing import IO, Any, Protocol
 
 import orjson
+import redis
 
 from .. import defaults
 from ..core.cache import LruCache
@@ -302,6 +303,7 @@ class Runner:
                             end_sessions([], acquire=self._start_over())
                     self.cache.purge()
                     self._publish()
+                    self._beat()
                     next_purge = now + defaults.PURGE_INTERVAL_S
                 if self.batcher.due(now) or now >= next_commit:
                     self.batcher.send()
@@ -533,6 +535,15 @@ class Runner:
         )
         if self._report is not None:
             self._report(self.stats.figures(self.cache.size()))
+
+    def _beat(self) -> None:
+        """Write the figures to Redis now, with a heartbeat, rather than at the next
+        beat of the heartbeat thread (up to ``heartbeat_interval`` away), so that
+        ``phonon status`` is about a second behind the loop, not ten."""
+        try:
+            self.process.heartbeat(self.process.client)
+        except redis.RedisError as e:  # the heartbeat thread keeps trying; so will we
+            log.debug("publishing figures failed: %s", e)
 
     def _progress_line(self) -> str:
         self._publish()
