@@ -421,7 +421,7 @@ def run(
         raise Failure(str(e), EXIT_USAGE) from None  # one line: the message names the source
     metrics = None
     if metrics_addr and report is None:  # a --workers child: the parent serves them all
-        metrics = serve_metrics(metrics_addr, job.figures, process.healthy)
+        metrics = serve_metrics(ctx, config, metrics_addr, job.figures, process.healthy)
     try:
         stats = job.run()
     except PhononError as e:
@@ -536,12 +536,18 @@ class RunEnd:
 
 
 def serve_metrics(
-    addr: str, figures: Callable[[], dict[str, int]], healthy: Callable[[], bool]
+    ctx: Context,
+    config: Config,
+    addr: str,
+    figures: Callable[[], dict[str, int]],
+    healthy: Callable[[], bool],
 ) -> MetricsServer:
+    from .ops.status import Status
     from .run.metrics import MetricsServer
 
+    settings, client = _connect(ctx, config)
     try:
-        return MetricsServer(addr, figures, healthy)
+        return MetricsServer(addr, figures, healthy, Status(client, settings.namespace, ""))
     except ConfigError as e:
         raise Failure(str(e), EXIT_USAGE) from None
 
@@ -583,7 +589,7 @@ def run_workers(
     supervisor.start()
     metrics = None
     if metrics_addr:
-        metrics = serve_metrics(metrics_addr, supervisor.figures, supervisor.all_alive)
+        metrics = serve_metrics(ctx, config, metrics_addr, supervisor.figures, supervisor.all_alive)
     try:
         outcome = supervisor.run()
     finally:

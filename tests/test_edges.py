@@ -349,6 +349,7 @@ def test_metrics_move_during_a_run_and_healthz_answers(
     )
     text = scrape(f"{base}/metrics")[1]
     assert metric(text, "phonon_events_read_total") == 302
+    assert metric(text, "phonon_quarantined_keys") == 0  # read from the store at the scrape
     entries = metric(text, "phonon_cache_entries")  # a key may be cached in every worker
     assert entries is not None and 50 <= entries <= 50 * int(workers)
     os.close(write)

@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from ..exceptions import ConfigError
+from ..ops import quarantine
+from ..ops.status import Status
 from .loop import NULLS
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,9 @@ COUNTERS = {
 class RunCollector(Collector):
     """The run's figures as Prometheus metrics, read at each scrape."""
 
-    def __init__(self, figures: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, figures: Callable[[], dict[str, int]], status: Status | None) -> None:
         self.figures = figures
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
         f = self.figures()
@@ -57,6 +61,30 @@ class RunCollector(Collector):
             if key.startswith(NULLS):
                 nulls.add_metric([key[len(NULLS) :]], n)
         yield nulls
+        if self.status is not None:
+            yield from self._from_store(self.status)
+
+    def _from_store(self, status: Status) -> Iterator[Metric]:
+        """What the whole namespace's Redis says: lag per partition, quarantined keys."""
+        lag = GaugeMetricFamily(
+            "phonon_source_lag",
+            "Events between the committed offset and the end of a partition.",
+            labels=["group", "source", "partition"],
+        )
+        try:
+            for row in status.sources():
+                if row["lag"] is not None:
+                    lag.add_metric([row["group"], row["source"], row["partition"]], row["lag"])
+            held = sum(1 for _ in quarantine.scan(status.client, status.keys))
+        except redis.RedisError as e:
+            log.debug("metrics: the store did not answer: %s", e)
+            return
+        yield lag
+        yield GaugeMetricFamily(
+            "phonon_quarantined_keys",
+            "Aggregates set aside because their write can never succeed (phonon quarantine).",
+            value=held,
+        )
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -77,11 +105,15 @@ class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` on a daemon thread until ``close``."""
 
     def __init__(
-        self, addr: str, figures: Callable[[], dict[str, int]], healthy: Callable[[], bool]
+        self,
+        addr: str,
+        figures: Callable[[], dict[str, int]],
+        healthy: Callable[[], bool],
+        status: Status | None = None,
     ) -> None:
         host, port = parse_address(addr)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(RunCollector(figures))
+        registry.register(RunCollector(figures, status))
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the standard library's name
