@@ -383,14 +383,12 @@ class _Validator:
             doc=self.doc(route.get("doc", {}), f"{key}.doc"),
             **optional,
         )
-        check = getattr(update, "check_route", None)
-        if check is not None:
-            # The sink's own checks (a SQL table needs a spec, distinct column names):
-            # better at load than at the first write, half an hour into the run.
-            try:
-                check(built)
-            except ConfigError as e:
-                self.fail(f"{key}.{e.key}" if e.key else key, e.reason)
+        # The sink's own checks (a SQL table needs a spec, distinct column names):
+        # better at load than at the first write, half an hour into the run.
+        try:
+            update.check_route(built)
+        except ConfigError as e:
+            self.fail(f"{key}.{e.key}" if e.key else key, e.reason)
         return built
 
     def sessions(self, route: Mapping[str, Any], key: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ from ..exceptions import AlreadyLocked, LockNotOwned
 from ..store import scripts
 from ..store.keys import Keys
 from ..store.lock import Lock, owner_of
-from .reference import Release, Taken, release_many
+from .reference import Kind, Release, Taken, release_many
 from .update import Update, execute_taken
 
 if TYPE_CHECKING:
@@ -240,11 +240,12 @@ def _known(process: Process, recipe: str) -> bool:
         return False
 
 
-def split_exec_recipe(saved: str) -> tuple[str, str, str]:
-    """``(kind, execution id, recipe)`` of an exec set's recipe key (see RELEASE_LUA)."""
+def split_exec_recipe(saved: str) -> tuple[Kind, str, str]:
+    """``(kind, execution id, recipe)`` of an exec set's recipe key (see RELEASE_LUA);
+    the kind as the depositing class wrote it (an unknown one fails in ``absorb``)."""
     kind, _, rest = saved.partition("\n")
     eid, _, recipe = rest.partition("\n")
-    return kind, eid, recipe
+    return cast("Kind", kind), eid, recipe
 
 
 def _adopted(

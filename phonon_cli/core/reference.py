@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .. import defaults
 from ..store import scripts
@@ -21,11 +21,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+Mode = Literal["end", "force", "cache", "orphan"]
+"""How a resource is left (see ``scripts.RELEASE_LUA``): ``end`` executes as last
+holder, ``force`` executes even if others hold it, ``cache`` deposits whatever
+happens, ``orphan`` leaves a dead process's partial with no holder."""
+
+Kind = Literal["json", "sums", "fields"]
+"""How a partial is kept in Redis: a JSON document (``Update``), a hash summed in
+place (``ConflictFreeUpdate``), or per-field slots (``FieldsUpdate``)."""
+
+
 @dataclass
 class Taken:
     """What a last holder took out of Redis: the partials the others left."""
 
-    kind: str
+    kind: Kind
     recipe: str
     items: list[str]
     exec_keys: tuple[str, str]
@@ -39,8 +49,8 @@ class Release:
     """One resource to leave: how, and what to deposit if this is not the last holder."""
 
     resource: str
-    mode: str = "end"  # end | force | cache | orphan (see scripts.RELEASE_LUA)
-    kind: str = "json"
+    mode: Mode = "end"
+    kind: Kind = "json"
     recipe: str = ""
     payload: str = ""
     exec_keys: tuple[str, str] = field(default=("", ""))
@@ -234,7 +244,7 @@ class Reference:
 
         ``block`` is accepted for the seed's signature: leaving takes no lock.
         """
-        mode = "force" if self.force_expiry else "end"
+        mode: Mode = "force" if self.force_expiry else "end"
         (taken,) = release_many(self.process, [Release(self.resource, mode=mode)])
         if taken is None:
             return False

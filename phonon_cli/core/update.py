@@ -14,7 +14,17 @@ from .. import defaults, faults
 from ..exceptions import Fenced, OutputClosed, SerializationError
 from ..store.connection import public_url
 from . import quarantine
-from .reference import Reference, Release, Taken, acquire_many, finish, put_back, release_many
+from .reference import (
+    Kind,
+    Mode,
+    Reference,
+    Release,
+    Taken,
+    acquire_many,
+    finish,
+    put_back,
+    release_many,
+)
 
 if TYPE_CHECKING:
     from .process import Process
@@ -48,7 +58,7 @@ class Update:
         soft_session: seconds of idleness (no merge) after which the session ends.
     """
 
-    kind: ClassVar[str] = "json"
+    kind: ClassVar[Kind] = "json"
     """How partials are kept in Redis: "json" (a list of JSON partials the last
     holder merges with ``merge``) or "sums" (a hash summed inside Redis)."""
     execute_attempts: ClassVar[int] = defaults.EXECUTE_ATTEMPTS
@@ -138,6 +148,15 @@ class Update:
             except Exception as e:  # noqa: BLE001 - any failure keeps the aggregate
                 failures.append((update, e))
         return failures
+
+    @classmethod
+    def check_route(cls, route: Any) -> None:
+        """Checked when the config loads (``phonon check``): what this class needs of
+        a route it is named in. Sinks override.
+
+        Raises:
+            ConfigError: keyed relative to the route (``database``, ``spec``...).
+        """
 
     @classmethod
     def check_connect(cls, route: Any) -> str | None:
@@ -271,7 +290,7 @@ class ConflictFreeUpdate(Update):
     Redis (HINCRBY/HINCRBYFLOAT), so caching needs no lock and no merge code, and
     one eviction is one round trip."""
 
-    kind: ClassVar[str] = "sums"
+    kind: ClassVar[Kind] = "sums"
 
     def merge(self, other: Update) -> None:
         doc = self.doc
@@ -317,7 +336,7 @@ def acquire_updates(updates: Sequence[Update], init_cache: bool = False) -> None
 
 
 def end_sessions(
-    updates: Sequence[Update], mode: str | None = None, acquire: Sequence[Update] = ()
+    updates: Sequence[Update], mode: Mode | None = None, acquire: Sequence[Update] = ()
 ) -> list[bool]:
     """End many sessions at once; True where this process executed.
 
@@ -352,7 +371,7 @@ def end_sessions(
 
 
 def _end_sessions(
-    updates: Sequence[Update], mode: str | None, acquire: Sequence[str]
+    updates: Sequence[Update], mode: Mode | None, acquire: Sequence[str]
 ) -> list[bool]:
     process = updates[0].process
     releases = [

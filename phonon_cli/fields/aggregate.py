@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..core.reference import Kind
 from ..core.update import Update
 from ..exceptions import EventError
 from ..poison import INT64_END, INT64_MIN, bad_number, short
@@ -39,7 +40,7 @@ class FieldsUpdate(Update):
     the name configs use.
     """
 
-    kind: ClassVar[str] = "fields"
+    kind: ClassVar[Kind] = "fields"
 
     def __init__(
         self, process: Process, _id: Any, *args: Any, fields: Sequence[Field] = (), **kwargs: Any

@@ -33,6 +33,7 @@ import redis
 from .. import defaults
 from ..core.cache import LruCache
 from ..core.process import Process
+from ..core.reference import Mode
 from ..core.update import ConflictFreeUpdate, Update, end_sessions
 from ..exceptions import EventError, Fenced
 from ..fields.aggregate import FieldsUpdate
@@ -153,7 +154,7 @@ class Batcher:
         self.acquire: list[Update] = []
         self.release: list[Update] = []
         self.first_at: float | None = None
-        self.mode: str | None = None
+        self.mode: Mode | None = None
         """None: execute as last holder; "cache": deposit everything (fast shutdown)."""
 
     def __len__(self) -> int:
@@ -176,7 +177,7 @@ class Batcher:
     def due(self, now: float) -> bool:
         return self.first_at is not None and now - self.first_at >= self.max_age_s
 
-    def send(self, mode: str | None = None) -> None:
+    def send(self, mode: Mode | None = None) -> None:
         """Send the batch. A key acquired and released within it needs no reference."""
         if not len(self):
             return
@@ -570,8 +571,7 @@ def _fast_merge(route: Route) -> str | None:
 def _triggers(route: Route) -> Callable[[Update, dict[str, Any]], bool] | None:
     """What ends a key's session at once, after merging an event: ``max_events``
     merged, or an event matching ``ends_when``. None when the route has neither."""
-    max_events: int | None = getattr(route, "max_events", None)
-    ends_when: Callable[[dict[str, Any]], bool] | None = getattr(route, "ends_when", None)
+    max_events, ends_when = route.max_events, route.ends_when
     if not max_events and ends_when is None:
         return None
 
