@@ -17,7 +17,7 @@ import redis
 from .. import defaults
 from ..clock import Clock, now_ms
 from ..exceptions import AlreadyLocked, LockNotOwned, StoreReset
-from ..store import scripts
+from ..store import liveness, scripts
 from ..store.connection import StoreSettings, clone, public_url
 from ..store.keys import Keys
 from ..store.lock import Lock
@@ -231,11 +231,7 @@ class Process:
                 log.exception("recovery by process %s failed; retrying next interval", self.id)
 
     def live_processes(self, ids: Iterable[str]) -> set[str]:
-        ids = list(ids)
-        pipe = self.client.pipeline(transaction=False)
-        for pid in ids:
-            pipe.exists(self.keys.alive(pid))
-        return {pid for pid, alive in zip(ids, pipe.execute()) if alive}
+        return liveness.alive(self.client, self.keys, ids)
 
     # -- references and locks ----------------------------------------------------
 

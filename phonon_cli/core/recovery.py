@@ -18,7 +18,7 @@ import redis
 
 from .. import defaults, faults
 from ..exceptions import AlreadyLocked, LockNotOwned
-from ..store import scripts
+from ..store import liveness, scripts
 from ..store.keys import Keys
 from ..store.lock import Lock, owner_of
 from .reference import Kind, Release, Taken, release_many
@@ -36,12 +36,8 @@ def dead_processes(process: Process) -> list[str]:
     """Registered processes whose alive key has expired (never this one)."""
     registered = cast("list[str]", process.client.zrange(process.keys.processes, 0, -1))
     ids = [pid for pid in registered if pid != process.id]
-    if not ids:
-        return []
-    pipe = process.client.pipeline(transaction=False)
-    for pid in ids:
-        pipe.exists(process.keys.alive(pid))
-    return [pid for pid, alive in zip(ids, pipe.execute()) if not alive]
+    up = liveness.alive(process.client, process.keys, ids)
+    return [pid for pid in ids if pid not in up]
 
 
 def declare_dead(process: Process, candidates: Sequence[str]) -> list[str]:

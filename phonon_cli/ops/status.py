@@ -26,6 +26,7 @@ import redis
 
 from ..clock import Clock, now_ms
 from ..core.recovery import RecoveryLock, recovery_lock
+from ..store import liveness
 from ..store.keys import Keys
 from . import quarantine
 
@@ -249,10 +250,8 @@ class Status:
         replies = pipe.execute()
         unknown = list({h for nodes in replies[0::2] for h in nodes if h not in alive})
         if unknown:  # a process that registered after we read the process list
-            check = self.client.pipeline(transaction=False)
-            for pid in unknown:
-                check.exists(self.keys.alive(pid))
-            alive.update(zip(unknown, map(bool, check.execute()), strict=True))
+            up = liveness.alive(self.client, self.keys, unknown)
+            alive.update((pid, pid in up) for pid in unknown)
         out = []
         for i, (resource, from_nodes) in enumerate(page):
             nodes, (modified, cached_ms, kind, recipe) = replies[2 * i], replies[2 * i + 1]
