@@ -366,20 +366,15 @@ def test_status_figures_are_about_a_second_behind_the_run(
     cfg = tmp_path / "lines.toml"
     cfg.write_text(LINES_TOML)
     proc = subprocess.Popen(
+        # the last --heartbeat-interval wins: 30 s, so only the run loop can be fresh
         [
-            sys.executable,
-            "-m",
-            "phonon_cli",
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            namespace,
+            *helpers.phonon_command(redis_url, namespace),
             "--heartbeat-interval",
-            "30",
+            "30",  # type: ignore[attr-defined]
             "run",
             "-c",
             str(cfg),
-        ],  # fmt: skip
+        ],  # fmt: skip  # fmt: skip
         stdin=read,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
