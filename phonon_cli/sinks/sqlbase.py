@@ -402,23 +402,26 @@ def admit_rows(
     failures: Failures = []
     ready: list[tuple[tuple[Any, ...], P]] = []
     wanted: dict[str, tuple[str, str]] = {}
+    checked: dict[int, list[str]] = {}  # rows often share one ``wanted`` (sqlfields)
     for row in rows:
         try:
             key = row_key(cols, row)
-            bad = [
-                name
-                for f, (name, kind) in row.wanted.items()
-                if f in cols and (cols[f].pk or not suits(cols[f].kind, kind))
-            ]
+            bad = checked.get(id(row.wanted))
+            if bad is None:
+                bad = checked[id(row.wanted)] = [
+                    name
+                    for f, (name, kind) in row.wanted.items()
+                    if f in cols and (cols[f].pk or not suits(cols[f].kind, kind))
+                ]
+                for f, (name, kind) in row.wanted.items() if not bad else ():
+                    if f not in wanted or kind == "float":
+                        wanted[f] = (wanted[f][0] if f in wanted else name, kind)
             if bad:
                 raise SinkError(f"{table}: columns {bad} cannot hold what they are given")
         except SinkError as e:
             failures.append((row.update, e))
             continue
         ready.append((key, row))
-        for f, (name, kind) in row.wanted.items():
-            if f not in wanted or kind == "float":
-                wanted[f] = (wanted[f][0] if f in wanted else name, kind)
     cols = ensure_columns(c, table, cols, wanted, nullable)
     if failures:  # perhaps the schema was fixed by hand meanwhile: re-read it next time
         c.tables.pop(table, None)

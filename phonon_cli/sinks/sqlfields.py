@@ -37,7 +37,6 @@ keeps a group whose values are all null.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,12 +97,29 @@ def check_layout(c: type[Connection], spec: Sequence[str], fields: Sequence[Fiel
             seen[folded] = f"the column {name!r} of field {f.name!r}"
 
 
-@functools.lru_cache(maxsize=256)
 def _checked(c: type[Connection], spec: tuple[str, ...], fields: tuple[Field, ...]) -> None:
+    """``check_layout`` once per layout. ``fields`` comes from ``fields_of``, which hands
+    out the same tuple for the same slots: it is known by identity (hashing eleven
+    fields for every executed key cost more than the check)."""
+    key = (c, spec, id(fields))
+    seen = _CHECKED.get(key)
+    if seen is not None and seen[0] is fields:
+        if seen[1] is not None:
+            raise SinkError(seen[1])
+        return
     try:
         check_layout(c, spec, fields)
+        problem = None
     except ConfigError as e:
-        raise SinkError(str(e)) from e
+        problem = str(e)
+    if len(_CHECKED) > 1024:
+        _CHECKED.clear()
+    _CHECKED[key] = (fields, problem)
+    if problem is not None:
+        raise SinkError(problem)
+
+
+_CHECKED: dict[tuple[Any, ...], tuple[tuple[Field, ...], str | None]] = {}
 
 
 @dataclass
@@ -129,7 +145,7 @@ def prepare(c: type[Connection], u: Update) -> Row:
     table = c.check_name(u.collection, "collection")
     spec = check_spec(c, table, u, "Aggregate")
     fields = fields_of(u.doc)
-    _checked(c, tuple(k for k, _ in spec.values()), fields)  # type: ignore[arg-type]
+    _checked(c, tuple(k for k, _ in spec.values()), fields)
     for slot, number in numbers(u.doc):
         if not finite(number):
             raise SinkError(f"{table}: {slot}={number!r} is not a 64-bit integer or finite float")
@@ -139,18 +155,18 @@ def prepare(c: type[Connection], u: Update) -> Row:
 def _wanted(c: type[Connection], fields: tuple[Field, ...], doc: dict[str, Any]) -> Wanted:
     """Folded column -> (column, kind) for these fields; a number column's kind
     follows its value (int or float), so the layout is remembered per kind of value."""
-    shape = (c, fields, tuple(type(doc.get(f.slots()[0])) for f in fields))
+    shape = (c, id(fields), *[doc.get(f.slots()[0]).__class__ for f in fields])
     found = _WANTED.get(shape)
-    if found is None:
-        found = {c.fold(name): (name, kind) for f in fields for name, kind in layout(f, doc)}
+    if found is None or found[0] is not fields:  # known by identity, as in ``_checked``
+        found = (fields, {c.fold(n): (n, kind) for f in fields for n, kind in layout(f, doc)})
         if len(_WANTED) > 1024:
             _WANTED.clear()
         _WANTED[shape] = found
-    return found
+    return found[1]
 
 
 Wanted = dict[str, tuple[str, str]]
-_WANTED: dict[tuple[Any, ...], Wanted] = {}
+_WANTED: dict[tuple[Any, ...], tuple[tuple[Field, ...], Wanted]] = {}
 
 
 def _suits(column_kind: str, wanted: str) -> bool:
@@ -171,19 +187,19 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
     # sessions are merged first, or the second UPDATE would overwrite the first.
     # Nothing here changes an update's own doc: a failed transaction caches these very
     # updates back in Redis (merge_into copies what it keeps).
-    merged: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Field]]] = {}
+    merged: dict[tuple[Any, ...], tuple[dict[str, Any], tuple[Field, ...]]] = {}
     merged_from: dict[tuple[Any, ...], dict[str, Any]] = {}
     for key, row in ready:
         if key not in merged:
             merged_from[key] = row.update.doc  # the usual case: read only, never changed
-            merged[key] = (row.update.doc, {f.name: f for f in row.fields})
+            merged[key] = (row.update.doc, row.fields)
             continue
-        doc, named = merged[key]
+        doc, _ = merged[key]
         if doc is merged_from.get(key):
             doc = {}
             merge_into(doc, merged_from[key])
         merge_into(doc, row.update.doc)
-        merged[key] = (doc, {**named, **{f.name: f for f in row.fields}})
+        merged[key] = (doc, fields_of(doc))
     # The same key order in every worker (and the table lock in PostgreSQL): no deadlock.
     keys_sorted = sorted(merged, key=repr)
     q = c.quote
@@ -195,22 +211,24 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
         keys_sorted,
     )
     stored = _read(c, table, cols, keys, wanted, keys_sorted)
-    groups: dict[tuple[Field, ...], list[tuple[Any, ...]]] = {}
+    # Rows with the same fields are one executemany. fields_of hands out one tuple per
+    # set of slots, so the group is found by identity (no hashing of the fields).
+    groups: dict[int, tuple[tuple[Field, ...], list[tuple[Any, ...]]]] = {}
     for key in keys_sorted:
-        doc, named = merged[key]
+        doc, fields = merged[key]
         values: list[Any] = []
         held = stored[key]
-        for field in named.values():
+        for field in fields:
             slots = field.strategy.load(c, field, held)
             if slots:  # combined with what the row holds (a new slots dict)
                 merge_into(slots, {s: doc[s] for s in field.slots() if s in doc})
             else:  # a new row, or this field's first value: the session's slots as they are
                 slots = doc
             values += field.strategy.dump(c, field, slots)
-        if named:  # else every value was null: the row inserted above is the result
-            groups.setdefault(tuple(named.values()), []).append((*values, *key))
+        if fields:  # else every value was null: the row inserted above is the result
+            groups.setdefault(id(fields), (fields, []))[1].append((*values, *key))
     where = " AND ".join(f"{k} = {MARK}" for k in key_names)
-    for group, params in groups.items():
+    for group, params in groups.values():
         sets = ", ".join(
             f"{q(cols[c.fold(name)].name)} = {c.json_param if kind in ('json', 'any') else MARK}"
             for f in group
