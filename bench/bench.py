@@ -189,26 +189,29 @@ def main() -> None:
     events, doc_loop, fields_loop, summary = fields_row
     print(
         f"\nfields route (every strategy) vs doc route, {events:,} high-locality events, "
-        f"10,000 keys:\n  doc {doc_loop:,.0f} ev/s, fields {fields_loop:,.0f} ev/s (loop), "
+        f"10,000 keys, best of 2 runs each:\n  doc {doc_loop:,.0f} ev/s, "
+        f"fields {fields_loop:,.0f} ev/s (loop), "
         f"fields/doc {fields_loop / doc_loop:.2f}\n  fields: {summary}"
     )
 
 
-def fields_vs_doc(work: Path, events: int) -> tuple[int, float, float, str]:
+def fields_vs_doc(work: Path, events: int, runs: int = 2) -> tuple[int, float, float, str]:
     """The same events through the doc route and through a fields route using every
-    strategy: loop events/s of each (from the summaries), and the fields run's summary."""
+    strategy, ``runs`` times each in turn (the machine's load moves: the best of
+    each is compared): loop events/s of each, and a fields run's summary."""
     data = work / "fields.jsonl"
     generate(data, events, 10_000)
-    _, doc_loop, _ = phonon(data, work / "doc-f.db", work / "home-doc-f", 10_000)
-    _, fields_loop, summary = phonon(
-        data, work / "fields-f.db", work / "home-fields-f", 10_000, FIELDS_CONFIG
-    )
-    with sqlite3.connect(work / "fields-f.db") as conn:
-        total = conn.execute("SELECT sum(events) FROM widgets").fetchone()[0]
-    if total != events:
-        raise SystemExit(f"the fields route counted {total} events of {events}")
-    return events, events / doc_loop, events / fields_loop, summary
-
-
-if __name__ == "__main__":
-    main()
+    best = {"doc": 0.0, "fields": 0.0}
+    summary = ""
+    for run in range(runs):
+        for name, config in (("doc", CONFIG), ("fields", FIELDS_CONFIG)):
+            db = work / f"{name}-f{run}.db"
+            _, loop, summary_ = phonon(data, db, work / f"home-{name}-f{run}", 10_000, config)
+            best[name] = max(best[name], events / loop)
+            if name == "fields":
+                summary = summary_
+                with sqlite3.connect(db) as conn:
+                    total = conn.execute("SELECT sum(events) FROM widgets").fetchone()[0]
+                if total != events:
+                    raise SystemExit(f"the fields route counted {total} events of {events}")
+    return events, best["doc"], best["fields"], summary
