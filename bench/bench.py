@@ -215,3 +215,7 @@ def fields_vs_doc(work: Path, events: int, runs: int = 2) -> tuple[int, float, f
                 if total != events:
                     raise SystemExit(f"the fields route counted {total} events of {events}")
     return events, best["doc"], best["fields"], summary
+
+
+if __name__ == "__main__":
+    main()
