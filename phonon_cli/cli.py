@@ -63,6 +63,8 @@ class Context:
     cluster: bool = False
     """--redis-cluster (or PHONON_REDIS_CLUSTER) was given: it wins over the config."""
     log_format: str = "text"
+    store_timeout_s: float = defaults.STORE_TIMEOUT_S
+    """How long a worker retries a store it lost (--store-timeout)."""
 
     def is_cluster(self, config: Config | None = None) -> bool:
         if self.cluster:
@@ -106,7 +108,7 @@ class Context:
         url = self.redis_url or (config.store.url if config else None)
         namespace = self.namespace or (config.store.namespace if config else None)
         try:
-            return Process(
+            process = Process(
                 url,
                 namespace=namespace,
                 heartbeat_interval=self.heartbeat_interval_s,
@@ -115,6 +117,8 @@ class Context:
             )
         except PhononError as e:
             fail(e)
+        process.store_timeout_s = self.store_timeout_s
+        return process
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -183,6 +187,16 @@ def load(config_path: str) -> Config:
     metavar="SECONDS",
     help="Seconds between heartbeats; silent for three, a worker counts as dead.",
 )
+@click.option(
+    "--store-timeout",
+    envvar="PHONON_STORE_TIMEOUT",
+    show_envvar=True,
+    callback=duration,
+    default=f"{defaults.STORE_TIMEOUT_S:g}",
+    show_default=True,
+    metavar="DUR",
+    help="How long a worker keeps retrying a store it lost before it gives up (exit 1).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option(
@@ -202,6 +216,7 @@ def main(
     redis_cluster: bool,
     namespace: str | None,
     heartbeat_interval: float,
+    store_timeout: float,
     verbose: int,
     quiet: bool,
     log_format: str,
@@ -209,7 +224,14 @@ def main(
     """Aggregate JSON event streams across many workers: one database write per key per session."""
     logs.setup(verbose, quiet, log_format)
     ctx.obj = Context(
-        redis_url, namespace, heartbeat_interval, verbose, quiet, redis_cluster, log_format
+        redis_url,
+        namespace,
+        heartbeat_interval,
+        verbose,
+        quiet,
+        redis_cluster,
+        log_format,
+        store_timeout_s=store_timeout,
     )
 
 

@@ -52,6 +52,9 @@ APPLIED_RETENTION_S = 7 * 24 * 3600.0
 partials executed again later than that, by a process paused for longer, would
 be written twice."""
 
+STORE_TIMEOUT_S = 60.0
+"""Seconds a worker keeps retrying a store it cannot reach before the run ends (exit 1)."""
+
 CONNECT_ATTEMPTS = 3
 """Attempts to reach Redis before giving up with exit code 3."""
 

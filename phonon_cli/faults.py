@@ -2,10 +2,12 @@
 
 ``PHONON_FAULT=POINT:ACTION[:N][,...]`` fires ACTION the N-th time (default the
 first) the worker reaches POINT. Actions: ``stop`` (SIGSTOP itself, like a long
-GC pause or a frozen VM: a test sends SIGCONT) and ``kill`` (SIGKILL itself).
-Points: ``before-execute`` (partials taken, nothing written yet) and
-``after-execute`` (written, the taken partials not yet forgotten in Redis) and
-``in-recovery`` (holding the recovery lock, nothing recovered yet).
+GC pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and
+``drop`` (raise a ConnectionError, as a dropped connection would). Points:
+``before-execute`` (partials taken, nothing written yet), ``after-execute``
+(written, the taken partials not yet forgotten in Redis), ``in-recovery``
+(holding the recovery lock, nothing recovered yet) and ``lost-reply`` (a
+pipeline ran in Redis and its reply is about to be returned).
 Unset, each point costs one truth test per batch.
 """
 
@@ -15,10 +17,19 @@ import os
 import signal
 
 _plan: dict[str, tuple[str, int]] = {}
-for _item in filter(None, os.environ.get("PHONON_FAULT", "").split(",")):
-    _where, _action, *_n = _item.split(":")
-    _plan[_where] = (_action, int(_n[0]) if _n else 1)
 _seen: dict[str, int] = {}
+
+
+def plan(spec: str) -> None:
+    """Replace the planned faults (``PHONON_FAULT``'s syntax; "" for none)."""
+    _plan.clear()
+    _seen.clear()
+    for item in filter(None, spec.split(",")):
+        where, action, *n = item.split(":")
+        _plan[where] = (action, int(n[0]) if n else 1)
+
+
+plan(os.environ.get("PHONON_FAULT", ""))
 
 
 def point(name: str) -> None:
@@ -29,4 +40,8 @@ def point(name: str) -> None:
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] != nth:
         return
+    if action == "drop":
+        import redis
+
+        raise redis.ConnectionError(f"fault injected at {name}")
     os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)

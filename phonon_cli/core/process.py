@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -91,6 +92,9 @@ class Process:
         this process's own config: a recipe in Redis never holds a password."""
         self._locks: weakref.WeakSet[Lock] = weakref.WeakSet()
         self._exec_seq = 0
+        self._batches = itertools.count(1)
+        self.store_timeout_s = defaults.STORE_TIMEOUT_S
+        """Seconds a batch keeps retrying an unreachable store before the run fails."""
         self._registered: set[type] = set()
         self._stop = threading.Event()
         """Ends the heartbeat thread: set last, once the references are released."""
@@ -267,6 +271,14 @@ class Process:
         password) to be written there by this process (recovery, flush)."""
         if isinstance(database, str):
             self.databases.setdefault(public_url(database), database)
+
+    def batch_ids(self, calls: int) -> list[tuple[str, str]]:
+        """(slot, batch id) for each script call of one pipeline: the same ids when
+        the pipeline is sent again (see scripts.FENCE_LUA's lost replies). Slots are
+        per thread, as the run loop and recovery send batches side by side."""
+        batch = next(self._batches)
+        thread = threading.get_ident()
+        return [(f"{thread}:{i}", str(batch)) for i in range(calls)]
 
     def next_exec_seq(self) -> int:
         """A number that makes each execution's keys unique within this process."""

@@ -140,7 +140,12 @@ def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> l
 def unregister(process: Process, pid: str) -> None:
     """Forget process ``pid``: its registry entry, figures, held set and alive key."""
     pipe = process.client.pipeline(transaction=False)
-    for key in (process.keys.held(pid), process.keys.process(pid), process.keys.alive(pid)):
+    for key in (
+        process.keys.held(pid),
+        process.keys.process(pid),
+        process.keys.alive(pid),
+        process.keys.replies(pid),
+    ):
         pipe.delete(key)  # one key per DEL: a cluster pipeline refuses several
     pipe.zrem(process.keys.processes, pid)
     pipe.srem(process.keys.declared_dead, pid)

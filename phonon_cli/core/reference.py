@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .. import defaults
 from ..store import scripts
+from ..store.connection import is_cluster
 from ..store.lock import Lock
 from .quarantine import Poisoned, quarantine
 
@@ -74,22 +75,45 @@ def acquire_many(
     flags = absorb or [False] * len(resources)
     now = process.clock()
 
+    ids = process.batch_ids(_calls(len(resources)))
+
     def build(pipe: Pipeline) -> None:
-        _queue_acquire(pipe, process, resources, flags, now)
+        _queue_acquire(pipe, process, resources, flags, now, ids)
 
     out: list[tuple[str, list[str]] | None] = []
-    for result in scripts.run(process.client, build):
+    for result in scripts.run(process.client, build, process.store_timeout_s):
         out += [(r[0], list(r[1:])) if r else None for r in result]
     return out
 
 
+def _own_keys(process: Process) -> list[str]:
+    """The caller's keys the batched scripts take first: the registry (fencing), its
+    held set and its replies (lost replies). A cluster has no replies key: they
+    would be in another slot than the resources (see scripts.FENCE_LUA)."""
+    keys = [process.keys.processes, process.keys.held(process.id)]
+    if not is_cluster(process.client):
+        keys.append(process.keys.replies(process.id))
+    return keys
+
+
+def _calls(n: int) -> int:
+    """Script calls for ``n`` resources (one per ``BATCH_MAX_KEYS``)."""
+    return -(-n // defaults.BATCH_MAX_KEYS)
+
+
 def _queue_acquire(
-    pipe: Pipeline, process: Process, resources: Sequence[str], absorb: Sequence[bool], now: int
+    pipe: Pipeline,
+    process: Process,
+    resources: Sequence[str],
+    absorb: Sequence[bool],
+    now: int,
+    ids: Sequence[tuple[str, str]],
 ) -> None:
     pid = process.id
-    for start in range(0, len(resources), defaults.BATCH_MAX_KEYS):
-        keys: list[str] = [process.keys.processes, process.keys.held(pid)]
-        args: list[Any] = [pid, now]
+    fence = _own_keys(process)
+    for call, start in enumerate(range(0, len(resources), defaults.BATCH_MAX_KEYS)):
+        keys: list[str] = list(fence)
+        args: list[Any] = [pid, now, *ids[call]]
         for resource, flag in zip(
             resources[start : start + defaults.BATCH_MAX_KEYS],
             absorb[start : start + defaults.BATCH_MAX_KEYS],
@@ -130,21 +154,22 @@ def release_many(
             rel.exec_keys = rk.executing(pid, process.next_exec_seq())
         resource_keys.append(rk)
     chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
-    fence = [process.keys.processes, process.keys.held(pid)]
+    fence = _own_keys(process)
+    ids = process.batch_ids(len(chunks) + _calls(len(acquire)))
 
     def build(pipe: Pipeline) -> None:
-        for start in chunks:
+        for call, start in enumerate(chunks):
             keys: list[str] = list(fence)
-            args: list[Any] = [pid, now]
+            args: list[Any] = [pid, now, *ids[call]]
             end = start + defaults.BATCH_MAX_KEYS
             for rel, rk in zip(releases[start:end], resource_keys[start:end]):
                 keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys]
                 args += [rel.mode, rel.kind, rel.recipe, rel.payload, rel.resource]
             scripts.queue(pipe, scripts.RELEASE, keys, args)
         if acquire:
-            _queue_acquire(pipe, process, acquire, [False] * len(acquire), now)
+            _queue_acquire(pipe, process, acquire, [False] * len(acquire), now, ids[len(chunks) :])
 
-    results = scripts.run(process.client, build)
+    results = scripts.run(process.client, build, process.store_timeout_s)
     replies = [reply for result in results[: len(chunks)] for reply in result]
     refused = [
         Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
@@ -189,7 +214,7 @@ def finish(process: Process, taken: Sequence[Taken]) -> None:
     nothing was taken: the script only keeps partials it found)."""
     keys = [k for t in taken if t.items for k in t.exec_keys]
     if keys:
-        process.client.delete(*keys)
+        scripts.run(process.client, lambda pipe: pipe.delete(*keys), process.store_timeout_s)
 
 
 class Reference:

@@ -16,15 +16,20 @@ they talk to.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
+from .. import faults
 from ..exceptions import Fenced
 from . import slots
 from .connection import is_cluster
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import redis
@@ -209,9 +214,10 @@ end
 ACQUIRE_LUA = """
 -- Take references on many resources at once.
 -- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
---   then 3 per resource: nodes (hash pid -> when it took the reference, epoch ms),
---   meta (hash), partials
--- ARGV[1] process id, ARGV[2] now (epoch ms), then 2 per resource:
+--   KEYS[3] its replies (lost replies: see FENCE), then 3 per resource: nodes (hash
+--   pid -> when it took the reference, epoch ms), meta (hash), partials
+-- ARGV[1] process id, ARGV[2] now (epoch ms), ARGV[3] slot, ARGV[4] batch id,
+--   then 2 per resource:
 --   absorb: "1" to take the partials already cached (init_cache), else "0";
 --   the resource's name (for the held set)
 -- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
@@ -219,17 +225,19 @@ ACQUIRE_LUA = """
 -- On a Redis Cluster the two leading KEYS are left out (they are in another slot):
 -- FENCE_HELD checks the fence and fills the held set first (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
-local head = #KEYS % 3
-if head == 2 and not redis.call('ZSCORE', KEYS[1], pid) then
+local head = (string.sub(KEYS[1], -10) == ':processes') and 3 or 0
+if head > 0 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
+local again = replayed(head)
+if again then return again end
 local out = {}
 for i = 0, (#KEYS - head) / 3 - 1 do
   local nodes, meta, partials = KEYS[head+i*3+1], KEYS[head+i*3+2], KEYS[head+i*3+3]
-  if head == 2 then redis.call('SADD', KEYS[2], ARGV[4 + i * 2]) end
+  if head > 0 then redis.call('SADD', KEYS[2], ARGV[6 + i * 2]) end
   redis.call('HSET', nodes, pid, now)
   local taken = {}
-  if ARGV[3 + i * 2] == '1' then
+  if ARGV[5 + i * 2] == '1' then
     local t = redis.call('TYPE', partials)['ok']
     if t == 'list' then
       taken = redis.call('LRANGE', partials, 0, -1)
@@ -243,7 +251,7 @@ for i = 0, (#KEYS - head) / 3 - 1 do
   end
   out[i + 1] = taken
 end
-return out
+return remember(head, out)
 """
 
 RELEASE_LUA = """
@@ -252,10 +260,12 @@ RELEASE_LUA = """
 -- depositing happen in this one script: a last holder can never execute between
 -- the two and orphan the partial.
 -- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
+--   KEYS[3] its replies (lost replies: see FENCE),
 --   then 5 per resource: nodes, meta, partials, exec, exec_recipe (taken partials and
 --   their recipe are kept there until the write is done, so that recovery can
 --   execute them if this process dies in between)
--- ARGV[1] process id, ARGV[2] now (epoch ms), then 5 per resource:
+-- ARGV[1] process id, ARGV[2] now (epoch ms), ARGV[3] slot, ARGV[4] batch id,
+--   then 5 per resource:
 --   mode: "end"    deposit unless this is the last holder, else take
 --         "force"  take even if others still hold the resource
 --         "cache"  always deposit (failed execute, fast shutdown); deletes exec
@@ -282,22 +292,24 @@ RELEASE_LUA = """
 -- FENCE_HELD checks the fence before and empties the held set after (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
 local head = #KEYS % 5
-if head == 2 and not redis.call('ZSCORE', KEYS[1], pid) then
+if head > 0 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
 
+local again = replayed(head)
+if again then return again end
 local out = {}
 for i = 0, (#KEYS - head) / 5 - 1 do
   local k = head + i * 5
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
-  local a = 3 + i * 5
+  local a = 5 + i * 5
   local mode, kind, recipe, payload = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
   local left
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
   else
-    if head == 2 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
+    if head > 0 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
     redis.call('HDEL', nodes, pid)
     left = redis.call('HLEN', nodes)
   end
@@ -370,7 +382,7 @@ for i = 0, (#KEYS - head) / 5 - 1 do
     if not refused then out[i + 1] = {0} end
   end
 end
-return out
+return remember(head, out)
 """
 
 QUARANTINE_LUA = """
@@ -600,6 +612,30 @@ FENCE_LUA = """
 -- that wakes up after being declared dead can apply nothing under its id, and
 -- one that was merely late, with nobody declaring it dead, simply goes on.
 local FENCED = 'PHONON_FENCED process declared dead: '
+
+-- Lost replies. A batch whose reply is lost (the connection dropped after Redis
+-- ran it) is sent again, by redis-py or by scripts.run. Each call carries its
+-- batch id, and its reply is kept in the caller's hash of replies under the
+-- call's slot, so the same call sent again returns the first reply and changes
+-- nothing: a deposit is never made twice, a taken set never taken again.
+-- KEYS[3] the caller's replies hash; ARGV[3] the call's slot, ARGV[4] its batch id.
+-- (Not on a Redis Cluster, where the caller's keys are in another slot: there a
+-- batch sent again after a lost reply may apply twice.)
+local function replayed(head)
+  if head < 3 then return nil end
+  local prior = redis.call('HGET', KEYS[3], ARGV[3])
+  local bid = ARGV[4] .. '\\n'
+  if prior and string.sub(prior, 1, #bid) == bid then
+    return cjson.decode(string.sub(prior, #bid + 1))
+  end
+end
+
+local function remember(head, out)
+  if head < 3 then return out end
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4] .. '\\n' .. cjson.encode(out))
+  redis.call('PEXPIRE', KEYS[3], 3600000)
+  return out
+end
 """
 
 # Scripts are passed as bytes so no client is needed to hash them; each call names its client.
@@ -670,27 +706,53 @@ def queue(pipe: Pipeline, script: Script, keys: Sequence[str], args: Sequence[An
         pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
-def run(client: redis.Redis, build: Callable[[Pipeline], None]) -> list[Any]:
+def run(
+    client: redis.Redis, build: Callable[[Pipeline], object], timeout_s: float = 0.0
+) -> list[Any]:
     """Execute the pipeline that ``build`` fills: one round trip (on a cluster, one
     per node, all nodes written before any is read).
 
-    If the scripts were flushed, none of the EVALSHAs ran; the other commands
-    in our pipelines are idempotent (SADD, SREM, DEL), so loading the scripts
-    and running the whole pipeline again is safe. On a cluster only the calls a
-    node refused are sent again (``_reassemble``): the others did run.
+    A dropped connection is retried, with backoff, for up to ``timeout_s``
+    seconds (beyond redis-py's own few quick retries): sending the same pipeline
+    again is safe on one server, as its scripts recognise a batch they already
+    ran (see FENCE_LUA) and every other command in our pipelines is idempotent.
+
+    Raises:
+        redis.ConnectionError, redis.TimeoutError: the store stayed unreachable.
+        Fenced: this process was declared dead.
     """
+    deadline = time.monotonic() + timeout_s
+    pause_s = 0.1
+    while True:
+        try:
+            return _run_once(client, build)
+        except (ConnectionError, TimeoutError) as e:
+            if time.monotonic() + pause_s > deadline:
+                raise
+            log.warning("store unreachable (%s); retrying", e)
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
+
+
+def _run_once(client: redis.Redis, build: Callable[[Pipeline], object]) -> list[Any]:
+    # If the scripts were flushed, none of the EVALSHAs ran; the other commands
+    # are idempotent, so loading the scripts and running it all again is safe. On
+    # a cluster only the calls a node refused are sent again (``slots``): the
+    # others did run.
     if is_cluster(client):
         try:
-            return slots.run(client, build, ALL, FENCE_HELD)
+            return slots.run(client, build, ALL, FENCE_HELD)  # type: ignore[arg-type]
         except ResponseError as e:
-            if str(e).startswith(FENCED_ERROR):
+            if FENCED_ERROR in str(e):
                 raise Fenced(str(e)) from None
             raise
     for attempt in (1, 2):
         pipe = client.pipeline(transaction=False)
         build(pipe)
         try:
-            return pipe.execute()
+            replies = pipe.execute()
+            faults.point("lost-reply")
+            return replies
         except NoScriptError:
             if attempt == 2:
                 raise
