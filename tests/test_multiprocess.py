@@ -117,6 +117,7 @@ def test_partials_taken_by_a_process_that_dies_are_executed_by_a_survivor(
             survivor.keys.process(survivor.id),
             b.keys.alive(b.id),
             b.keys.process(b.id),
+            b.keys.replies(b.id),  # b's last batch reply, in case it was lost
             a.keys.processes,
         ]
     )
