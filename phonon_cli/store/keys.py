@@ -106,7 +106,7 @@ class Keys:
     def replies(self, process_id: str) -> str:
         """Hash, expiring: slot -> the batch id and reply of the last script call in it,
         so a call sent again after a lost reply is answered without running twice."""
-        return f"{self.namespace}:process:{process_id}:replies"
+        return f"{self._procs}:process:{process_id}:replies"
 
     def held(self, process_id: str) -> str:
         """Set of resources a process holds (or is executing): what recovery must visit."""
