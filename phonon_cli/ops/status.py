@@ -37,7 +37,7 @@ EXIT_OK = 0
 
 _INTS = "pid started_ms last_heartbeat_ms entries events_read dead_lettered".split()
 _FLOATS = "heartbeat_interval_s events_per_s".split()
-_COUNTERS = "keys_executed keys_cached execute_failures".split()
+_COUNTERS = "keys_executed keys_cached execute_failures keys_quarantined".split()
 """Counted by the library (update.py) in every process: missing means none yet."""
 
 
@@ -172,9 +172,9 @@ class Status:
 
         Fields: id, alive, host, pid, started_ms, last_heartbeat_ms, heartbeat_age_s,
         heartbeat_interval_s, entries, events_read, events_per_s, keys_executed,
-        keys_cached, execute_failures, dead_lettered, held (references it holds) and
-        flushable (takes ``phonon flush`` requests: a ``phonon run`` worker). Figures a
-        library ``Process`` does not publish are None.
+        keys_cached, execute_failures, keys_quarantined, dead_lettered, held (references
+        it holds) and flushable (takes ``phonon flush`` requests: a ``phonon run``
+        worker). Figures a library ``Process`` does not publish are None.
         """
         now = self.clock()
         ids = [str(pid) for pid in self.client.zrange(self.keys.processes, 0, -1)]

@@ -72,6 +72,8 @@ class RunStats:
     keys_executed: int = 0
     keys_cached: int = 0
     execute_failures: int = 0
+    keys_quarantined: int = 0
+    """Aggregates set aside because their write can never succeed (``phonon quarantine``)."""
     nulls_skipped: dict[str, int] = field(default_factory=dict)
     """Route (``routes[i]``) -> null values its fields skipped (SQL's rule)."""
     started: float = field(default_factory=time.monotonic)
@@ -90,6 +92,7 @@ class RunStats:
             "keys_executed": self.keys_executed,
             "keys_cached": self.keys_cached,
             "execute_failures": self.execute_failures,
+            "keys_quarantined": self.keys_quarantined,
             "entries": entries,
             **{f"{NULLS}{route}": n for route, n in self.nulls_skipped.items()},
         }
@@ -105,6 +108,7 @@ class RunStats:
             "keys_executed",
             "keys_cached",
             "execute_failures",
+            "keys_quarantined",
         )
         nulls = {k[len(NULLS) :]: int(n) for k, n in figures.items() if k.startswith(NULLS)}
         return cls(
@@ -129,6 +133,11 @@ class RunStats:
         )
         if self.execute_failures:
             text += f"; {self.execute_failures} executes failed (aggregates kept in redis)"
+        if self.keys_quarantined:
+            text += (
+                f"; {self.keys_quarantined} quarantined: their write can never succeed as they"
+                " are (see 'phonon quarantine list')"
+            )
         skipped = [f"{route} {n}" for route, n in self.nulls_skipped.items() if n]
         if skipped:
             text += f"; nulls skipped: {', '.join(skipped)}"
@@ -520,6 +529,7 @@ class Runner:
         self.stats.keys_executed = s.get("keys_executed", 0)
         self.stats.keys_cached = s.get("keys_cached", 0)
         self.stats.execute_failures = s.get("execute_failures", 0)
+        self.stats.keys_quarantined = s.get("keys_quarantined", 0)
         self.stats.nulls_skipped = {name: skipped_nulls(fields) for name, fields in self._fields}
         elapsed = self.stats.elapsed_s
         s.update(

@@ -53,6 +53,7 @@ REPORT_FIELDS = (
     "keys_executed",
     "keys_cached",
     "execute_failures",
+    "keys_quarantined",
     "entries",
 )
 """What a worker reports (``Report``) and the parent adds up."""
