@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from base64 import b64decode
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -19,6 +20,16 @@ import pytest
 from phonon_cli import defaults
 from phonon_cli.sources.base import Chunk
 from phonon_cli.sources.stdin import StdinSource
+from phonon_cli.store.connection import EmbeddedServer
+
+
+@pytest.fixture(autouse=True)
+def stop_embedded_server(tmp_path: Path) -> Iterator[None]:
+    """Tests here run phonon with PHONON_HOME=tmp_path/home: stop the embedded server
+    it started, so a whole suite does not leave dozens running."""
+    yield
+    EmbeddedServer(tmp_path / "home").stop()
+
 
 LINES_TOML = """\
 [[routes]]
