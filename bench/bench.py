@@ -4,11 +4,14 @@ The floor is the least any tool must do with these events: orjson parse, a dict
 sum per key, one executemany UPSERT into SQLite. phonon does that plus routing,
 the LRU cache and Redis coordination (embedded server, batched scripts).
 
-A third row runs the same high-locality events through a route with ``fields``
-using every strategy, beside the same events through the ``doc`` route, and
-prints fields ÷ doc (issue 14 asks for at least 0.5).
+Usage: python bench/bench.py [EVENTS_HIGH] [EVENTS_LOW] [EVENTS_FIELDS] [REPEAT]
 
-Usage: python bench/bench.py [EVENTS_HIGH] [EVENTS_LOW] [EVENTS_FIELDS]
+Rows: high locality (10k keys), low locality (every event a new key), high
+locality with ``--workers 2``, Bytewax's fold_final on the same input when
+installed (``pip install .[bench]``), and memory per cached key. Then the same
+high-locality events through a route with ``fields`` using every strategy,
+beside the same events through the ``doc`` route: fields ÷ doc (issue 14 asks
+for at least 0.5).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -39,6 +43,7 @@ database = "sqlite:///{db}"
 spec = {{ parent_post_id = "{{parent_post_id}}", target_post_id = "{{target_post_id}}" }}
 doc = {{ "{{event_type}}" = 1 }}
 """
+
 
 FIELDS_CONFIG = """
 [cache]
@@ -63,7 +68,6 @@ fields.recent = {{ value = "{{event_type}}", merge = "list", n = 5, by = "{{ts}}
 fields.latest = {{ value = "{{ts}}", merge = "top", n = 3, score = "{{ts}}" }}
 fields.distinct_ts = {{ value = "{{ts}}", merge = "distinct_count" }}
 """
-"""Every strategy, on the widget events."""
 
 
 def generate(path: Path, events: int, keys: int | None) -> None:
@@ -80,6 +84,7 @@ def generate(path: Path, events: int, keys: int | None) -> None:
 
 
 def floor(path: Path, db: Path) -> float:
+    db.unlink(missing_ok=True)
     started = time.perf_counter()
     sums: dict[tuple[int, int], list[int]] = {}
     loads = orjson.loads
@@ -105,87 +110,165 @@ def floor(path: Path, db: Path) -> float:
     return time.perf_counter() - started
 
 
+@dataclass
+class Ran:
+    wall_s: float
+    loop_s: float
+    rss_kib: int
+    summary: str
+
+
 def phonon(
-    path: Path, db: Path, home: Path, max_entries: int, config: str = CONFIG
-) -> tuple[float, float, str]:
+    path: Path,
+    db: Path,
+    home: Path,
+    max_entries: int,
+    workers: int = 1,
+    repeat: int = 1,
+    config: str = CONFIG,
+) -> Ran:
+    """``phonon run`` on ``path``, the median of ``repeat`` runs (fresh database each)."""
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "bench.toml"
     cfg.write_text(config.format(max_entries=max_entries, db=db))
     env = {k: v for k, v in os.environ.items() if k not in ("PHONON_REDIS_URL",)}
     env["PHONON_HOME"] = str(home)
-    # Start the embedded server first, so its start-up is not counted.
-    subprocess.run(
-        [sys.executable, "-m", "phonon_cli", "check", "-c", str(cfg)],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
     from phonon_cli.store.connection import EmbeddedServer
 
+    # Start the embedded server first, so its start-up is not counted.
     EmbeddedServer(home).ensure_running()
+    runs = []
+    try:
+        for _ in range(repeat):
+            db.unlink(missing_ok=True)
+            runs.append(_run_once(path, cfg, env, workers))
+    finally:
+        EmbeddedServer(home).stop()
+    runs.sort(key=lambda r: r.wall_s)
+    return runs[len(runs) // 2]
+
+
+def _run_once(path: Path, cfg: Path, env: dict[str, str], workers: int) -> Ran:
+    command = [sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg), "--workers", str(workers)]
     started = time.perf_counter()
-    with open(path, "rb") as f:
-        r = subprocess.run(
-            [sys.executable, "-m", "phonon_cli", "run", "-c", str(cfg)],
-            stdin=f,
-            capture_output=True,
-            env=env,
-        )
-    wall = time.perf_counter() - started
-    EmbeddedServer(home).stop()
-    err = r.stderr.decode()
-    if r.returncode != 0:
-        raise SystemExit(f"phonon run failed:\n{err}")
-    m = re.search(r"([\d.]+)s, ([\d,]+) events/s", err)
+    with open(path, "rb") as f, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(command, stdin=f, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"phonon run failed:\n{text}")
+    m = re.search(r"([\d.]+)s, ([\d,]+) events/s", text)
     loop = float(m.group(1)) if m else wall
-    return wall, loop, err.strip().splitlines()[-1]
+    return Ran(wall, loop, usage.ru_maxrss, text.strip().splitlines()[-1])
 
 
-def check_equal(a: Path, b: Path) -> None:
+def bytewax(path: Path, repeat: int = 1) -> float | None:
+    """The same aggregation as a Bytewax dataflow (fold_final, one worker), if installed:
+    seconds, median of ``repeat``; None without bytewax (``pip install .[bench]``)."""
+    try:
+        import bytewax.operators as op
+        from bytewax.connectors.files import FileSource
+        from bytewax.dataflow import Dataflow
+        from bytewax.testing import TestingSink, run_main
+    except ImportError:
+        return None
+
+    def once() -> float:
+        out: list[tuple[str, list[int]]] = []
+        flow = Dataflow("bench")
+        events = op.map("parse", op.input("in", flow, FileSource(path)), orjson.loads)
+        keyed = op.key_on("key", events, lambda e: f"{e['parent_post_id']}.{e['target_post_id']}")
+
+        def add(acc: list[int], e: dict) -> list[int]:
+            acc[0 if e["event_type"] == "clicks" else 1] += 1
+            return acc
+
+        op.output("out", op.fold_final("sum", keyed, lambda: [0, 0], add), TestingSink(out))
+        started = time.perf_counter()
+        run_main(flow)
+        return time.perf_counter() - started
+
+    return sorted(once() for _ in range(repeat))[repeat // 2]
+
+
+def check_equal(a: Path, b: Path, what: str) -> None:
     q = "SELECT parent_post_id, target_post_id, clicks, impressions FROM widgets ORDER BY 1, 2"
     with sqlite3.connect(a) as x, sqlite3.connect(b) as y:
-        if list(x.execute(q)) != list(y.execute(q)):
-            raise SystemExit("phonon and the floor disagree on the totals")
+        want, got = list(x.execute(q)), list(y.execute(q))
+    if want != got:
+        raise SystemExit(
+            f"{what}: phonon and the floor disagree on the totals "
+            f"({len(got)} rows, {sum(r[2] + r[3] for r in got)} events; "
+            f"the floor: {len(want)} rows, {sum(r[2] + r[3] for r in want)} events)"
+        )
 
 
 def main() -> None:
     high = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     low = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000
     fields_events = int(sys.argv[3]) if len(sys.argv) > 3 else 200_000
+    repeat = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     work = Path(tempfile.mkdtemp(prefix="phonon-bench-"))
-    rows = []
+    rows: list[tuple[str, int, int, float, Ran | None, float | None]] = []
+    notes = []
     try:
-        for name, events, keys, max_entries in (
-            ("high locality", high, 10_000, 10_000),
-            ("low locality", low, None, 10_000),
+        for name, events, keys, max_entries, workers in (
+            ("high locality", high, 10_000, 10_000, 1),
+            ("low locality", low, None, 10_000, 1),
+            ("high, 2 workers", high, 10_000, 10_000, 2),
         ):
-            data = work / f"{name.split()[0]}.jsonl"
-            generate(data, events, keys)
-            floor_s = floor(data, work / f"floor-{name.split()[0]}.db")
-            db = work / f"phonon-{name.split()[0]}.db"
-            wall_s, loop_s, summary = phonon(
-                data, db, work / f"home-{name.split()[0]}", max_entries
-            )
-            check_equal(work / f"floor-{name.split()[0]}.db", db)
-            rows.append(
-                (name, events, keys, events / floor_s, events / wall_s, events / loop_s, summary)
-            )
+            tag = name.split()[0].rstrip(",")
+            data = work / f"{tag}.jsonl"
+            if not data.exists():
+                generate(data, events, keys)
+            floor_db = work / f"floor-{tag}.db"
+            floor_s = sorted(floor(data, floor_db) for _ in range(repeat))[repeat // 2]
+            db = work / f"phonon-{tag}-{workers}.db"
+            ran = phonon(data, db, work / f"home-{tag}-{workers}", max_entries, workers, repeat)
+            check_equal(floor_db, db, name)
+            rows.append((name, events, keys or events, events / floor_s, ran, None))
+            notes.append(f"  {name}: {ran.summary}")
+            peer = bytewax(data, repeat) if workers == 1 else None
+            if peer is not None:
+                rows.append(("  bytewax", events, keys or events, events / floor_s, None, peer))
+        # Memory per cached key: the low-locality input with every key kept in the
+        # cache to the end, beside the same input through a cache of 1,000 keys.
+        data = work / "low.jsonl"
+        big = phonon(data, work / "mem-big.db", work / "home-mem-big", low + 1)
+        small = phonon(data, work / "mem-small.db", work / "home-mem-small", 1_000)
+        per_key = (big.rss_kib - small.rss_kib) * 1024 / (low - 1_000)
         fields_row = fields_vs_doc(work, fields_events)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"{'stream':<14} {'events':>9} {'keys':>9} {'floor ev/s':>11} {'phonon ev/s':>12} "
+        f"{'stream':<16} {'events':>9} {'keys':>9} {'floor ev/s':>11} {'ev/s':>10} "
         f"{'ratio':>6} {'loop ev/s':>10} {'ratio':>6}"
     )
-    for name, events, keys, f, w, loop, _ in rows:
+    one = None
+    for name, events, keys, f, ran, peer_s in rows:
+        if ran is None:
+            assert peer_s is not None
+            print(
+                f"{name:<16} {events:>9,} {keys:>9,} {f:>11,.0f} {events / peer_s:>10,.0f} "
+                f"{events / peer_s / f:>6.2f}"
+            )
+            continue
+        w, loop = events / ran.wall_s, events / ran.loop_s
         print(
-            f"{name:<14} {events:>9,} {keys or events:>9,} {f:>11,.0f} {w:>12,.0f} "
+            f"{name:<16} {events:>9,} {keys:>9,} {f:>11,.0f} {w:>10,.0f} "
             f"{w / f:>6.2f} {loop:>10,.0f} {loop / f:>6.2f}"
         )
-    print("phonon ev/s: wall time of `phonon run` (process start to exit, totals checked equal);")
-    print("loop ev/s: from its own summary (excludes interpreter start-up).")
-    for name, *_, summary in rows:
-        print(f"  {name}: {summary}")
+        if name == "high locality":
+            one = w
+        elif one is not None and "workers" in name:
+            print(f"{'':<16} 2 workers / 1 worker (wall): {w / one:.2f}")
+    print(f"memory per cached key: {per_key:,.0f} bytes (peak RSS, {low:,} keys cached vs 1,000)")
+    print(f"median of {repeat} run(s) each. ev/s: wall time of `phonon run` (process start to")
+    print("exit, totals checked equal to the floor's); loop ev/s: from its own summary.")
+    print("\n".join(notes))
     events, doc_loop, fields_loop, summary = fields_row
     print(
         f"\nfields route (every strategy) vs doc route, {events:,} high-locality events, "
@@ -206,10 +289,10 @@ def fields_vs_doc(work: Path, events: int, runs: int = 2) -> tuple[int, float, f
     for run in range(runs):
         for name, config in (("doc", CONFIG), ("fields", FIELDS_CONFIG)):
             db = work / f"{name}-f{run}.db"
-            _, loop, summary_ = phonon(data, db, work / f"home-{name}-f{run}", 10_000, config)
-            best[name] = max(best[name], events / loop)
+            ran = phonon(data, db, work / f"home-{name}-f{run}", 10_000, config=config)
+            best[name] = max(best[name], events / ran.loop_s)
             if name == "fields":
-                summary = summary_
+                summary = ran.summary
                 with sqlite3.connect(db) as conn:
                     total = conn.execute("SELECT sum(events) FROM widgets").fetchone()[0]
                 if total != events:
