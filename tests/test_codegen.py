@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -62,3 +64,41 @@ def test_generated_route_matches_the_route(table: dict, event: dict) -> None:
     ).routes
     expected = outcome(lambda: (route, *route.build(event)) if route.matches(event) else None)
     assert outcome(lambda: route._fused(event)) == expected
+
+
+@pytest.mark.parametrize("table", ROUTES)
+@settings(max_examples=300, deadline=None)
+@given(event=events)
+def test_merger_of_a_cached_key_merges_what_the_route_builds(table: dict, event: dict) -> None:
+    """The run loop's path for cached keys: same match, same errors, the same doc summed in,
+    and the key marked most recent; a key not cached is left to the general path."""
+    (route,) = Config.from_mapping(
+        {"routes": [{"update": "phonon_cli.update:ConflictFreeUpdate", **table}]}
+    ).routes
+    expected = outcome(lambda: route.build(event) if route.matches(event) else None)
+    cache: dict[str, Any] = {}
+    touched: list[str] = []
+    merge = route.merger(cache.get, touched.append)
+    assert merge is not None
+    if expected[1] is None:
+        assert outcome(lambda: merge(event, 5)) == expected
+        return
+    if expected[0] == "error":  # the same error, or one in the doc: left to the general path
+        assert outcome(lambda: merge(event, 5)) in (expected, ("ok", False))
+        return
+    id_, _, doc = expected[1]
+    assert merge(event, 5) is False  # not cached
+    cached = SimpleNamespace(doc={"seen": 1}, events=1, touched_ms=0)
+    cache[id_] = cached
+    assert merge(event, 7) is cached
+    want = Counter({"seen": 1})
+    want.update(doc)
+    assert cached.doc == dict(want)
+    assert (cached.events, cached.touched_ms, touched) == (2, 7, [id_])
+
+
+def test_a_class_whose_merge_needs_an_update_has_no_merger() -> None:
+    (route,) = Config.from_mapping(
+        {"routes": [{"update": "widgets:WidgetUpdate", "id": "{p}", "doc": {"n": 1}}]}
+    ).routes
+    assert route.merger({}.get, print) is None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,16 @@ class LruCache:
         self._entries: OrderedDict[Hashable, Update] = OrderedDict()
         self._end = end_sessions or _end_now
         self.failed: list[Update] = []
+        # What lets ``purge`` look only at what expired (see there).
+        self._by_age: dict[int, deque[tuple[Hashable, Update]]] = {}
+        """Per hard-session length: (key, update) in the order they entered (oldest
+        first; entries that left since are skipped, and compacted away)."""
+        self._min_soft_ms: int | None = None
+        """The shortest soft session of any entry (None: no entry has one)."""
+        self._touch_ordered = True
+        """The LRU order is the order of ``touched_ms`` (false once ``get`` reordered
+        an entry without touching its session: then ``purge`` scans every entry)."""
+        self._forced_seen = 0
 
     def set(self, key: Hashable, update: Update) -> Update:
         """Merge ``update`` into the entry for ``key``, or insert it; returns the entry."""
@@ -57,15 +67,52 @@ class LruCache:
             self._entries.move_to_end(key)
             return existing
         self._entries[key] = update
+        self._track(key, update)
         if len(self._entries) > self.max_entries:
             self.expire_oldest()
         return update
 
+    def _track(self, key: Hashable, update: Update) -> None:
+        soft = update.soft_session_ms
+        if soft is not None and (self._min_soft_ms is None or soft < self._min_soft_ms):
+            self._min_soft_ms = soft
+        hard = update.hard_session_ms
+        if hard is not None:
+            ages = self._by_age.get(hard)
+            if ages is None:
+                ages = self._by_age[hard] = deque()
+            ages.append((key, update))
+            if len(ages) > 2 * len(self._entries) + 1024:  # amortised O(1) per insert
+                entries = self._entries
+                self._by_age[hard] = deque((k, u) for k, u in ages if entries.get(k) is u)
+
+    def peek(self, key: Hashable) -> Update | None:
+        """The entry for ``key``, leaving the LRU order as it is."""
+        return self._entries.get(key)
+
     def get(self, key: Hashable) -> Update | None:
+        """The entry for ``key``, marked most recently used (its session is not renewed)."""
         update = self._entries.get(key)
         if update is not None:
             self._entries.move_to_end(key)
+            self._touch_ordered = False
         return update
+
+    def touch(self, key: Hashable) -> None:
+        """Mark ``key`` most recently used, after its update's ``touched_ms`` was renewed."""
+        self._entries.move_to_end(key)
+
+    def hot_path(
+        self,
+    ) -> tuple[Callable[[Hashable], Update | None], Callable[[Hashable], None]]:
+        """``(get, touch)``: look a key up without an LRU effect, and mark it the most
+        recently used. The dict's own bound methods, so that a caller merging in
+        place millions of times (the run loop) pays no Python frame for either;
+        both are O(1) and allocate nothing."""
+        return self._entries.get, self._entries.move_to_end
+
+    def items(self) -> list[tuple[Hashable, Update]]:
+        return list(self._entries.items())
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
@@ -103,10 +150,53 @@ class LruCache:
         self._finish(updates)
 
     def purge(self, now_ms: int | None = None) -> int:
-        """End the sessions that have passed their soft or hard limit; returns how many."""
-        expired = [k for k, u in self._entries.items() if u.is_expired(now_ms)]
+        """End the sessions that have passed their soft or hard limit; returns how many.
+
+        Costs what expired, not what is cached: the LRU order is the order of last
+        touch, so idle sessions are found from the oldest end, stopping at the first
+        entry touched within the shortest soft session; hard sessions are found
+        from the oldest end of each hard length's entry order. Only after
+        ``set_force_expiry`` or ``get`` (which break those orders' meaning) does
+        it look at every entry.
+        """
+        from .update import Update
+
+        entries = self._entries
+        if not entries:
+            return 0
+        now = now_ms if now_ms is not None else next(iter(entries.values())).process.clock()
+        if not self._touch_ordered or Update.forced != self._forced_seen:
+            self._forced_seen = Update.forced
+            expired = [k for k, u in entries.items() if u.is_expired(now)]
+        else:
+            expired = self._expired(now)
         self.expire_many(expired)
         return len(expired)
+
+    def _expired(self, now: int) -> list[Hashable]:
+        entries = self._entries
+        expired: list[Hashable] = []
+        if self._min_soft_ms is not None:
+            idle_since = now - self._min_soft_ms
+            for key, update in entries.items():
+                if update.touched_ms > idle_since:
+                    break
+                if update.is_expired(now):
+                    expired.append(key)
+        found = set(expired)
+        for hard, ages in self._by_age.items():
+            born_before = now - hard
+            while ages:
+                key, update = ages[0]
+                if entries.get(key) is not update:
+                    ages.popleft()  # left the cache since
+                elif update.started_ms <= born_before:
+                    ages.popleft()
+                    if key not in found:
+                        expired.append(key)
+                else:
+                    break
+        return expired
 
     def get_last_failed(self) -> Update | None:
         """The newest update whose session could not be ended (still in memory)."""

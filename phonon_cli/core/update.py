@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from .. import defaults, faults
-from ..exceptions import Fenced, OutputClosed, SerializationError
+from ..exceptions import EventError, Fenced, OutputClosed, SerializationError
+from ..poison import add_sums
 from ..store.connection import public_url
 from . import quarantine
 from .reference import (
@@ -61,6 +62,16 @@ class Update:
     kind: ClassVar[Kind] = "json"
     """How partials are kept in Redis: "json" (a list of JSON partials the last
     holder merges with ``merge``) or "sums" (a hash summed inside Redis)."""
+    forced: ClassVar[int] = 0
+    """How many times any update was forced to expire: a cache's ``purge`` then
+    looks at every entry (its fast path finds only what expired by time)."""
+    merge_event: ClassVar[EventMerge | None] = None
+    """How to merge one event's doc into a cached update of this class without
+    building an Update (the run loop's path for every event after a key's first):
+    ``cls.merge_event(update, doc)`` (a method ``merge_event(self, doc)`` is
+    one). None: build an Update from the event and call ``merge``. A subclass
+    that overrides ``merge`` gets None again, so that its own merge decides
+    (``__init_subclass__``)."""
     execute_attempts: ClassVar[int] = defaults.EXECUTE_ATTEMPTS
     execute_backoff_s: ClassVar[float] = defaults.EXECUTE_BACKOFF_S
 
@@ -114,6 +125,11 @@ class Update:
             (absorbed,) = acquire_many(process, [resource], [init_cache])
             if absorbed is not None:
                 self.absorb(*absorbed)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "merge" in cls.__dict__ and "merge_event" not in cls.__dict__:
+            cls.merge_event = None
 
     # -- what subclasses override ---------------------------------------------------
 
@@ -216,6 +232,8 @@ class Update:
         """Expire at the next purge, and execute then even if others still hold the key."""
         self._force = flag
         self.ref.force_expiry = flag
+        if flag:
+            Update.forced += 1
 
     def force_expiry(self) -> bool:
         self.set_force_expiry(True)
@@ -285,6 +303,28 @@ class Update:
             self.merge(other)
 
 
+EventMerge = Callable[[Update, dict[str, Any]], None]
+
+
+def sum_into(update: Update, doc: dict[str, Any]) -> None:
+    """Add a partial's numbers into ``update.doc``."""
+    mine = update.doc
+    for field, value in doc.items():
+        mine[field] = mine.get(field, 0) + value
+
+
+def sum_event(update: Update, doc: dict[str, Any]) -> None:
+    """Add an event's numbers into ``update.doc``, unless a sum would leave the range a
+    sink can hold.
+
+    Raises:
+        EventError: that sum (the doc is left as it was: the event is dead-lettered).
+    """
+    problem = add_sums(update.doc, doc)
+    if problem is not None:
+        raise EventError(problem)
+
+
 class ConflictFreeUpdate(Update):
     """An update whose ``doc`` is numbers that add up: partials are summed inside
     Redis (HINCRBY/HINCRBYFLOAT), so caching needs no lock and no merge code, and
@@ -293,9 +333,9 @@ class ConflictFreeUpdate(Update):
     kind: ClassVar[Kind] = "sums"
 
     def merge(self, other: Update) -> None:
-        doc = self.doc
-        for field, value in other.doc.items():
-            doc[field] = doc.get(field, 0) + value
+        sum_into(self, other.doc)
+
+    merge_event = staticmethod(sum_event)  # type: ignore[assignment]  # mypy binds Callable ClassVars
 
     def payload(self) -> str:
         lines = []

@@ -52,7 +52,7 @@ class FieldsUpdate(Update):
     def merge(self, other: Update) -> None:
         merge_into(self.doc, other.doc)
 
-    def merge_event(self, items: Sequence[Any]) -> None:
+    def merge_event(self, items: Sequence[Any]) -> None:  # type: ignore[override]
         """Merge what one event adds to each field (its items, one per field, None for
         a skipped null: ``routing.fields.items_builder``), in place: the run loop's
         path, one generated call per event, no Update built.

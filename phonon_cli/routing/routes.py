@@ -9,13 +9,14 @@ elegance of the compiled form.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import EventError
 from ..poison import bad_number, scalar_text
-from .codegen import fuse
+from .codegen import LinesMerger, Merger, fuse, lines_merger, merger
 from .fields import items_builder
 from .filters import Scalar, matcher
 from .templates import Event, Getter, Template, _missing, _short
@@ -87,6 +88,12 @@ class Route:
     )
     """``matches`` and ``build`` as one generated function (codegen.py): None when
     the filter does not match. The run loop's path."""
+    _merger: Callable[..., Merger | None] = field(init=False, repr=False, compare=False, hash=False)
+    """``merger`` (codegen.py) with this route's builders, waiting for a cache."""
+    _lines_merger: Callable[..., LinesMerger | None] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+    """``lines_merger`` (codegen.py) likewise."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the derived fields are set once, here
@@ -105,6 +112,31 @@ class Route:
             for path, v in self.when.items()
         ]
         set_(self, "_fused", fuse(self, spec, doc, conditions))
+        set_(self, "_merger", functools.partial(merger, self, spec, doc, conditions))
+        set_(
+            self,
+            "_lines_merger",
+            functools.partial(lines_merger, self, spec, doc, conditions),
+        )
+
+    def merger(
+        self, get: Callable[[Any], Update | None], touch: Callable[[Any], object]
+    ) -> Merger | None:
+        """A function merging an event into the cached update of its key, in place
+        (codegen.py ``merger``); None when the update class cannot merge an event
+        without building an Update.
+
+        Args:
+            get, touch: the cache's lookup by id and its mark-as-most-recent.
+        """
+        return self._merger(get, touch)
+
+    def lines_merger(
+        self, get: Callable[[Any], Update | None], touch: Callable[[Any], object]
+    ) -> LinesMerger | None:
+        """``merger`` for a run of raw lines (codegen.py ``lines_merger``); None for
+        any shape but a counting doc on a sums update."""
+        return self._lines_merger(get, touch)
 
     def matches(self, event: Event) -> bool:
         """True when every ``when`` field is present and equals one of its values."""

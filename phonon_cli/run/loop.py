@@ -34,14 +34,15 @@ from .. import defaults
 from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.reference import Mode
-from ..core.update import ConflictFreeUpdate, Update, end_sessions
+from ..core.update import Update, end_sessions
 from ..exceptions import EventError, Fenced
-from ..fields.aggregate import FieldsUpdate
-from ..poison import SMALL_CONSTANT, add_sums, spec_problem
+from ..poison import spec_problem
+from ..routing.codegen import LinesMerger, Merger
 from ..routing.fields import skipped_nulls
 from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from .deadletters import DeadLetters
+from .offsets import Watermarks
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class Batcher:
             # Nothing of the batch was applied (see release_many): send it again,
             # under the new id, with a reference on every key still cached.
             end_sessions(release, mode=mode or self.mode, acquire=self.on_fenced())
+        Watermarks.sent(release)
 
 
 class FlushRequest(Protocol):
@@ -240,6 +242,7 @@ class Runner:
             process, options.batch_max_keys, options.batch_max_age_s, on_fenced=self._start_over
         )
         self.cache = LruCache(options.max_entries, end_sessions=self.batcher.add_release)
+        self.watermarks = Watermarks(options.max_entries)
         self.dead = DeadLetters(options.dead_letter)
         self.queue: queue.Queue[Chunk] = queue.Queue(maxsize=defaults.QUEUE_CHUNKS)
         self.signals = 0
@@ -248,8 +251,17 @@ class Runner:
         """Called with this worker's figures at each publish (a ``--workers`` worker)."""
         self.control = control
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
-        self._info = {id(r): (_fast_merge(r), _triggers(r)) for r in router.routes}
+        self._info = {id(r): (r.update.merge_event, _triggers(r)) for r in router.routes}
         self._single_route = len(router.routes) == 1
+        self._merge: Merger | None = None
+        """The one route's merger for cached keys (None: every event takes ``_insert``)."""
+        self._merge_lines: LinesMerger | None = None
+        """The same for runs of raw lines (parsing included), when the route allows."""
+        if self._single_route and self._info[id(router.routes[0])][1] is None:
+            # With several routes an event must be checked against all before any
+            # merges (one failing dead-letters it for all), so they take ``_insert``.
+            self._merge = router.routes[0].merger(*self.cache.hot_path())
+            self._merge_lines = router.routes[0].lines_merger(*self.cache.hot_path())
         self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
         """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
@@ -366,7 +378,7 @@ class Runner:
 
     def _expire_requested(self, request: FlushRequest) -> None:
         """Expire the cached keys a ``phonon flush`` names, send them, then say so."""
-        keys = [k for k, u in self.cache._entries.items() if request.matches(u.resource)]
+        keys = [k for k, u in self.cache.items() if request.matches(u.resource)]
         self.cache.expire_many(keys)
         self.batcher.send()
         request.ack(len(keys))
@@ -377,123 +389,169 @@ class Runner:
         An event is safe once the update it merged into has left the cache and
         its batch was sent (deposited in Redis or executed). Each update
         remembers the first offset per partition it holds (``marks``); the
-        watermark is the smallest still cached, else how far we have read.
-        Called after a batch flush, so nothing is in flight.
+        watermark is the smallest still cached, else how far we have read
+        (``offsets.Watermarks``: O(what left since), not O(entries)). Called
+        after a batch was sent, so nothing is in flight.
         """
-        if not self._read_to:
-            return
-        low = dict(self._read_to)
-        for update in self.cache.values():
-            marks = update.marks
-            if marks:
-                for part, offset in marks.items():
-                    if offset < low.get(part, offset + 1):
-                        low[part] = offset
-        for (source, partition), offset in low.items():
-            source.commit(partition, offset)
+        for part, read_to in self._read_to.items():
+            low = self.watermarks.low(part)
+            source, partition = part
+            source.commit(partition, read_to if low is None else low)
 
     def _handle(self, chunk: Chunk) -> None:
-        """Route and merge one chunk of lines: the hot path, so locals over attributes."""
-        stats = self.stats
-        route_event = self.router.route
-        cache = self.cache
-        entries = cache._entries
-        move_to_end = entries.move_to_end
-        loads = orjson.loads
-        info = self._info
-        single = self._single_route
-        route_one = self.router.routes[0]._fused if single else None  # no list per event
-        routed: Sequence[Routed]
-        fast, trigger = info[id(self.router.routes[0])] if single else (None, None)
-        key: Hashable
+        """Route and merge one chunk of lines: the hot path, so locals over attributes.
+
+        An event whose key is cached goes through the route's generated merger
+        (codegen.py): merged in place, nothing built. The rest (a key's first
+        event, several routes, a class whose ``merge`` needs an Update, a route
+        with triggers) goes through ``Router.route`` and ``_insert``.
+        """
         now_ms = self.process.clock()
-        part: tuple[Source, str] | None = None
+        part = self._partition(chunk)
+        self.stats.events_read += len(chunk.lines)
+        if part is None and self._merge_lines is not None:
+            self._handle_lines(chunk, now_ms)
+        else:
+            self._handle_each(chunk, part, now_ms)
+
+    def _handle_each(self, chunk: Chunk, part: tuple[Source, str] | None, now_ms: int) -> None:
+        """``_handle``, one event at a time."""
+        stats = self.stats
+        loads = orjson.loads
+        merge = self._merge
+        mark = self.watermarks.mark
         offset = chunk.first_offset - 1
-        if chunk.partition is not None:
-            part = (self._by_name[chunk.source], chunk.partition)
-            self._read_to[part] = chunk.first_offset + len(chunk.lines)
-        stats.events_read += len(chunk.lines)
         routed_n = 0
         for line in chunk.lines:
             offset += 1
             try:
                 event = loads(line)
             except orjson.JSONDecodeError as e:
-                reject = chunk.rejects.get(offset - chunk.first_offset) if not line else None
-                if reject is not None:
-                    self._dead(chunk.source, reject.raw, reject.reason, reject.truncated)
-                elif not line.strip():
-                    stats.events_read -= 1  # blank lines are not events
-                else:
-                    self._dead(chunk.source, line, f"invalid JSON: {e}")
+                self._undecodable(chunk, offset, line, e)
                 continue
             if type(event) is not dict:
                 self._dead(chunk.source, line, f"not a JSON object: {type(event).__name__}")
                 continue
-            try:
-                if route_one is None:
-                    routed = route_event(event)
-                else:
-                    one = route_one(event)
-                    routed = () if one is None else (one,)
-            except EventError as e:
-                self._dead(chunk.source, line, str(e))
-                continue
-            if not routed:
-                stats.unmatched += 1
-                continue
-            routed_n += 1
-            for route, id_, spec, doc in routed:
-                if single:  # the id alone is the key: no tuple to build and hash
-                    key = id_
-                else:
-                    key = (id(route), id_)
-                    fast, trigger = info[id(route)]
-                update = entries.get(key)
+            if merge is not None:
+                try:
+                    update = merge(event, now_ms)
+                except EventError as e:
+                    self._dead(chunk.source, line, str(e))
+                    continue
                 if update is None:
-                    problem = spec_problem(spec) if spec else None
-                    if problem is not None:
-                        self._dead(chunk.source, line, problem)
-                        routed_n -= 1  # poison: dead-lettered, not routed
-                        break
-                    update = self._new_update(route, id_, spec, doc)
+                    stats.unmatched += 1
+                    continue
+                if update is not False:
+                    routed_n += 1
                     if part is not None:
-                        update.marks = {part: offset}
-                    cache.set(key, update)
-                    self.batcher.add_acquire(update)
-                else:
-                    if part is not None:
-                        marks = update.marks
-                        if marks is None:
-                            update.marks = {part: offset}
-                        elif part not in marks:
-                            marks[part] = offset
-                    if fast == "counts":  # small constants: no sum can overflow
-                        merged = update.doc
-                        for k, v in doc.items():
-                            merged[k] = merged.get(k, 0) + v
-                    elif fast == "sums":
-                        problem = add_sums(update.doc, doc)
-                        if problem is not None:
-                            self._dead(chunk.source, line, problem)
-                            routed_n -= 1  # poison: dead-lettered, not routed
-                            break
-                    elif fast == "slots":
-                        try:
-                            update.merge_event(doc)  # type: ignore[attr-defined]
-                        except EventError as e:
-                            self._dead(chunk.source, line, str(e))
-                            routed_n -= 1  # poison: dead-lettered, not routed
-                            break
-                    else:
-                        cache.set(key, self._new_update(route, id_, spec, doc))
-                        continue
-                    update.events += 1
-                    update.touched_ms = now_ms
-                    move_to_end(key)
-                if trigger is not None and trigger(update, event):
-                    cache.expire(key)
+                        marks = update.marks  # type: ignore[union-attr]
+                        if marks is None or part not in marks:
+                            mark(update, part, offset)  # type: ignore[arg-type]
+                    continue
+            routed_n += self._route(event, chunk.source, line, part, offset, now_ms)
         stats.routed += routed_n
+
+    def _handle_lines(self, chunk: Chunk, now_ms: int) -> None:
+        """``_handle`` for a chunk with no offsets to mark, through the route's lines
+        merger: runs of events for cached keys merge with no Python call per
+        event; each line it stops at (a new key, an error) goes the general way."""
+        merge_lines = self._merge_lines
+        assert merge_lines is not None
+        lines = chunk.lines
+        stats = self.stats
+        n, end = 0, len(lines)
+        while n < end:
+            stop, skipped = merge_lines(lines, n, now_ms)
+            stats.unmatched += skipped
+            stats.routed += stop - n - skipped
+            if stop < end:
+                reject = chunk.rejects.get(stop)
+                one = Chunk(chunk.source, [lines[stop]], rejects={0: reject} if reject else {})
+                self._handle_each(one, None, now_ms)
+            n = stop + 1
+
+    def _partition(self, chunk: Chunk) -> tuple[Source, str] | None:
+        """Where the chunk's offsets are committed (None: nowhere); notes how far it is read."""
+        if chunk.partition is None:
+            return None
+        part = (self._by_name[chunk.source], chunk.partition)
+        self._read_to[part] = chunk.first_offset + len(chunk.lines)
+        return part
+
+    def _route(
+        self,
+        event: dict[str, Any],
+        source: str,
+        line: bytes,
+        part: tuple[Source, str] | None,
+        offset: int,
+        now_ms: int,
+    ) -> int:
+        """The general path for one event, through ``Router.route``; 1 if it was routed."""
+        try:
+            routed = self.router.route(event)
+        except EventError as e:
+            self._dead(source, line, str(e))
+            return 0
+        if not routed:
+            self.stats.unmatched += 1
+            return 0
+        for entry in routed:
+            problem = self._insert(entry, event, part, offset, now_ms)
+            if problem is not None:  # poison: dead-lettered, not routed
+                self._dead(source, line, problem)
+                return 0
+        return 1
+
+    def _undecodable(
+        self, chunk: Chunk, offset: int, line: bytes, error: orjson.JSONDecodeError
+    ) -> None:
+        reject = chunk.rejects.get(offset - chunk.first_offset) if not line else None
+        if reject is not None:
+            self._dead(chunk.source, reject.raw, reject.reason, reject.truncated)
+        elif not line.strip():
+            self.stats.events_read -= 1  # blank lines are not events
+        else:
+            self._dead(chunk.source, line, f"invalid JSON: {error}")
+
+    def _insert(
+        self,
+        entry: Routed,
+        event: dict[str, Any],
+        part: tuple[Source, str] | None,
+        offset: int,
+        now_ms: int,
+    ) -> str | None:
+        """Merge one routed event the general way: a new key builds its Update (and is
+        queued for its reference); a cached one merges the event's doc. Returns why
+        the event is poison (a spec no record can have, a sum out of range), or None."""
+        route, id_, spec, doc = entry
+        key: Hashable = id_ if self._single_route else (id(route), id_)
+        merge_event, trigger = self._info[id(route)]
+        cache = self.cache
+        update = cache.peek(key)
+        if update is None:
+            problem = spec_problem(spec) if spec else None
+            if problem is not None:
+                return problem
+            update = self._new_update(route, id_, spec, doc)
+            cache.set(key, update)
+            self.batcher.add_acquire(update)
+        elif merge_event is None:
+            cache.set(key, self._new_update(route, id_, spec, doc))
+        else:
+            try:
+                merge_event(update, doc)
+            except EventError as e:
+                return str(e)
+            update.events += 1
+            update.touched_ms = now_ms
+            cache.touch(key)
+        if part is not None:
+            self.watermarks.mark(update, part, offset)
+        if trigger is not None and trigger(update, event):
+            cache.expire(key)
+        return None
 
     def _new_update(
         self, route: Route, id_: str, spec: dict[str, Any], doc: dict[str, Any]
@@ -517,7 +575,7 @@ class Runner:
             **extra,
         )
         if items is not None:
-            update.merge_event(items)  # type: ignore[attr-defined]
+            update.merge_event(items)  # type: ignore[misc]  # an instance method here (FieldsUpdate)
         return update
 
     def _dead(self, source: str, line: bytes, reason: str, truncated: bool = False) -> None:
@@ -559,23 +617,6 @@ class Runner:
     def _progress_line(self) -> str:
         self._publish()
         return self.stats.progress(self.cache.size())
-
-
-def _fast_merge(route: Route) -> str | None:
-    """How the loop may merge an event into a cached update without building an Update:
-    "counts" (sums of small constants, which cannot overflow), "sums" (plain sums,
-    checked to stay in the 64-bit range), "slots" (per-field strategies), or None
-    (call ``merge``)."""
-    cls = route.update
-    if issubclass(cls, ConflictFreeUpdate) and cls.merge is ConflictFreeUpdate.merge:
-        if not route.fields and all(
-            v.is_constant and abs(v.source) <= SMALL_CONSTANT for v in route.doc.values()
-        ):
-            return "counts"
-        return "sums"
-    if issubclass(cls, FieldsUpdate) and cls.merge is FieldsUpdate.merge:
-        return "slots"
-    return None
 
 
 def _triggers(route: Route) -> Callable[[Update, dict[str, Any]], bool] | None:
