@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from phonon_cli.store.connection import redact
+from phonon_cli.store.keys import Keys
 
 SECRET = "s3cret"
 
@@ -168,7 +169,8 @@ def test_recipes_name_the_database_without_its_password(
         assert holder.stdin is not None
         holder.stdin.write(b'{"k": "a", "n": 1}\n')
         holder.stdin.flush()
-        nodes = f"{namespace}:ref:{{t:a}}:nodes"
+        keys = Keys(namespace)
+        nodes = keys.resource("t:a").nodes
         helpers.wait_for(lambda: client.hlen(nodes) == 1, what="the holder to take the key")
         cmd = [*helpers.phonon_command(redis_url, namespace), "run", "-c", str(cfg)]
         lines = b'{"k": "a", "n": 5}\n{"k": "a", "n": 2}\n'
@@ -176,19 +178,19 @@ def test_recipes_name_the_database_without_its_password(
         assert r.returncode == 0, r.stderr.decode()
         stored = everything_stored(client, namespace)
         assert "t:a" in stored and SECRET not in stored
-        meta = client.hget(f"{namespace}:ref:{{t:a}}:meta", "recipe")
+        meta = client.hget(keys.resource("t:a").meta, "recipe")
         assert orjson.loads(meta)["database"] == redact(url)
     finally:
         holder.kill()  # its own event dies with it: stdin cannot replay
         holder.communicate(timeout=30)
     base = [*helpers.phonon_command(redis_url, namespace)]
     helpers.wait_for(
-        lambda: client.exists(f"{namespace}:process:" + client.hkeys(nodes)[0] + ":alive") == 0,
+        lambda: client.exists(keys.alive(client.hkeys(nodes)[0])) == 0,
         what="the holder to count as dead",
     )
     r = subprocess.run([*base, "flush", "-c", str(other), "--all"], capture_output=True, text=True)
     assert "t:a" in r.stdout and "not in" in r.stderr and SECRET not in r.stdout + r.stderr
-    assert client.exists(f"{namespace}:ref:{{t:a}}:partials")
+    assert client.exists(keys.resource("t:a").partials)
     r = subprocess.run([*base, "flush", "-c", str(cfg), "--all"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "executed 1 orphaned partial(s)" in r.stderr and SECRET not in r.stdout + r.stderr
