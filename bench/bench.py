@@ -206,34 +206,43 @@ def check_equal(a: Path, b: Path, what: str) -> None:
         )
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def main() -> None:
     high = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
     low = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000
     fields_events = int(sys.argv[3]) if len(sys.argv) > 3 else 200_000
     repeat = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     work = Path(tempfile.mkdtemp(prefix="phonon-bench-"))
-    rows: list[tuple[str, int, int, float, Ran | None, float | None]] = []
-    notes = []
+    # Per row, per round: (floor ev/s, ev/s, loop ev/s). A shared machine's load moves
+    # between runs, so each round runs every row once, each beside its own floor, and
+    # the ratios are taken per round before their median.
+    runs: dict[str, list[tuple[float, float, float]]] = {}
+    notes: dict[str, str] = {}
+    sizes = {"high": (high, 10_000), "low": (low, None)}
     try:
-        for name, events, keys, max_entries, workers in (
-            ("high locality", high, 10_000, 10_000, 1),
-            ("low locality", low, None, 10_000, 1),
-            ("high, 2 workers", high, 10_000, 10_000, 2),
-        ):
-            tag = name.split()[0].rstrip(",")
-            data = work / f"{tag}.jsonl"
-            if not data.exists():
-                generate(data, events, keys)
-            floor_db = work / f"floor-{tag}.db"
-            floor_s = sorted(floor(data, floor_db) for _ in range(repeat))[repeat // 2]
-            db = work / f"phonon-{tag}-{workers}.db"
-            ran = phonon(data, db, work / f"home-{tag}-{workers}", max_entries, workers, repeat)
-            check_equal(floor_db, db, name)
-            rows.append((name, events, keys or events, events / floor_s, ran, None))
-            notes.append(f"  {name}: {ran.summary}")
-            peer = bytewax(data, repeat) if workers == 1 else None
-            if peer is not None:
-                rows.append(("  bytewax", events, keys or events, events / floor_s, None, peer))
+        for tag, (events, keys) in sizes.items():
+            generate(work / f"{tag}.jsonl", events, keys)
+        for _ in range(repeat):
+            for tag, (events, _keys) in sizes.items():
+                data = work / f"{tag}.jsonl"
+                floor_db = work / f"floor-{tag}.db"
+                f = events / floor(data, floor_db)
+                for workers in (1, 2) if tag == "high" else (1,):
+                    name = f"{tag} locality" + (f", {workers} workers" if workers > 1 else "")
+                    db = work / f"phonon-{tag}-{workers}.db"
+                    ran = phonon(data, db, work / f"home-{tag}-{workers}", 10_000, workers)
+                    check_equal(floor_db, db, name)
+                    runs.setdefault(name, []).append((f, events / ran.wall_s, events / ran.loop_s))
+                    notes[name] = ran.summary
+                peer = bytewax(data)
+                if peer is not None:
+                    runs.setdefault(f"  bytewax ({tag})", []).append(
+                        (f, events / peer, events / peer)
+                    )
         # Memory per cached key: the low-locality input with every key kept in the
         # cache to the end, beside the same input through a cache of 1,000 keys.
         data = work / "low.jsonl"
@@ -244,31 +253,29 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"{'stream':<16} {'events':>9} {'keys':>9} {'floor ev/s':>11} {'ev/s':>10} "
+        f"{'stream':<22} {'events':>9} {'floor ev/s':>11} {'ev/s':>10} "
         f"{'ratio':>6} {'loop ev/s':>10} {'ratio':>6}"
     )
-    one = None
-    for name, events, keys, f, ran, peer_s in rows:
-        if ran is None:
-            assert peer_s is not None
-            print(
-                f"{name:<16} {events:>9,} {keys:>9,} {f:>11,.0f} {events / peer_s:>10,.0f} "
-                f"{events / peer_s / f:>6.2f}"
-            )
-            continue
-        w, loop = events / ran.wall_s, events / ran.loop_s
+    for name, rounds in runs.items():
+        events = sizes["low" if "low" in name else "high"][0]
+        f = median([r[0] for r in rounds])
+        w, loop = median([r[1] for r in rounds]), median([r[2] for r in rounds])
+        ratio = median([r[1] / r[0] for r in rounds])
+        loop_ratio = median([r[2] / r[0] for r in rounds])
         print(
-            f"{name:<16} {events:>9,} {keys:>9,} {f:>11,.0f} {w:>10,.0f} "
-            f"{w / f:>6.2f} {loop:>10,.0f} {loop / f:>6.2f}"
+            f"{name:<22} {events:>9,} {f:>11,.0f} {w:>10,.0f} {ratio:>6.2f} "
+            + (f"{loop:>10,.0f} {loop_ratio:>6.2f}" if "bytewax" not in name else "")
         )
-        if name == "high locality":
-            one = w
-        elif one is not None and "workers" in name:
-            print(f"{'':<16} 2 workers / 1 worker (wall): {w / one:.2f}")
+    one, two = runs.get("high locality"), runs.get("high locality, 2 workers")
+    if one and two:
+        scale = median([b[1] / a[1] for a, b in zip(one, two)])
+        print(f"2 workers / 1 worker (wall, same round): {scale:.2f}")
     print(f"memory per cached key: {per_key:,.0f} bytes (peak RSS, {low:,} keys cached vs 1,000)")
-    print(f"median of {repeat} run(s) each. ev/s: wall time of `phonon run` (process start to")
-    print("exit, totals checked equal to the floor's); loop ev/s: from its own summary.")
-    print("\n".join(notes))
+    print(f"median of {repeat} round(s); each ratio is taken against the floor of its round.")
+    print("ev/s: wall time of `phonon run` (process start to exit, totals checked equal to")
+    print("the floor's); loop ev/s: from its own summary.")
+    for name, summary in notes.items():
+        print(f"  {name}: {summary}")
     events, doc_loop, fields_loop, summary = fields_row
     print(
         f"\nfields route (every strategy) vs doc route, {events:,} high-locality events, "
