@@ -148,6 +148,15 @@ class Cluster:
             node.start()
         for node in self.nodes:
             _wait(node.alive, f"node {node.port} to start")
+        if self.masters == 1 and self.replicas == 0:
+            # redis-cli --cluster create wants 3 masters: one node takes every slot.
+            c = self.nodes[0].client()
+            try:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            finally:
+                c.close()
+            _wait(self.is_ready, "the one-node cluster to serve its slots")
+            return
         create = [
             "redis-cli",
             "--cluster",
@@ -159,7 +168,8 @@ class Cluster:
         ]
         result = subprocess.run(create, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {result.stdout[-2000:]}")
+            output = (result.stdout + result.stderr)[-2000:]
+            raise RuntimeError(f"redis-cli --cluster create failed: {output}")
         _wait(self.is_ready, "the cluster to agree on its slots")
 
     def is_ready(self) -> bool:
