@@ -87,3 +87,7 @@ PROGRESS_INTERVAL_S = 0.5
 
 QUEUE_CHUNKS = 64
 """Chunks of lines buffered between the source threads and the run loop."""
+
+CLUSTER_FAILOVER_WAIT_S = 20.0
+"""Seconds a batch on a Redis Cluster waits for a node that cannot be reached to be
+replaced (a replica promoted) before the run gives up on the store."""

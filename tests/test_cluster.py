@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -29,6 +30,7 @@ from phonon_cli.core.process import Process
 from phonon_cli.core.recovery import declare_dead
 from phonon_cli.core.reference import Release, acquire_many, release_many
 from phonon_cli.exceptions import Fenced
+from phonon_cli.store.keys import Keys
 
 CONFIG = """
 [[routes]]
@@ -420,3 +422,73 @@ def test_a_process_declared_dead_applies_nothing_on_any_node(
     finally:
         survivor.stop()
         zombie.stop()
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster(tmp_path_factory) -> Iterator[rediscluster.Cluster]:
+    """3 masters with a replica each; its own, as a test kills one of its masters."""
+    why_not = rediscluster.available()
+    if why_not:
+        pytest.skip(why_not)
+    cluster = rediscluster.Cluster(tmp_path_factory.mktemp("replicated"), masters=3, replicas=1)
+    yield cluster.start()
+    cluster.stop()
+
+
+def test_a_master_failing_over_to_its_replica_mid_run_loses_nothing_replicated(
+    replicated_cluster, config, db, tmp_path, helpers
+) -> None:
+    """What docs/scaling.md promises: writes a replica has received survive its
+    promotion, and the run goes on through the failover (MOVED, reconnects)."""
+    cluster = replicated_cluster
+    ns = f"phonon-test-{os.getpid()}"
+    worker = subprocess.Popen(
+        [
+            *helpers.phonon_command(cluster.url, ns)[:-2],
+            "--heartbeat-interval",
+            "1",
+            "--redis-cluster",
+            "run",
+            "-c",
+            str(config),
+            "--max-entries",
+            "20",
+            "--dead-letter",
+            str(tmp_path / "dead.jsonl"),
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    data, expected = make_events(keys=300, count=4000, seed=9)
+    lines = data.splitlines(keepends=True)
+    c = cluster.client()
+    # the master of the namespace's own keys (registry, held sets): the hardest one to lose
+    victim = cluster.owner(c.keyslot(Keys(ns).processes))
+    try:
+        assert worker.stdin is not None
+        worker.stdin.write(b"".join(lines[:2000]))
+        worker.stdin.flush()
+
+        def read(n: int) -> bool:
+            procs = [p for p in c.zrange(Keys(ns).processes, 0, -1)]
+            return any(int(c.hget(Keys(ns).process(p), "events_read") or 0) == n for p in procs)
+
+        helpers.wait_for(lambda: read(2000), timeout_s=60, what="the first half read")
+        v = victim.client()
+        v.set(f"sync:{{{ns}}}", 1)  # the same slot as the namespace's own keys
+        assert v.execute_command("WAIT", 1, 5000) == 1  # everything before is on the replica
+        v.close()
+        victim.kill()
+        helpers.wait_for(
+            lambda: victim.port not in {n.port for n in cluster.primaries()} and cluster.is_ready(),
+            timeout_s=30,
+            what="a replica promoted",
+        )
+        worker.stdin.write(b"".join(lines[2000:]))
+        worker.stdin.flush()
+    finally:
+        _, err = worker.communicate(timeout=120)
+        c.close()
+    assert worker.returncode == 0, err.decode()
+    assert totals(db) == expected
+    assert namespace_keys(cluster, ns) == []

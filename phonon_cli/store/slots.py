@@ -18,13 +18,21 @@ than in the same atomic step: see docs/scaling.md for what that changes.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.commands.core import Script
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterDownError, NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import defaults
+
+log = logging.getLogger(__name__)
 
 Held = Callable[[Sequence[Any]], "tuple[str, str] | None"]
 
@@ -123,16 +131,14 @@ def run(
     Raises:
         ResponseError: the first error any call answered (a fenced process's among them).
     """
-    pipe = client.pipeline(transaction=False)
-    build(pipe)
-    splits: list[_Split] = getattr(pipe, "phonon_splits", [])
+    replies, splits = _send(client, build)
     fenced = [s for s in splits if s.head]
     if fenced:  # the fence first: a fenced process applies nothing
         # registry, then (for ACQUIRE/RELEASE, not QUARANTINE) the held set
         head, pid = max((s.head for s in fenced), key=len), fenced[0].pid
         entering = [r for s in fenced for r in s.entering]
         _execute(client, scripts, fence_held, head, [pid, "+", *entering])
-    results = _reassemble(client, scripts, pipe.execute(raise_on_error=False), splits)
+    results = _reassemble(client, scripts, replies(), splits)
     leaving = [r for s in fenced for r in s.leaving]
     if leaving:  # only once they are left: recovery visits what the held set names
         _execute(client, scripts, fence_held, head, [pid, "-", *leaving])
@@ -142,10 +148,43 @@ def run(
 def _execute(
     client: Any, scripts: Sequence[Script], script: Script, keys: list[str], args: list[Any]
 ) -> Any:
+    replies, splits = _send(client, lambda pipe: queue(pipe, script, keys, args, None))
+    return _reassemble(client, scripts, replies(), splits)[0]
+
+
+def _send(
+    client: Any, build: Callable[[Any], None]
+) -> tuple[Callable[[], list[Any]], list[_Split]]:
+    """The pipeline ``build`` fills, and a function that sends it once.
+
+    A node that cannot be reached while a replica takes its place fails the
+    pipeline before anything is written (redis-py picks every node's connection
+    first), and redis-py retries that at once, well before a failover is done:
+    so the whole pipeline is sent again, with pauses, for up to
+    ``CLUSTER_FAILOVER_WAIT_S``. Replies that are errors (a connection lost after
+    writing) are not resent here: redis-py resends those one by one.
+    """
     pipe = client.pipeline(transaction=False)
-    queue(pipe, script, keys, args, None)
+    build(pipe)
     splits: list[_Split] = getattr(pipe, "phonon_splits", [])
-    return _reassemble(client, scripts, pipe.execute(raise_on_error=False), splits)[0]
+
+    def replies() -> list[Any]:
+        nonlocal pipe
+        deadline = time.monotonic() + defaults.CLUSTER_FAILOVER_WAIT_S
+        pause = 0.1
+        while True:
+            try:
+                return list(pipe.execute(raise_on_error=False))
+            except (RedisConnectionError, RedisTimeoutError, ClusterDownError) as e:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("redis cluster: %s; sending the batch again in %.1fs", e, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+                pipe = client.pipeline(transaction=False)
+                build(pipe)  # execute() emptied the pipeline; the splits are the same
+
+    return replies, splits
 
 
 def _reassemble(

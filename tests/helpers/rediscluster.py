@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 
 START_TIMEOUT_S = 30.0
 
@@ -194,7 +194,9 @@ class Cluster:
         return True
 
     def client(self) -> RedisCluster:
-        return RedisCluster.from_url(self.url, decode_responses=True)
+        """A client that starts from any node still up (one may have been killed)."""
+        alive = [ClusterNode("127.0.0.1", n.port) for n in self.nodes if n.alive()]
+        return RedisCluster(startup_nodes=alive, decode_responses=True)
 
     def primaries(self) -> list[Node]:
         """The nodes that serve slots now."""
