@@ -492,3 +492,29 @@ def test_a_master_failing_over_to_its_replica_mid_run_loses_nothing_replicated(
     assert worker.returncode == 0, err.decode()
     assert totals(db) == expected
     assert namespace_keys(cluster, ns) == []
+
+
+def test_quarantine_across_masters_and_listed_from_every_one(
+    redis_cluster, cluster_namespace
+) -> None:
+    from phonon_cli.core.quarantine import Poisoned, quarantine
+
+    url, ns = redis_cluster.url, cluster_namespace
+    resources = [f"q{i}" for i in range(12)]
+    assert len(masters_of(redis_cluster, ns, resources)) >= 2
+    p = Process(url, namespace=ns, cluster=True, start_heartbeat=False)
+    try:
+        acquire_many(p, resources)
+        quarantine(
+            p,
+            [
+                Poisoned(r, "sums", "{}", "n\t1\n", "poison", p.keys.resource(r).executing(p.id, i))
+                for i, r in enumerate(resources)
+            ],
+        )
+        code, out, err = cli(url, ns, "quarantine", "list")
+        assert code == 0, err
+        assert all(r in out for r in resources)
+        assert "12 quarantined" in err
+    finally:
+        p.stop()
