@@ -78,6 +78,11 @@ def recover(process: Process) -> int:
     try:
         faults.point("in-recovery")
         dead = declare_dead(process, candidates)
+        if not process.known_classes:
+            # Just started, its classes not registered yet: it would have to merge
+            # the dead's exec sets back and lose their identity. Fenced already,
+            # they wait for the next pass.
+            return 0
         orphans: list[str] = []
         for pid in dead:
             orphans.extend(release_all_of(process, pid))

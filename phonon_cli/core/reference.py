@@ -55,6 +55,8 @@ class Release:
     recipe: str = ""
     payload: str = ""
     exec_keys: tuple[str, str] = field(default=("", ""))
+    marks: str = ""
+    """"partition\toffset\n...": the replayable source offsets the payload covers."""
 
 
 def acquire_many(
@@ -86,13 +88,15 @@ def acquire_many(
     return out
 
 
-def _own_keys(process: Process) -> list[str]:
+def _own_keys(process: Process, marks: bool) -> list[str]:
     """The caller's keys the batched scripts take first: the registry (fencing), its
     held set and its replies (lost replies). A cluster has no replies key: they
     would be in another slot than the resources (see scripts.FENCE_LUA)."""
     keys = [process.keys.processes, process.keys.held(process.id)]
     if not is_cluster(process.client):
         keys.append(process.keys.replies(process.id))
+        if marks:
+            keys.append(process.keys.highest_marks)
     return keys
 
 
@@ -110,7 +114,7 @@ def _queue_acquire(
     ids: Sequence[tuple[str, str]],
 ) -> None:
     pid = process.id
-    fence = _own_keys(process)
+    fence = _own_keys(process, marks=False)
     for call, start in enumerate(range(0, len(resources), defaults.BATCH_MAX_KEYS)):
         keys: list[str] = list(fence)
         args: list[Any] = [pid, now, *ids[call]]
@@ -154,7 +158,7 @@ def release_many(
             rel.exec_keys = rk.executing(pid, process.next_exec_seq())
         resource_keys.append(rk)
     chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
-    fence = _own_keys(process)
+    fence = _own_keys(process, marks=True)
     ids = process.batch_ids(len(chunks) + _calls(len(acquire)))
 
     def build(pipe: Pipeline) -> None:
@@ -163,8 +167,8 @@ def release_many(
             args: list[Any] = [pid, now, *ids[call]]
             end = start + defaults.BATCH_MAX_KEYS
             for rel, rk in zip(releases[start:end], resource_keys[start:end]):
-                keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys]
-                args += [rel.mode, rel.kind, rel.recipe, rel.payload, rel.resource]
+                keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys, rk.seen]
+                args += [rel.mode, rel.kind, rel.recipe, rel.payload, rel.resource, rel.marks]
             scripts.queue(pipe, scripts.RELEASE, keys, args)
         if acquire:
             _queue_acquire(pipe, process, acquire, [False] * len(acquire), now, ids[len(chunks) :])
@@ -182,13 +186,13 @@ def release_many(
         quarantine(process, refused)
     return [
         None
-        if r[0] != 1
+        if r[0] not in (1, 3)
         else Taken(
             kind=r[1],
             recipe=r[2],
             items=list(r[3:]),
             exec_keys=rel.exec_keys,
-            execution_id=execution_id(rel.exec_keys[0]) if len(r) > 3 else None,
+            execution_id=execution_id(rel.exec_keys[0]) if len(r) > 3 or r[0] == 3 else None,
         )
         for rel, r in zip(releases, replies)
     ]
@@ -212,7 +216,7 @@ def put_back(resource: str, taken: Taken) -> list[Release]:
 def finish(process: Process, taken: Sequence[Taken]) -> None:
     """Forget partials once their write is done (one round trip for all, none if
     nothing was taken: the script only keeps partials it found)."""
-    keys = [k for t in taken if t.items for k in t.exec_keys]
+    keys = [k for t in taken if t.execution_id is not None for k in t.exec_keys]
     if keys:
 
         def build(pipe: Pipeline) -> None:

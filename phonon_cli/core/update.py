@@ -106,6 +106,10 @@ class Update:
         self.marks: dict[Any, int] | None = None
         """Per source partition, the offset of the first event merged in: the run loop
         commits no offset beyond an event whose aggregate is still only in memory."""
+        self.highest: dict[str, int] | None = None
+        """Per replayable source partition (by name), the offset of the last event
+        merged in: recorded in Redis with the deposit or the write, so that a worker
+        replaying the partition after a kill skips what this update counted."""
         self.error: BaseException | None = None
         """Why the last ``execute`` failed (the aggregate was then cached back in Redis)."""
         self.execution_id: str | None = None
@@ -416,7 +420,12 @@ def _end_sessions(
     process = updates[0].process
     releases = [
         Release(
-            u.resource, mode or ("force" if u._force else "end"), u.kind, u.recipe(), u.payload()
+            u.resource,
+            mode or ("force" if u._force else "end"),
+            u.kind,
+            u.recipe(),
+            u.payload(),
+            marks="".join(f"{p}\t{o}\n" for p, o in u.highest.items()) if u.highest else "",
         )
         for u in updates
     ]
@@ -454,10 +463,10 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         by_class[type(update)].append((update, got))
     executed: set[Update] = set()
     for cls, pairs in by_class.items():
-        if any(got.items for _, got in pairs):
+        if any(got.execution_id for _, got in pairs):  # a set in Redis is being written
             faults.point("before-execute")
         failed = _execute_with_retries(cls, [u for u, _ in pairs])
-        if any(got.items for _, got in pairs):
+        if any(got.execution_id for _, got in pairs):
             faults.point("after-execute")
         failed_ids = {id(u): e for u, e in failed}
         pairs, retried = _after_failures(process, cls, pairs, failed_ids)

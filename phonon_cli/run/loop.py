@@ -265,6 +265,8 @@ class Runner:
         self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
         """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
+        self._highest: dict[str, int] = {}
+        """Per replayable partition read, its highest mark when reading (re)started."""
         """Per (source, partition): the offset after the last line handled."""
         self._by_name = {s.name: s for s in self.sources}
 
@@ -420,6 +422,7 @@ class Runner:
         loads = orjson.loads
         merge = self._merge
         mark = self.watermarks.mark
+        pname = _marked(part) if part is not None else None
         offset = chunk.first_offset - 1
         routed_n = 0
         for line in chunk.lines:
@@ -447,6 +450,8 @@ class Runner:
                         marks = update.marks  # type: ignore[union-attr]
                         if marks is None or part not in marks:
                             mark(update, part, offset)  # type: ignore[arg-type]
+                        if pname is not None:
+                            _note_highest(update, pname, offset)  # type: ignore[arg-type]
                     continue
             routed_n += self._route(event, chunk.source, line, part, offset, now_ms)
         stats.routed += routed_n
@@ -471,12 +476,59 @@ class Runner:
             n = stop + 1
 
     def _partition(self, chunk: Chunk) -> tuple[Source, str] | None:
-        """Where the chunk's offsets are committed (None: nowhere); notes how far it is read."""
+        """Where the chunk's offsets are committed (None: nowhere); notes how far it is
+        read, and blanks the events a replayed chunk had counted already."""
         if chunk.partition is None:
             return None
         part = (self._by_name[chunk.source], chunk.partition)
+        pname = _marked(part)
+        if pname is not None:
+            self._skip_counted(chunk, part, pname)
         self._read_to[part] = chunk.first_offset + len(chunk.lines)
         return part
+
+    def _skip_counted(self, chunk: Chunk, part: tuple[Source, str], pname: str) -> None:
+        """Blank out the lines of a replayed chunk whose every key already counted them.
+
+        A worker killed after depositing (or writing) an update leaves its
+        events' offsets marked on the key (scripts.RELEASE_LUA's MARKS), while
+        the committed offset stays behind them. Reading the partition again from
+        there, an event at or below each of its keys' marks was counted already.
+        Only chunks below the partition's highest mark are checked: one round
+        trip each, while replaying; none on the hot path.
+        """
+        client = self.process.client
+        if self._read_to.get(part) != chunk.first_offset:  # (re)starting to read it
+            found = client.hget(self.process.keys.highest_marks, pname)
+            self._highest[pname] = int(found) if found is not None else -1
+        if chunk.first_offset > self._highest.get(pname, -1):
+            return
+        lines: list[tuple[int, list[str]]] = []
+        for i, line in enumerate(chunk.lines):
+            try:
+                event = orjson.loads(line)
+                routed = self.router.route(event) if type(event) is dict else ()
+            except (orjson.JSONDecodeError, EventError):
+                continue
+            resources = [
+                str(id_) if route.collection is None else f"{route.collection}:{id_}"
+                for route, id_, _, _ in routed
+            ]
+            if resources:
+                lines.append((i, resources))
+        distinct = sorted({r for _, rs in lines for r in rs})
+        pipe = client.pipeline(transaction=False)
+        for resource in distinct:
+            pipe.hget(self.process.keys.resource(resource).seen, pname)
+        seen = {r: int(v) for r, v in zip(distinct, pipe.execute()) if v is not None}
+        skipped = 0
+        for i, resources in lines:
+            offset = chunk.first_offset + i
+            if all(seen.get(r, -1) >= offset for r in resources):
+                chunk.lines[i] = b""
+                skipped += 1
+        if skipped:
+            log.info("%s: %d replayed events were counted already; skipped", pname, skipped)
 
     def _route(
         self,
@@ -549,6 +601,9 @@ class Runner:
             cache.touch(key)
         if part is not None:
             self.watermarks.mark(update, part, offset)
+            pname = _marked(part)
+            if pname is not None:
+                _note_highest(update, pname, offset)
         if trigger is not None and trigger(update, event):
             cache.expire(key)
         return None
@@ -617,6 +672,22 @@ class Runner:
     def _progress_line(self) -> str:
         self._publish()
         return self.stats.progress(self.cache.size())
+
+
+def _marked(part: tuple[Source, str]) -> str | None:
+    """The name a partition's offset marks go by, for sources whose offsets mean the
+    same to every worker (``file:``); None for the others."""
+    source, partition = part
+    return f"{source.name}|{partition}" if source.name.startswith("file:") else None
+
+
+def _note_highest(update: Update, pname: str, offset: int) -> None:
+    """``update`` now holds the event at ``offset`` of partition ``pname``."""
+    high = update.highest
+    if high is None:
+        update.highest = {pname: offset}
+    else:
+        high[pname] = offset
 
 
 def _triggers(route: Route) -> Callable[[Update, dict[str, Any]], bool] | None:

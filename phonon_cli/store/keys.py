@@ -21,6 +21,9 @@ class ResourceKeys:
     partials: str
     """List of JSON partials (``Update``) or hash of sums (``ConflictFreeUpdate``)."""
     lock: str
+    seen: str
+    """Hash, expiring: source partition -> the highest offset of this resource's
+    events already safe in Redis or being written (scripts.RELEASE_LUA's MARKS)."""
     """String: the token of the lock's owner, with a PX expiry."""
     quarantine: str
     """List of JSON records: aggregates that could never be merged or written, each
@@ -56,6 +59,9 @@ class Keys:
         """String: a random id the namespace's first process sets. A worker that finds
         it gone or changed knows the store was reset (a restart without persistence,
         FLUSHALL) and that what it held there is lost."""
+        self.highest_marks = f"{procs}:highest-marks"
+        """Hash: source partition -> the highest offset any resource's mark covers: a
+        worker reading a partition below it checks marks; above it, nothing to check."""
         self.declared_dead = f"{procs}:declared-dead"
         """Set: processes declared dead (out of ``processes``, fenced) whose recovery
         is not finished; a survivor that dies half way leaves them to the next."""
@@ -71,6 +77,7 @@ class Keys:
             meta=f"{base}:meta",
             partials=f"{base}:partials",
             lock=f"{base}:lock",
+            seen=f"{base}:seen",
             quarantine=f"{base}:quarantine",
             base=base,
         )

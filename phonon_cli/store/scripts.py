@@ -260,12 +260,13 @@ RELEASE_LUA = """
 -- depositing happen in this one script: a last holder can never execute between
 -- the two and orphan the partial.
 -- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
---   KEYS[3] its replies (lost replies: see FENCE),
---   then 5 per resource: nodes, meta, partials, exec, exec_recipe (taken partials and
---   their recipe are kept there until the write is done, so that recovery can
---   execute them if this process dies in between)
+--   KEYS[3] its replies (lost replies: see FENCE), KEYS[4] the highest offset any
+--   deposit covers per source partition (MARKS), then 6 per resource: nodes, meta,
+--   partials, exec, exec_recipe (taken partials and their recipe are kept there
+--   until the write is done, so that recovery can execute them if this process
+--   dies in between), seen (MARKS)
 -- ARGV[1] process id, ARGV[2] now (epoch ms), ARGV[3] slot, ARGV[4] batch id,
---   then 5 per resource:
+--   then 6 per resource:
 --   mode: "end"    deposit unless this is the last holder, else take
 --         "force"  take even if others still hold the resource
 --         "cache"  always deposit (failed execute, fast shutdown); deletes exec
@@ -277,6 +278,17 @@ RELEASE_LUA = """
 --           rebuild the partial; kept in meta
 --   payload: as above; "" deposits nothing
 --   resource: its name, removed from the held set unless mode is "orphan"
+--   marks: "partition\\toffset\\n..." the highest offset of each replayable
+--          source partition the payload covers, or ""
+-- MARKS. A payload with marks is recorded, in this same step, as covering its
+-- events: seen (hash partition -> offset, expiring) keeps the highest offset per
+-- partition of the resource's events that are safe in Redis or being written,
+-- and KEYS[4] the highest over all resources. A worker replaying a partition
+-- from its committed offset (after a kill) skips an event of a resource at or
+-- below that resource's mark: it was counted already. So that a mark never
+-- covers events that could still be lost, a last holder with marks and nothing
+-- to take keeps its own payload in exec too (reply {3, kind, ""}), like any
+-- taken set, until its write is done.
 -- Taking renames the partials to exec, with the caller's own payload added (so
 -- exec holds exactly what the caller will write), and exec_recipe is
 -- "kind\\nexecution id\\nrecipe": the execution id is "<pid>:<seq>" from the exec
@@ -288,10 +300,10 @@ RELEASE_LUA = """
 --   {2, reason} when the deposit was refused, nothing of it merged (a sum Redis
 --   cannot hold: deposit_refused): the resource is left all the same, and the
 --   caller quarantines the payload.
--- On a Redis Cluster the two leading KEYS are left out (they are in another slot):
+-- On a Redis Cluster the leading KEYS are left out (they are in another slot):
 -- FENCE_HELD checks the fence before and empties the held set after (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
-local head = #KEYS % 5
+local head = #KEYS % 6
 if head > 0 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
@@ -299,12 +311,16 @@ end
 local again = replayed(head)
 if again then return again end
 local out = {}
-for i = 0, (#KEYS - head) / 5 - 1 do
-  local k = head + i * 5
+for i = 0, (#KEYS - head) / 6 - 1 do
+  local k = head + i * 6
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
   local exec, exec_recipe = KEYS[k+4], KEYS[k+5]
-  local a = 5 + i * 5
+  local a = 5 + i * 6
   local mode, kind, recipe, payload = ARGV[a], ARGV[a+1], ARGV[a+2], ARGV[a+3]
+  local marks = ARGV[a+5]
+  if marks ~= '' and mode ~= 'orphan' then
+    record_marks(KEYS[k+6], head >= 4 and KEYS[4] or nil, marks)
+  end
   local left
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
@@ -343,6 +359,15 @@ for i = 0, (#KEYS - head) / 5 - 1 do
       local eid = string.match(exec, ':exec:([^:]+:%d+)$') or exec
       redis.call('RENAME', partials, exec)
       redis.call('SET', exec_recipe, kind .. '\\n' .. eid .. '\\n' .. stored)
+    elseif marks ~= '' and mode ~= 'orphan' and payload ~= '' then
+      if kind == 'json' then
+        redis.call('RPUSH', exec, payload)
+      else
+        merge_pairs(exec, kind, payload_pairs(payload))
+      end
+      local eid = string.match(exec, ':exec:([^:]+:%d+)$') or exec
+      redis.call('SET', exec_recipe, kind .. '\\n' .. eid .. '\\n' .. stored)
+      t = 'own'
     end
     if left == 0 then
       redis.call('DEL', meta)
@@ -351,6 +376,8 @@ for i = 0, (#KEYS - head) / 5 - 1 do
     end
     if mode == 'orphan' and t == 'none' then
       out[i + 1] = {0}
+    elseif t == 'own' then
+      out[i + 1] = {3, kind, ''}
     else
       local r = {1, kind, mode == 'orphan' and recipe or ''}
       for _, v in ipairs(items) do r[#r + 1] = v end
@@ -630,6 +657,19 @@ local function replayed(head)
   end
 end
 
+local function record_marks(seen, highest, marks)
+  for part, offset in string.gmatch(marks, '([^\\t\\n]+)\\t([^\\n]+)') do
+    local o = tonumber(offset)
+    local cur = tonumber(redis.call('HGET', seen, part) or '-1')
+    if o > cur then redis.call('HSET', seen, part, offset) end
+    if highest then
+      cur = tonumber(redis.call('HGET', highest, part) or '-1')
+      if o > cur then redis.call('HSET', highest, part, offset) end
+    end
+  end
+  redis.call('PEXPIRE', seen, 604800000)
+end
+
 local function remember(head, out)
   if head < 3 then return out end
   redis.call('HSET', KEYS[3], ARGV[3], ARGV[4] .. '\\n' .. cjson.encode(out))
@@ -672,7 +712,7 @@ FENCED_ERROR = "PHONON_FENCED"
 
 LAYOUT: dict[str, slots.Layout] = {
     ACQUIRE.sha: slots.Layout(2, 3, 2, held=lambda a: ("+", a[1])),
-    RELEASE.sha: slots.Layout(2, 5, 5, held=lambda a: None if a[0] == "orphan" else ("-", a[4])),
+    RELEASE.sha: slots.Layout(2, 6, 6, held=lambda a: None if a[0] == "orphan" else ("-", a[4])),
     RECOVER.sha: slots.Layout(0, 7, 1),
     QUARANTINE.sha: slots.Layout(1, 6, 1),
 }
