@@ -629,9 +629,13 @@ def _connect(ctx: Context, config: Config | None = None) -> tuple[Any, Any]:
     so that reading or publishing never registers this command as a worker."""
     settings = ctx.settings(config)
     try:
-        return settings, settings.connect(create=False)
+        client = settings.connect(create=False)
     except PhononError as e:
         fail(e)
+    # Closed with the command (for a command run in-process, e.g. by a test, its
+    # sockets would otherwise live until garbage collection).
+    click.get_current_context().call_on_close(client.close)
+    return settings, client
 
 
 def _config_process(ctx: Context, config: Config) -> Process:

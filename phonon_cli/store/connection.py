@@ -227,7 +227,11 @@ def connect_cluster(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redi
     for attempt in range(1, attempts + 1):
         try:
             client = RedisCluster.from_url(url, decode_responses=True, health_check_interval=30)
-            client.ping(target_nodes=RedisCluster.PRIMARIES)
+            try:
+                client.ping(target_nodes=RedisCluster.PRIMARIES)
+            except BaseException:
+                client.close()  # a failed attempt keeps no sockets open
+                raise
             return client  # type: ignore[return-value]
         except ValueError as e:
             raise StoreUnavailable(f"invalid redis url {redact(url)}: {e}") from None
