@@ -109,19 +109,16 @@ def _probe(route: Any) -> str:
     return f"appends to {target}"
 
 
-class Lines(ConflictFreeUpdate):
-    """Writes ``{"id", "collection", "spec", "doc"}`` per executed key, one per line.
-
-    ``database`` is ``"-"`` or None for stdout, else a file path (parent
-    directories are created). A batch is one write and one flush.
-    """
+class _LinesSink:
+    """What both line sinks do: a batch is one write per target, ``execute`` is a
+    batch of one, and ``check --connect`` looks at the target."""
 
     @classmethod
     def check_connect(cls, route: Any) -> str | None:
         return _probe(route)
 
     def execute(self) -> None:
-        failures = type(self).execute_many([self])
+        failures = type(self).execute_many([self])  # type: ignore[list-item]
         if failures:
             raise failures[0][1]
 
@@ -131,20 +128,15 @@ class Lines(ConflictFreeUpdate):
         return _execute_lines(updates)
 
 
-class AggregateLines(FieldsUpdate):
+class Lines(_LinesSink, ConflictFreeUpdate):
+    """Writes ``{"id", "collection", "spec", "doc"}`` per executed key, one per line.
+
+    ``database`` is ``"-"`` or None for stdout, else a file path (parent
+    directories are created). A batch is one write and one flush.
+    """
+
+
+class AggregateLines(_LinesSink, FieldsUpdate):
     """Writes ``{"id", "collection", "spec", "values"}`` per executed key of a route
     with ``fields``: each field's executed value (a set as a sorted list, a mean as
     a number...). ``database`` as for ``Lines``."""
-
-    @classmethod
-    def check_connect(cls, route: Any) -> str | None:
-        return _probe(route)
-
-    def execute(self) -> None:
-        failures = type(self).execute_many([self])
-        if failures:
-            raise failures[0][1]
-
-    @classmethod
-    def execute_many(cls, updates: Sequence[Update]) -> Failures:
-        return _execute_lines(updates)
