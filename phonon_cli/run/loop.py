@@ -61,6 +61,18 @@ class RunOptions:
 NULLS = "nulls_skipped:"
 """Prefix of a route's skipped-nulls count among a worker's reported figures."""
 
+COUNTS = (
+    "events_read",
+    "routed",
+    "unmatched",
+    "dead_lettered",
+    "keys_executed",
+    "keys_cached",
+    "execute_failures",
+    "keys_quarantined",
+)
+"""The ``RunStats`` counts a worker reports and a ``--workers`` parent adds up."""
+
 
 @dataclass
 class RunStats:
@@ -86,14 +98,7 @@ class RunStats:
     def figures(self, entries: int = 0) -> dict[str, int]:
         """The counts, for a ``--workers`` parent to add up (``run.workers``)."""
         return {
-            "events_read": self.events_read,
-            "routed": self.routed,
-            "unmatched": self.unmatched,
-            "dead_lettered": self.dead_lettered,
-            "keys_executed": self.keys_executed,
-            "keys_cached": self.keys_cached,
-            "execute_failures": self.execute_failures,
-            "keys_quarantined": self.keys_quarantined,
+            **{name: getattr(self, name) for name in COUNTS},
             "entries": entries,
             **{f"{NULLS}{route}": n for route, n in self.nulls_skipped.items()},
         }
@@ -101,19 +106,9 @@ class RunStats:
     @classmethod
     def added_up(cls, figures: dict[str, int], started: float) -> RunStats:
         """The stats of several workers together, timed from ``started`` (monotonic)."""
-        names = (
-            "events_read",
-            "routed",
-            "unmatched",
-            "dead_lettered",
-            "keys_executed",
-            "keys_cached",
-            "execute_failures",
-            "keys_quarantined",
-        )
         nulls = {k[len(NULLS) :]: int(n) for k, n in figures.items() if k.startswith(NULLS)}
         return cls(
-            **{n: int(figures.get(n, 0)) for n in names}, nulls_skipped=nulls, started=started
+            **{n: int(figures.get(n, 0)) for n in COUNTS}, nulls_skipped=nulls, started=started
         )
 
     def progress(self, entries: int) -> str:

@@ -41,21 +41,11 @@ from typing import IO, Any
 import orjson
 
 from .. import defaults
-from .loop import NULLS
+from .loop import COUNTS, NULLS
 
 log = logging.getLogger(__name__)
 
-REPORT_FIELDS = (
-    "events_read",
-    "routed",
-    "unmatched",
-    "dead_lettered",
-    "keys_executed",
-    "keys_cached",
-    "execute_failures",
-    "keys_quarantined",
-    "entries",
-)
+REPORT_FIELDS = (*COUNTS, "entries")
 """What a worker reports (``Report``) and the parent adds up."""
 
 READ_SIZE = 1 << 18
