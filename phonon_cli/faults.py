@@ -7,7 +7,11 @@ GC pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and
 ``before-execute`` (partials taken, nothing written yet), ``after-execute``
 (written, the taken partials not yet forgotten in Redis), ``in-recovery``
 (holding the recovery lock, nothing recovered yet) and ``lost-reply`` (a
-pipeline ran in Redis and its reply is about to be returned).
+pipeline ran in Redis and its reply is about to be returned). A point named
+``POINT@loop`` counts only what the main thread (the run loop) reaches while the
+process does not hold the recovery lock (``RECOVERING``): a test can then kill a
+worker mid-write many times without ever killing it while it recovers, which
+would stall every recovery for the lock's TTL.
 Unset, each point costs one truth test per batch.
 """
 
@@ -15,9 +19,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _plan: dict[str, tuple[str, int]] = {}
 _seen: dict[str, int] = {}
+RECOVERING = threading.Event()
+"""Set while this process holds the recovery lock (``core.recovery``)."""
 
 
 def plan(spec: str) -> None:
@@ -34,8 +41,14 @@ plan(os.environ.get("PHONON_FAULT", ""))
 
 def point(name: str) -> None:
     """Fire the fault planned for ``name``, if any and if its turn has come."""
-    if not _plan or name not in _plan:
+    if not _plan:
         return
+    if name not in _plan:
+        name += "@loop"
+        if name not in _plan or threading.current_thread() is not threading.main_thread():
+            return
+        if RECOVERING.is_set():
+            return
     action, nth = _plan[name]
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] != nth:

@@ -75,6 +75,7 @@ def recover(process: Process) -> int:
         lock.acquire()
     except AlreadyLocked:
         return 0
+    faults.RECOVERING.set()
     try:
         faults.point("in-recovery")
         dead = declare_dead(process, candidates)
@@ -90,6 +91,7 @@ def recover(process: Process) -> int:
             claim_orphans(process, orphans)
         return len(dead)
     finally:
+        faults.RECOVERING.clear()
         try:
             lock.release()
         except LockNotOwned:

@@ -260,9 +260,12 @@ class Runner:
         self._fields = [(f"routes[{i}]", r.fields) for i, r in enumerate(router.routes) if r.fields]
         """The routes with fields, named as in the config, whose skipped nulls are counted."""
         self._read_to: dict[tuple[Source, str], int] = {}
+        """Per (source, partition): the offset after the last line handled."""
         self._highest: dict[str, int] = {}
         """Per replayable partition read, its highest mark when reading (re)started."""
-        """Per (source, partition): the offset after the last line handled."""
+        self._counted: dict[int, set[str]] = {}
+        """In the chunk being handled, offset -> the resources that counted that
+        replayed event already while others did not (``_skip_counted``)."""
         self._by_name = {s.name: s for s in self.sources}
 
     # -- signals ----------------------------------------------------------------------
@@ -473,6 +476,8 @@ class Runner:
     def _partition(self, chunk: Chunk) -> tuple[Source, str] | None:
         """Where the chunk's offsets are committed (None: nowhere); notes how far it is
         read, and blanks the events a replayed chunk had counted already."""
+        if self._counted:
+            self._counted = {}
         if chunk.partition is None:
             return None
         part = (self._by_name[chunk.source], chunk.partition)
@@ -483,14 +488,18 @@ class Runner:
         return part
 
     def _skip_counted(self, chunk: Chunk, part: tuple[Source, str], pname: str) -> None:
-        """Blank out the lines of a replayed chunk whose every key already counted them.
+        """Blank out the lines of a replayed chunk whose every key already counted them,
+        and note, for a line only some of whose keys did, which keys to skip.
 
         A worker killed after depositing (or writing) an update leaves its
         events' offsets marked on the key (scripts.RELEASE_LUA's MARKS), while
         the committed offset stays behind them. Reading the partition again from
-        there, an event at or below each of its keys' marks was counted already.
-        Only chunks below the partition's highest mark are checked: one round
-        trip each, while replaying; none on the hot path.
+        there, an event at or below a key's mark was counted already on that
+        key. An event of several keys (several routes) whose updates left the
+        cache at different times may have been counted on some and not on the
+        others when the worker died: it is counted again only on the others
+        (``_counted``). Only chunks below the partition's highest mark are
+        checked: one round trip each, while replaying; none on the hot path.
         """
         client = self.process.client
         if self._read_to.get(part) != chunk.first_offset:  # (re)starting to read it
@@ -505,10 +514,7 @@ class Runner:
                 routed = self.router.route(event) if type(event) is dict else ()
             except (orjson.JSONDecodeError, EventError):
                 continue
-            resources = [
-                str(id_) if route.collection is None else f"{route.collection}:{id_}"
-                for route, id_, _, _ in routed
-            ]
+            resources = [_resource(entry) for entry in routed]
             if resources:
                 lines.append((i, resources))
         distinct = sorted({r for _, rs in lines for r in rs})
@@ -519,9 +525,12 @@ class Runner:
         skipped = 0
         for i, resources in lines:
             offset = chunk.first_offset + i
-            if all(seen.get(r, -1) >= offset for r in resources):
+            counted = {r for r in resources if seen.get(r, -1) >= offset}
+            if len(counted) == len(set(resources)):
                 chunk.lines[i] = b""
                 skipped += 1
+            elif counted:
+                self._counted[offset] = counted
         if skipped:
             log.info("%s: %d replayed events were counted already; skipped", pname, skipped)
 
@@ -543,6 +552,9 @@ class Runner:
         if not routed:
             self.stats.unmatched += 1
             return 0
+        if self._counted and part is not None and offset in self._counted:
+            counted = self._counted[offset]  # replayed: some keys counted it already
+            routed = [e for e in routed if _resource(e) not in counted]
         for entry in routed:
             problem = self._insert(entry, event, part, offset, now_ms)
             if problem is not None:  # poison: dead-lettered, not routed
@@ -674,6 +686,12 @@ def _marked(part: tuple[Source, str]) -> str | None:
     same to every worker (``file:``); None for the others."""
     source, partition = part
     return f"{source.name}|{partition}" if source.name.startswith("file:") else None
+
+
+def _resource(entry: Routed) -> str:
+    """The resource a routed event's update holds (as ``Update`` names it)."""
+    route, id_ = entry[0], entry[1]
+    return str(id_) if route.collection is None else f"{route.collection}:{id_}"
 
 
 def _note_highest(update: Update, pname: str, offset: int) -> None:
