@@ -537,3 +537,41 @@ def test_quarantine_across_masters_and_listed_from_every_one(
         assert "12 quarantined" in err
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("update", ["WidgetUpdate", "CountingUpdate"])
+def test_a_batch_whose_reply_was_lost_is_applied_once_on_every_node(
+    redis_cluster, cluster_namespace, tmp_path, monkeypatch, update
+) -> None:
+    """As on one server (test_faults): Redis ran a batch, here one call per slot on
+    three masters, and the reply was lost; the batch is sent again and each per-slot
+    call is recognised in its own slot, so deposits and takes apply once."""
+    import widgets
+
+    from phonon_cli import faults
+    from phonon_cli.core.update import end_sessions
+
+    url, ns = redis_cluster.url, cluster_namespace
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    monkeypatch.setenv("PHONON_TEST_OUT", str(out))
+    cls = getattr(widgets, update)
+    keys = [f"k{i}" for i in range(12)]
+    assert len(masters_of(redis_cluster, ns, keys)) == 3
+    a = Process(url, namespace=ns, cluster=True, start_heartbeat=False)
+    b = Process(url, namespace=ns, cluster=True, start_heartbeat=False)
+    try:
+        held = [cls(b, k, doc={"c": 1}) for k in keys]
+        mine = [cls(a, k, doc={"c": 10}) for k in keys]
+        faults.plan("lost-reply:drop")
+        try:
+            assert end_sessions(mine) == [False] * 12  # deposited (b holds), reply lost
+            faults.plan("lost-reply:drop")
+            assert end_sessions(held) == [True] * 12  # b takes a's partials, reply lost
+        finally:
+            faults.plan("")
+        assert read_executed(out) == Counter({k: 11 for k in keys})
+    finally:
+        a.stop()
+        b.stop()
+    assert namespace_keys(redis_cluster, ns) == []

@@ -18,7 +18,7 @@ import redis
 
 from .. import defaults, faults
 from ..exceptions import AlreadyLocked, LockNotOwned
-from ..store import liveness, scripts
+from ..store import is_cluster, liveness, scripts
 from ..store.keys import Keys
 from ..store.lock import Lock, owner_of
 from .reference import Kind, Release, Taken, release_many
@@ -145,7 +145,8 @@ def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> l
 
 
 def unregister(process: Process, pid: str) -> None:
-    """Forget process ``pid``: its registry entry, figures, held set and alive key."""
+    """Forget process ``pid``: its registry entry, figures, held set, alive key and
+    replies (on a cluster, a SCAN finds its per-slot replies)."""
     pipe = process.client.pipeline(transaction=False)
     for key in (
         process.keys.held(pid),
@@ -156,6 +157,11 @@ def unregister(process: Process, pid: str) -> None:
         pipe.delete(key)  # one key per DEL: a cluster pipeline refuses several
     pipe.zrem(process.keys.processes, pid)
     pipe.srem(process.keys.declared_dead, pid)
+    if is_cluster(process.client):  # its replies, one hash per slot it wrote in
+        for key in process.client.scan_iter(
+            match=process.keys.slot_replies_pattern(pid), count=1000
+        ):
+            pipe.delete(key)
     pipe.execute()
 
 

@@ -90,10 +90,12 @@ def acquire_many(
 
 def _own_keys(process: Process, marks: bool) -> list[str]:
     """The caller's keys the batched scripts take first: the registry (fencing), its
-    held set and its replies (lost replies). A cluster has no replies key: they
-    would be in another slot than the resources (see scripts.FENCE_LUA)."""
+    held set and its replies (lost replies). On a cluster the replies are one hash
+    per slot, named from a template the per-slot split fills in (store/slots.py)."""
     keys = [process.keys.processes, process.keys.held(process.id)]
-    if not is_cluster(process.client):
+    if is_cluster(process.client):
+        keys.append(process.keys.slot_replies(process.id))
+    else:
         keys.append(process.keys.replies(process.id))
         if marks:
             keys.append(process.keys.highest_marks)

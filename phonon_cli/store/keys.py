@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
 
 @dataclass(frozen=True)
 class ResourceKeys:
@@ -115,6 +117,18 @@ class Keys:
         so a call sent again after a lost reply is answered without running twice."""
         return f"{self._procs}:process:{process_id}:replies"
 
+    def slot_replies(self, process_id: str) -> str:
+        """On a Redis Cluster, ``replies`` per hash slot: a template whose ``{}`` the
+        per-slot split fills with a tag of the call's slot (``in_slot``), so that each
+        per-slot call of a batch keeps its reply in its own slot. Hashes, expiring an
+        hour after their last write; recovery deletes a dead process's
+        (``slot_replies_pattern``)."""
+        return f"{self.namespace}:replies:{{}}:{process_id}"
+
+    def slot_replies_pattern(self, process_id: str) -> str:
+        """A SCAN pattern matching every ``slot_replies`` hash of one process."""
+        return f"{self.namespace}:replies:*:{process_id}"
+
     def held(self, process_id: str) -> str:
         """Set of resources a process holds (or is executing): what recovery must visit."""
         return f"{self._procs}:process:{process_id}:held"
@@ -171,3 +185,30 @@ class Keys:
         """String lock (token, PX): the one worker of a group reading a partition (or, for
         pub/sub, subscribed; for a stream, claiming dead consumers' entries)."""
         return f"{self.namespace}:source-lock:{group}:{source}:{partition}"
+
+
+_slot_tags: list[str] = []
+
+
+def in_slot(template: str, slot: int) -> str:
+    """``template`` (see ``Keys.slot_replies``) made a key of hash slot ``slot``: its
+    ``{}`` becomes a hash tag that hashes to that slot."""
+    if not _slot_tags:
+        _slot_tags.extend(_tags())
+    return template.replace("{}", f"{{{_slot_tags[slot]}}}", 1)
+
+
+def _tags() -> list[str]:
+    """For each slot, the first decimal number whose text hashes to it (about 170,000
+    CRC16s of a few bytes, once per process, on a cluster only)."""
+    tags: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+    missing = REDIS_CLUSTER_HASH_SLOTS
+    n = 0
+    while missing:
+        text = str(n)
+        slot = key_slot(text.encode())
+        if tags[slot] is None:
+            tags[slot] = text
+            missing -= 1
+        n += 1
+    return [t for t in tags if t is not None]

@@ -222,19 +222,21 @@ ACQUIRE_LUA = """
 --   the resource's name (for the held set)
 -- Returns, per resource: {} or, when absorbing, {kind, item, item, ...} where
 --   items are JSON partials (kind "json") or field, value pairs (kind "sums").
--- On a Redis Cluster the two leading KEYS are left out (they are in another slot):
+-- On a Redis Cluster the three leading KEYS are replaced by one, the caller's replies
+-- in this call's slot (see FENCE): the registry and held set are in another slot, and
 -- FENCE_HELD checks the fence and fills the held set first (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
-local head = (string.sub(KEYS[1], -10) == ':processes') and 3 or 0
-if head > 0 and not redis.call('ZSCORE', KEYS[1], pid) then
+local head = (string.sub(KEYS[1], -10) == ':processes') and 3 or (#KEYS % 3)
+if head == 3 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
-local again = replayed(head)
+local replies = replies_key(head)
+local again = replayed(replies)
 if again then return again end
 local out = {}
 for i = 0, (#KEYS - head) / 3 - 1 do
   local nodes, meta, partials = KEYS[head+i*3+1], KEYS[head+i*3+2], KEYS[head+i*3+3]
-  if head > 0 then redis.call('SADD', KEYS[2], ARGV[6 + i * 2]) end
+  if head == 3 then redis.call('SADD', KEYS[2], ARGV[6 + i * 2]) end
   redis.call('HSET', nodes, pid, now)
   local taken = {}
   if ARGV[5 + i * 2] == '1' then
@@ -251,7 +253,7 @@ for i = 0, (#KEYS - head) / 3 - 1 do
   end
   out[i + 1] = taken
 end
-return remember(head, out)
+return remember(replies, out)
 """
 
 RELEASE_LUA = """
@@ -300,15 +302,16 @@ RELEASE_LUA = """
 --   {2, reason} when the deposit was refused, nothing of it merged (a sum Redis
 --   cannot hold: deposit_refused): the resource is left all the same, and the
 --   caller quarantines the payload.
--- On a Redis Cluster the leading KEYS are left out (they are in another slot):
--- FENCE_HELD checks the fence before and empties the held set after (store/slots.py).
+-- On a Redis Cluster the four leading KEYS are replaced by one, the caller's replies
+-- in this call's slot (see FENCE): the others are in another slot, and FENCE_HELD
+-- checks the fence before and empties the held set after (store/slots.py).
 local pid, now = ARGV[1], ARGV[2]
 local head = #KEYS % 6
-if head > 0 and not redis.call('ZSCORE', KEYS[1], pid) then
+if head >= 3 and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
-
-local again = replayed(head)
+local replies = replies_key(head)
+local again = replayed(replies)
 if again then return again end
 local out = {}
 for i = 0, (#KEYS - head) / 6 - 1 do
@@ -325,7 +328,7 @@ for i = 0, (#KEYS - head) / 6 - 1 do
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
   else
-    if head > 0 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
+    if head >= 3 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
     redis.call('HDEL', nodes, pid)
     left = redis.call('HLEN', nodes)
   end
@@ -409,7 +412,7 @@ for i = 0, (#KEYS - head) / 6 - 1 do
     if not refused then out[i + 1] = {0} end
   end
 end
-return remember(head, out)
+return remember(replies, out)
 """
 
 QUARANTINE_LUA = """
@@ -646,11 +649,18 @@ local FENCED = 'PHONON_FENCED process declared dead: '
 -- call's slot, so the same call sent again returns the first reply and changes
 -- nothing: a deposit is never made twice, a taken set never taken again.
 -- KEYS[3] the caller's replies hash; ARGV[3] the call's slot, ARGV[4] its batch id.
--- (Not on a Redis Cluster, where the caller's keys are in another slot: there a
--- batch sent again after a lost reply may apply twice.)
-local function replayed(head)
-  if head < 3 then return nil end
-  local prior = redis.call('HGET', KEYS[3], ARGV[3])
+-- On a Redis Cluster a batch is one call per hash slot (store/slots.py), and the
+-- caller's replies hash is one per slot, in the call's own slot (Keys.slot_replies),
+-- passed as the only leading key: each per-slot call is recognised on its own.
+local function replies_key(head)
+  if head >= 3 then return KEYS[3] end
+  if head == 1 then return KEYS[1] end
+  return nil
+end
+
+local function replayed(replies)
+  if not replies then return nil end
+  local prior = redis.call('HGET', replies, ARGV[3])
   local bid = ARGV[4] .. '\\n'
   if prior and string.sub(prior, 1, #bid) == bid then
     return cjson.decode(string.sub(prior, #bid + 1))
@@ -670,10 +680,10 @@ local function record_marks(seen, highest, marks)
   redis.call('PEXPIRE', seen, 604800000)
 end
 
-local function remember(head, out)
-  if head < 3 then return out end
-  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4] .. '\\n' .. cjson.encode(out))
-  redis.call('PEXPIRE', KEYS[3], 3600000)
+local function remember(replies, out)
+  if not replies then return out end
+  redis.call('HSET', replies, ARGV[3], ARGV[4] .. '\\n' .. cjson.encode(out))
+  redis.call('PEXPIRE', replies, 3600000)
   return out
 end
 """
@@ -711,14 +721,17 @@ FENCED_ERROR = "PHONON_FENCED"
 """How a fenced script's error starts (see FENCE_LUA)."""
 
 LAYOUT: dict[str, slots.Layout] = {
-    ACQUIRE.sha: slots.Layout(2, 3, 2, held=lambda a: ("+", a[1])),
-    RELEASE.sha: slots.Layout(2, 6, 6, held=lambda a: None if a[0] == "orphan" else ("-", a[4])),
+    ACQUIRE.sha: slots.Layout(3, 3, 2, held=lambda a: ("+", a[1]), replies=True),
+    RELEASE.sha: slots.Layout(
+        3, 6, 6, held=lambda a: None if a[0] == "orphan" else ("-", a[4]), replies=True
+    ),
     RECOVER.sha: slots.Layout(0, 7, 1),
     QUARANTINE.sha: slots.Layout(1, 6, 1),
 }
 """How each batched script lays out its KEYS and ARGV, for the per-slot split on a
-Redis Cluster (``slots``): the process's own keys first, then so many keys and
-arguments per resource, and which resources enter (+) or leave (-) the held set."""
+Redis Cluster (``slots``): the process's own keys first (for ACQUIRE and RELEASE the
+registry, the held set and the template of the per-slot replies), then so many keys
+and arguments per resource, and which resources enter (+) or leave (-) the held set."""
 
 
 def load(pipe: Pipeline) -> None:
@@ -755,7 +768,8 @@ def run(
     A dropped connection is retried, with backoff, for up to ``timeout_s``
     seconds (beyond redis-py's own few quick retries): sending the same pipeline
     again is safe on one server, as its scripts recognise a batch they already
-    ran (see FENCE_LUA) and every other command in our pipelines is idempotent.
+    ran (see FENCE_LUA) and every other command in our pipelines is idempotent; on a
+    cluster each per-slot call is recognised in its own slot.
 
     Raises:
         redis.ConnectionError, redis.TimeoutError: the store stayed unreachable.
@@ -781,7 +795,9 @@ def _run_once(client: redis.Redis, build: Callable[[Pipeline], object]) -> list[
     # others did run.
     if is_cluster(client):
         try:
-            return slots.run(client, build, ALL, FENCE_HELD)  # type: ignore[arg-type]
+            replies = slots.run(client, build, ALL, FENCE_HELD)  # type: ignore[arg-type]
+            faults.point("lost-reply")
+            return replies
         except ResponseError as e:
             if FENCED_ERROR in str(e):
                 raise Fenced(str(e)) from None

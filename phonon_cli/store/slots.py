@@ -13,7 +13,10 @@ The process's own keys (registry and held set) are in another slot than the
 resources, so the per-slot calls leave them out, and ``FENCE_HELD`` does their part:
 before the batch, the fence check and the resources that enter the held set;
 after it, those that leave. Fencing is then checked just before the batch rather
-than in the same atomic step: see docs/scaling.md for what that changes.
+than in the same atomic step: see docs/scaling.md for what that changes. Each
+per-slot call keeps its reply in a replies hash of its own slot
+(``Keys.slot_replies``), so a call sent again after its reply was lost is answered
+from there and applies nothing twice, as on one server.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import defaults
+from .keys import in_slot
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,10 @@ class Layout:
     """ARGV per resource; those before them are shared by the whole batch."""
     held: Held | None = None
     """From one resource's ARGV: ("+" or "-", resource) for the held set, or None."""
+    replies: bool = False
+    """The last of the head keys is the caller's replies template (``Keys.slot_replies``):
+    each per-slot call gets, as its only leading key, the replies hash of its slot, so
+    the call is recognised if it is sent again after its reply was lost."""
 
 
 def load(client: Any, scripts: Sequence[Script]) -> None:
@@ -92,7 +100,8 @@ def queue(
     head, per_keys, per_args = layout.head_keys, layout.item_keys, layout.item_args
     count = (len(keys) - head) // per_keys if per_keys else 0
     shared = list(args[: len(args) - count * per_args])
-    split = _Split(position=len(pipe), count=count, head=list(keys[:head]))
+    fence = head - 1 if layout.replies else head
+    split = _Split(position=len(pipe), count=count, head=list(keys[:fence]))
     by_slot: dict[int, list[int]] = {}
     for i in range(count):
         by_slot.setdefault(key_slot(keys[head + i * per_keys].encode()), []).append(i)
@@ -105,6 +114,8 @@ def queue(
         split.pid = str(args[0])
     for slot, items in by_slot.items():
         k = [keys[head + i * per_keys + j] for i in items for j in range(per_keys)]
+        if layout.replies:
+            k.insert(0, in_slot(keys[head - 1], slot))
         first = len(shared)
         a = shared + [args[first + i * per_args + j] for i in items for j in range(per_args)]
         call = (script.sha, len(k), *k, *a)
