@@ -99,11 +99,11 @@ def lines(evs: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(e) + b"\n" for e in evs)
 
 
-def registers_hex(values: list[Any]) -> str:
+def registers_text(values: list[Any]) -> str:
     registers: hll.Registers = {}
     for v in values:
         hll.add(registers, canonical(v))
-    return hll.to_hex(registers)
+    return hll.encode(registers)
 
 
 def assert_matches(got: dict[Any, dict[str, Any]], evs: list[dict[str, Any]]) -> None:
@@ -115,7 +115,7 @@ def assert_matches(got: dict[Any, dict[str, Any]], evs: list[dict[str, Any]]) ->
         visitors = w.pop("visitors")
         assert {k: row[k] for k in w} == w, user
         assert abs(row["visitors"] - visitors) <= max(1, visitors // 20)
-        assert row["visitors__hll"] == registers_hex(
+        assert row["visitors__hll"] == registers_text(
             [e["visitor"] for e in evs if e["user"] == user]
         )
         assert (row["avg__sum"], row["avg__count"]) == (w["revenue"], w["events"])

@@ -23,6 +23,7 @@ from phonon_cli.fields.strategies import Field, encode_slot, merge_slot
 from phonon_cli.routing import fields as fieldconfig
 from phonon_cli.routing.fields import skipped_nulls
 from phonon_cli.routing.routes import Route, Router
+from phonon_cli.store.scripts import MERGE_LUA
 
 ROUTE = {
     "update": "aggregates:Recorder",
@@ -520,6 +521,50 @@ def test_generated_merge_equals_the_strategies_merge(events: list[dict[str, Any]
         merge(docs.setdefault(id_, {}), items)
     reference = merged_doc(route, events)
     assert {k: encoded(d) for k, d in docs.items()} == {k: encoded(d) for k, d in reference.items()}
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [(1, 1), (3, 20), (20, 3), (250, 250), (300, 400), (600, 5), (5, 600), (700, 2000)],
+)
+def test_redis_merges_hll_registers_as_python_does(workers: list[Any], a: int, b: int) -> None:
+    """Two partials' registers merged by the Lua (sparse with sparse, sparse into
+    dense, a sparse union that outgrows the sparse form, dense with dense) equal
+    the Python union, as the very text hll.encode writes."""
+    key = f"h{next(RUNS)}"
+    slot = "hll:visitors"
+    rng = random.Random(a * 10_000 + b)
+    partials: list[hll.Registers] = []
+    for n in (a, b):
+        registers: hll.Registers = {}
+        for _ in range(n):
+            hll.add(registers, orjson.dumps(rng.getrandbits(60)).decode())
+        partials.append(registers)
+    fields = [Field("visitors", "distinct_count")]
+    for process, registers in zip(workers, partials):
+        Recorder(process, key, collection="s", doc={slot: dict(registers)}, fields=fields).cache()
+    want = hll.union(dict(partials[0]), partials[1])
+    process = workers[2]
+    held = process.client.hget(process.keys.resource(f"s:{key}").partials, slot)
+    assert held == hll.encode(want)
+    taken = Recorder(process, key, collection="s", doc={}, fields=fields, init_cache=True)
+    assert taken.doc == {slot: want}
+
+
+def test_hll_text_forms() -> None:
+    """Sparse while it is shorter, dense after; decode reads both; the Lua has the
+    same threshold as the Python."""
+    for n in (1, hll.SPARSE_MAX, hll.SPARSE_MAX + 1, hll.REGISTERS):
+        registers = {i: 1 + i % 50 for i in range(0, hll.REGISTERS, hll.REGISTERS // n)[:n]}
+        assert len(registers) == n
+        text = hll.encode(registers)
+        assert len(text) == (1 + 5 * n if n <= hll.SPARSE_MAX else 2 * hll.REGISTERS)
+        assert hll.decode(text) == registers
+        dense = bytearray(hll.REGISTERS)
+        for i, r in registers.items():
+            dense[i] = r
+        assert hll.decode(dense.hex()) == registers  # as every version wrote it before
+    assert f"local HLL_SPARSE_MAX = {hll.SPARSE_MAX}\n" in MERGE_LUA
 
 
 def test_hll_estimate_is_close_for_known_cardinalities() -> None:

@@ -10,12 +10,12 @@ from ..core.reference import Kind
 from ..core.update import Update
 from ..exceptions import EventError
 from ..poison import INT64_END, INT64_MIN, bad_number, short
+from . import hll
 from .strategies import (
     MERGERS,
-    STRATEGIES,
     Field,
     Slots,
-    _rank,
+    by_rank,
     decode_slot,
     encode_slot,
     fields_of,
@@ -82,42 +82,69 @@ class FieldsUpdate(Update):
 
 @functools.lru_cache(maxsize=256)
 def merge_event_for(fields: tuple[Field, ...]) -> MergeEvent:
-    """One generated function merging an event's items into a doc, for these fields.
-
-    Each strategy's ``add_code`` (the rule of its ``merger``, for the state of
-    one event) is written out in turn, so an event costs one call: no lookup
-    and no call per slot, no container built per event. Sums are checked first,
-    so an event that would take one out of the 64-bit range merges nothing.
-    """
-    env: dict[str, Any] = {
-        "EventError": EventError,
-        "STRATEGIES": STRATEGIES,
-        "RANK": _rank,
-        "bad_number": bad_number,
-        "short": short,
-        "MIN": INT64_MIN,
-        "END": INT64_END,
-    }
+    """One generated function merging an event's items into a doc, for these fields
+    (``merge_code``, after unpacking the items into its locals)."""
+    env: dict[str, Any] = {}
+    check, apply = merge_code(fields, env)
     names = "".join(f"x{i}, " for i in range(len(fields)))
-    check: list[str] = [f"    ({names}) = items"] if fields else []
+    unpack = [f"    ({names}) = items"] if fields else []
+    code = "\n".join(["def merge(doc, items):", *unpack, *check, *apply, "    return None"])
+    exec(compile(code, "<fields merge>", "exec"), env)  # noqa: S102
+    merge_event: MergeEvent = env["merge"]
+    merge_event.__doc__ = code  # what was generated, for whoever debugs it
+    return merge_event
+
+
+MERGE_ENV: dict[str, Any] = {
+    "EventError": EventError,
+    "BY_RANK": by_rank,
+    "HLL_HASH": hll.HASH.copy,
+    "FROM_BYTES": int.from_bytes,
+    "bad_number": bad_number,
+    "short": short,
+    "MIN": INT64_MIN,
+    "END": INT64_END,
+}
+"""What the lines of ``merge_code`` call."""
+
+
+def merge_code(fields: Sequence[Field], env: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The lines (indented once) merging an event's items, in the locals ``x0``,
+    ``x1``... (None for a skipped null), into the dict ``doc``, in place.
+
+    Two parts: the checks, which may raise ``EventError`` and change nothing in
+    ``doc``, then the merges, which cannot fail, so that an event refused merges
+    nothing. Each strategy's ``add_code`` (the rule of its ``merger``, for the
+    state of one event) is written out in turn: no lookup and no call per slot,
+    no container built per event. Sums are checked first: an event that would
+    take one out of the 64-bit range merges nothing. The caller runs the lines
+    (``merge_event_for``; ``routing.fields.fold_code`` with the event's own
+    items code before them, for the run loop's path).
+
+    Args:
+        fields: the fields, in the order of the items.
+        env: the globals the lines will run with: what they call is added.
+
+    Locals the lines use: ``doc``, ``x<i>``, ``x``, ``c``, ``h``, ``hi``, ``hr``.
+    """
+    env.update(MERGE_ENV)
+    check: list[str] = []
     apply: list[str] = []
     for i, f in enumerate(fields):
         strategy, slot = f.strategy, f.slots()[0]
         if strategy.summed:  # the sum replaces x<i> once checked
             env[f"M{i}"] = f"the sum of {slot!r} would leave the 64-bit range"
             check += [
-                f"    if x{i} is not None and {slot!r} in doc:",
-                f"        x{i} = doc[{slot!r}] + x{i}",
-                f"        if not MIN <= x{i} < END and bad_number(x{i}):",
-                f"            raise EventError(M{i} + ' (' + short(x{i}) + ')')",
+                f"    if x{i} is not None:",
+                f"        c = doc.get({slot!r})",
+                "        if c is not None:",
+                f"            x{i} = c + x{i}",
+                f"            if not MIN <= x{i} < END and bad_number(x{i}):",
+                f"                raise EventError(M{i} + ' (' + short(x{i}) + ')')",
             ]
         add = strategy.add_code(f.slots(), f.n)
         apply += [f"    if x{i} is not None:", f"        x = x{i}", *(f"        {a}" for a in add)]
-    code = "\n".join(["def merge(doc, items):", *check, *apply, "    return None"])
-    exec(compile(code, "<fields merge>", "exec"), env)  # noqa: S102
-    merge_event: MergeEvent = env["merge"]
-    merge_event.__doc__ = code  # what was generated, for whoever debugs it
-    return merge_event
+    return check, apply
 
 
 def event_slots(fields: tuple[Field, ...], items: Sequence[Any]) -> Slots:

@@ -1,4 +1,4 @@
-"""distinct_count's HyperLogLog: 1,024 registers, kept sparse in the worker.
+"""distinct_count's HyperLogLog: 1,024 registers, kept sparse until they fill up.
 
 A value is hashed to 64 bits (BLAKE2b, a cryptographic hash cut to 8 bytes, so
 every bit is uniform whatever the values look like); the top 10 bits pick a
@@ -8,8 +8,18 @@ union of partials is exact whatever the split.
 
 In the worker the registers are a dict ``index -> rank`` holding only those set:
 an event updates one entry (O(1), no array of 1,024 to rebuild), and a key with
-few values stays small. In Redis and SQL they are 2,048 hex digits, two per
-register, which the Lua ``merge_field`` merges digit pair by digit pair.
+few values stays small. As text (in Redis, and in SQL's ``NAME__hll`` column)
+they take whichever of two forms is shorter, so a key with 20 values ships 101
+characters rather than 2,048:
+
+- sparse: ``s`` then, per register set, in index order, 3 hex digits of its
+  index and 2 of its rank (``s00a03`` is register 10 at rank 3), while fewer
+  than ``SPARSE_MAX`` + 1 registers are set;
+- dense: 2,048 hex digits, two per register, from ``SPARSE_MAX`` + 1 on.
+
+The form is a function of the registers alone, so equal registers are equal
+text, wherever they were merged: the Lua ``merge_field`` (store/scripts.py)
+writes the same text as ``encode``. ``decode`` reads both forms.
 
 The estimate is the standard one (Flajolet et al. 2007) with its small-range
 correction: below 2.5 x 1,024 and while some register is still zero, linear
@@ -28,18 +38,27 @@ BITS = 10
 """log2 of the register count."""
 REGISTERS = 1 << BITS
 assert BITS == 10, "register() has 64 - BITS = 54 written out"
+SPARSE_MAX = 409
+"""The most registers the sparse form holds: 1 + 5 x 409 = 2,046 characters, the
+last count shorter than the 2,048 of the dense form. (scripts.py's Lua has it too.)"""
 
 Registers = dict[int, int]
 """Register index -> rank, for the registers that are not zero."""
 
+HASH = hashlib.blake2b(digest_size=8)
+"""An empty 8-byte BLAKE2b: copied per value, which costs half of building one
+with its keyword argument (the hash is most of an event's distinct_count)."""
+
 
 def register(
-    text: str, _blake2b: Any = hashlib.blake2b, _from_bytes: Any = int.from_bytes
+    text: str, _copy: Any = HASH.copy, _from_bytes: Any = int.from_bytes
 ) -> tuple[int, int]:
     """The register a value (its canonical JSON text) sets, and the rank it sets.
     (Called once per event: the defaults bind the functions once.)"""
-    h = _from_bytes(_blake2b(text.encode(), digest_size=8).digest(), "big")
-    return h >> 54, 55 - (h & 0x3FFFFFFFFFFFFF).bit_length()
+    h = _copy()
+    h.update(text.encode())
+    x = _from_bytes(h.digest(), "big")
+    return x >> 54, 55 - (x & 0x3FFFFFFFFFFFFF).bit_length()
 
 
 def add(registers: Registers, text: str) -> None:
@@ -66,12 +85,31 @@ def estimate(registers: Registers) -> int:
     return round(raw)
 
 
-def to_hex(registers: Registers) -> str:
+INDEX_HEX = [f"{i:03x}" for i in range(REGISTERS)]
+RANK_HEX = [f"{r:02x}" for r in range(64 - BITS + 2)]
+"""The digits of every index and rank, looked up rather than formatted per register."""
+HEX_INDEX = {text: i for i, text in enumerate(INDEX_HEX)}
+HEX_RANK = {text: r for r, text in enumerate(RANK_HEX)}
+
+
+def encode(registers: Registers) -> str:
+    """The registers as text: sparse while few are set, else dense (module docstring)."""
+    if len(registers) <= SPARSE_MAX:
+        index, rank = INDEX_HEX, RANK_HEX
+        return "s" + "".join([index[i] + rank[r] for i, r in sorted(registers.items())])
     dense = bytearray(REGISTERS)
-    for index, rank in registers.items():
-        dense[index] = rank
+    for i, r in registers.items():
+        dense[i] = r
     return dense.hex()
 
 
-def from_hex(text: str) -> Registers:
+def decode(text: str) -> Registers:
+    """The registers of either form (a dense one as any version wrote it).
+
+    Raises:
+        ValueError, KeyError: not the text of registers.
+    """
+    if text[:1] == "s":
+        index, rank = HEX_INDEX, HEX_RANK
+        return {index[text[j : j + 3]]: rank[text[j + 3 : j + 5]] for j in range(1, len(text), 5)}
     return {i: r for i, r in enumerate(bytes.fromhex(text)) if r}

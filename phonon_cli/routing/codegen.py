@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..poison import SMALL_CONSTANT, scalar_text
+from .fields import fold_code
 from .filters import condition
 from .templates import _missing, _parse
 
@@ -209,6 +210,8 @@ def merger(
     lines += ["    u = GET(i)", "    if u is None:", "        return False"]
     if _inline_sum(shape, merge_event):
         lines += ["    d = u.doc", "    d[k] = d.get(k, 0) + N"]
+    elif _folds(route, merge_event):
+        lines += _fold(shape)
     else:
         # Built only for a cached key: for a new one the general path builds it (once:
         # building may count, as skipped nulls are).
@@ -217,6 +220,25 @@ def merger(
     lines += ["    u.events += 1", "    u.touched_ms = now", "    TOUCH(i)", "    return u"]
     merge: Merger = shape.compile("merge")
     return merge
+
+
+def _folds(route: Route, merge_event: Any) -> bool:
+    """Whether the route's fields can be merged inline: the class merges an event's
+    fields as ``FieldsUpdate`` does (a subclass may merge its own way)."""
+    from ..fields.aggregate import FieldsUpdate
+
+    return bool(route.fields) and merge_event is FieldsUpdate.merge_event
+
+
+def _fold(shape: _Shape) -> list[str]:
+    """The lines merging the event's fields into the cached ``u`` (fields.fold_code),
+    reusing the fields the filter, id and spec already looked up."""
+    env: dict[str, Any] = {}
+    lines = ["    doc = u.doc", *fold_code(shape.route.fields, env, shape.locals)]
+    clash = [name for name in env if name in shape.env and shape.env[name] is not env[name]]
+    assert not clash, f"generated names used twice: {clash}"
+    shape.env.update(env)
+    return lines
 
 
 def _inline_sum(shape: _Shape, merge_event: Any) -> bool:
@@ -248,25 +270,31 @@ def lines_merger(
     route either skips or merges into a cached key, and returns where it stopped
     (the first line it cannot take: not JSON, an error, a key not cached; the
     caller takes that one the general way and calls again) and how many it
-    skipped. Only for the commonest shape, a counting doc of a small constant on
-    a sums update,
-    where nothing can fail once the key is found; None otherwise.
+    skipped. For a counting doc of a small constant on a sums update, where
+    nothing can fail once the key is found, and for a route with ``fields``,
+    whose checks all come before its merges (an event refused stops the run
+    with nothing merged); None otherwise.
     """
     import orjson
 
     from ..exceptions import EventError
 
     shape = _Shape(route, spec_builder, doc_builder, conditions, "")
-    if not _inline_sum(shape, route.update.merge_event):
+    merge_event = route.update.merge_event
+    if _inline_sum(shape, merge_event):
+        merged = ["    d = u.doc", "    d[k] = d.get(k, 0) + N"]
+    elif _folds(route, merge_event):
+        merged = _fold(shape)  # checks first: a line refused has merged nothing
+    else:
         return None
     shape.env.update(GET=get, TOUCH=touch, LOADS=orjson.loads, EventError=EventError)
     body = []
-    for line in shape.lines[1:]:
+    for line in [*shape.lines[1:], "    u = GET(i)", "    if u is None:", "        return False"]:
         pad = " " * (8 + len(line) - len(line.lstrip()))
         if line.strip() == "return None":  # the filter skips the event
             body += [f"{pad}skipped += 1", f"{pad}n += 1", f"{pad}continue"]
-        elif line.strip() == "raise _missing(e) from None":
-            body.append(f"{pad}return n, skipped")  # the caller says which field
+        elif line.strip() in ("raise _missing(e) from None", "return False"):
+            body.append(f"{pad}return n, skipped")  # the caller takes it the general way
         else:
             body.append("        " + line)
     lines = [
@@ -282,13 +310,9 @@ def lines_merger(
         "            return n, skipped",
         "        try:",
         *body,
+        *("            " + line[4:] for line in merged),
         "        except EventError:",
         "            return n, skipped",
-        "        u = GET(i)",
-        "        if u is None:",
-        "            return n, skipped",
-        "        d = u.doc",
-        "        d[k] = d.get(k, 0) + N",
         "        u.events += 1",
         "        u.touched_ms = now",
         "        TOUCH(i)",

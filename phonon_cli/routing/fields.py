@@ -15,9 +15,11 @@ keep null as a value and ``count`` counts the event. ``nulls = "dead-letter"``
 makes a null a dead letter instead; ``optional = true`` makes a missing field a
 null instead of a dead letter.
 
-A route's fields compile to one generated function (``items_builder``), so that
-what an event adds to each field is one call, one lookup per event field and no
-dispatching.
+A route's fields compile to generated code: for a key's first event, one
+function making what the event adds to each field (``items_builder``); for a
+cached key, the same lines and the merge written into the route's own merger
+(``fold_code``, codegen.py), so that an event is one call, one lookup per event
+field, no dispatching and no container built but what the slots keep.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 
 from ..clock import now_ms
 from ..exceptions import EventError
-from ..fields import hll
+from ..fields.aggregate import merge_code
 from ..fields.strategies import STRATEGIES, Field, Strategy, _json, check_number
 from ..poison import INT64_END, INT64_MIN
 from .templates import _missing
@@ -90,82 +92,216 @@ def items_builder(fields: Sequence[RouteField]) -> Callable[[Event], tuple[Any, 
     """One generated function making what an event adds to each field: its *items*.
 
     The items are a tuple, one per field in order: what the field's strategy
-    adds (``Strategy.item``: the number, ``(time, JSON text)``, the register
-    and rank...), or None when a null is skipped. ``fields.aggregate`` merges
-    them into a key's slots with one generated function too, so an event is
-    two calls whatever the number of fields.
+    adds (``Strategy.item``: the number, ``(time, JSON text)``...), or None when
+    a null is skipped. ``fields.aggregate`` merges them into a key's slots with
+    one generated function too. This is the path of a key's first event; an
+    event for a cached key takes ``fold_code``, both in one.
 
-    Each event field is looked up once however many fields read it (a
-    top-level ``"{field}"``, the usual case) and each value turned into JSON
-    text once. Other templates are rendered by their own function, in field
-    order. The generated function raises ``EventError`` (the event is
-    dead-lettered) for a field missing and not ``optional`` (the first one
-    missing), a null under ``nulls = "dead-letter"``, or a value of the wrong
-    type; skipped nulls are counted only for an event that is not refused.
+    The generated function raises ``EventError`` (the event is dead-lettered)
+    for a field missing and not ``optional`` (the first one missing), a null
+    under ``nulls = "dead-letter"``, or a value of the wrong type; skipped nulls
+    are counted only for an event that is not refused.
     """
-    env: dict[str, Any] = {
-        "EventError": EventError,
-        "_missing": _missing,
-        "now_ms": now_ms,
-        "J": _json,
-        "REGISTER": hll.register,
-        "CHECK": check_number,
-        "MIN": INT64_MIN,
-        "END": INT64_END,
-    }
-    fetched: dict[str, str] = {}  # required top-level field -> local variable
-    body: list[str] = []
-    texts: dict[str, str] = {}  # value local -> local of its JSON text
-
-    def local(template: Template, optional: bool, label: str) -> str:
-        """A local variable (or constant) holding the template's value for the event."""
-        if template.is_constant:
-            env[label] = template.source
-            return label
-        name = template.key
-        if name is not None and not optional:
-            if name not in fetched:
-                fetched[name] = f"e{len(fetched)}"
-            return fetched[name]
-        if name is None:
-            env[label] = _getter(template, optional)
-        body.append(
-            f"    {label.lower()} = " + (f"event.get({name!r})" if name else f"{label}(event)")
-        )
-        return label.lower()
-
-    for i, rf in enumerate(fields):
-        strategy = rf.field.strategy
-        value = local(rf.value, rf.optional, f"V{i}")
-        key = local(rf.key, rf.optional, f"K{i}") if rf.key is not None else None
-        if key is None and strategy.timed:
-            # Without ``by``, arrival order: the worker's clock. Depends on which event
-            # came first, which is the point of "first"/"last" without a time field.
-            body.append(f"    k{i} = now_ms()")
-            key = f"k{i}"
-        text = ""
-        if strategy.uses_text:
-            if value not in texts:
-                texts[value] = f"j{len(texts)}"
-                body.append(f"    {texts[value]} = J({value})")
-            text = texts[value]
-        body += _field_code(i, rf, value, key, text)
-    lines = ["def items(event):"]
-    if fetched:
-        lines.append("    try:")
-        lines += [f"        {v} = event[{name!r}]" for name, v in fetched.items()]
-        lines.append("    except KeyError as e:")
-        lines.append("        raise _missing(e) from None")
+    env: dict[str, Any] = {}
+    lines = ["def items(event):", *_items_code(fields, env, {})]
     if fields:
-        env["SKIPPED"] = fields[0].skipped  # one per route, shared by its fields
-    lines += ["    skipped = 0", *body]
-    lines += ["    if skipped:", "        SKIPPED.n += skipped"]
+        lines += ["    if nulls:", "        SKIPPED.n += nulls"]
     lines.append(f"    return ({''.join(f'x{i}, ' for i in range(len(fields)))})")
     code = "\n".join(lines)
     exec(compile(code, "<fields>", "exec"), env)  # noqa: S102
     built: Callable[[Event], tuple[Any, ...]] = env["items"]
     built.__doc__ = code  # what was generated, for whoever debugs it
     return built
+
+
+def fold_code(
+    fields: Sequence[RouteField], env: dict[str, Any], known: Mapping[str, str]
+) -> list[str]:
+    """The lines (indented once) merging an event's fields into the dict ``doc`` in
+    place: ``items_builder``'s work and ``FieldsUpdate.merge_event``'s at once, with
+    no tuple of items and no call (codegen.py writes them into the route's
+    merger, the run loop's path for a cached key). As there, an event refused
+    (``EventError``) merges nothing and counts no null.
+
+    Args:
+        env: the globals the lines will run with: what they call is added.
+        known: event field -> the local that already holds it (present).
+    """
+    check, apply = merge_code([f.field for f in fields], env)
+    lines = [*_items_code(fields, env, known), *check]
+    if fields:
+        lines += ["    if nulls:", "        SKIPPED.n += nulls"]
+    return lines + apply
+
+
+def _items_code(
+    fields: Sequence[RouteField], env: dict[str, Any], known: Mapping[str, str]
+) -> list[str]:
+    """Lines (indented once) setting ``x<i>``, each field's item, from ``event``,
+    and ``nulls``, how many nulls were skipped.
+
+    Each event field is looked up once however many fields read it (a
+    top-level ``"{field}"``, the usual case; ``known`` ones not at all) and
+    each value turned into JSON text once. Other templates are rendered by
+    their own function, in field order. Consecutive fields testing the same
+    values for null share one test (``_Block``), and a value is checked to be
+    a number only once where an earlier check of it runs whenever this one
+    would (the first check, the one that can fail, names the same field as
+    ever).
+
+    Locals: ``event``, ``e<n>``, ``v<i>``, ``k<i>``, ``j<n>``, ``x<i>``, ``nulls``.
+    """
+    env.update(
+        EventError=EventError,
+        _missing=_missing,
+        now_ms=now_ms,
+        J=_json,
+        CHECK=check_number,
+        MIN=INT64_MIN,
+        END=INT64_END,
+    )
+    reads = _Reads(env, known)
+    for i, rf in enumerate(fields):
+        strategy = rf.field.strategy
+        value = reads.local(rf.value, rf.optional, f"V{i}")
+        key = reads.local(rf.key, rf.optional, f"K{i}") if rf.key is not None else None
+        if key is None and strategy.timed:
+            # Without ``by``, arrival order: the worker's clock. Depends on which event
+            # came first, which is the point of "first"/"last" without a time field.
+            reads.body.append(_Pure(f"    k{i} = now_ms()"))
+            key = f"k{i}"
+        text = reads.text(value) if strategy.uses_text else ""
+        _add_block(reads.body, _field_block(i, rf, value, key, text))
+    if fields:
+        env["SKIPPED"] = fields[0].skipped  # one per route, shared by its fields
+    lines = reads.fetch()
+    lines.append("    nulls = 0")
+    checked: list[tuple[frozenset[str], str]] = []
+    for item in reads.body:
+        lines += item.code(checked) if isinstance(item, _Block) else [item]
+    return lines
+
+
+class _Reads:
+    """What ``_items_code`` reads from the event, each once: the required top-level
+    fields (fetched together, first), the others and the JSON texts (in ``body``,
+    in field order, among the fields' blocks)."""
+
+    def __init__(self, env: dict[str, Any], known: Mapping[str, str]) -> None:
+        self.env = env
+        self.known = known
+        self.fetched: dict[str, str] = {}
+        """Required top-level field -> its local."""
+        self.texts: dict[str, str] = {}
+        """Value local -> the local of its JSON text."""
+        self.body: list[str | _Block] = []
+
+    def local(self, template: Template, optional: bool, label: str) -> str:
+        """A local variable (or constant) holding the template's value for the event."""
+        if template.is_constant:
+            self.env[label] = template.source
+            return label
+        name = template.key
+        if name is not None and name in self.known:
+            return self.known[name]
+        if name is not None and not optional:
+            return self.fetched.setdefault(name, f"e{len(self.fetched)}")
+        if name is None:
+            self.env[label] = _getter(template, optional)
+        get = f"event.get({name!r})" if name else f"{label}(event)"
+        line = f"    {label.lower()} = {get}"
+        self.body.append(_Pure(line) if optional else line)  # only a required render fails
+        return label.lower()
+
+    def text(self, value: str) -> str:
+        """The local of the JSON text of the value in local ``value``."""
+        if value not in self.texts:
+            self.texts[value] = f"j{len(self.texts)}"
+            self.body.append(_Pure(f"    {self.texts[value]} = J({value})"))
+        return self.texts[value]
+
+    def fetch(self) -> list[str]:
+        """The lines looking up the required fields (a missing one names itself)."""
+        if not self.fetched:
+            return []
+        return [
+            "    try:",
+            *(f"        {v} = event[{name!r}]" for name, v in self.fetched.items()),
+            "    except KeyError as e:",
+            "        raise _missing(e) from None",
+        ]
+
+
+class _Pure(str):
+    """A line that cannot raise (a lookup with a default, a JSON text, the clock):
+    it may move before the fields preceding it."""
+
+
+def _add_block(body: list[str | _Block], block: _Block) -> None:
+    """``block`` appended to ``body``, or joined with the last block when that one
+    tests the same values and only pure lines come between (moved before it)."""
+    blocks = [n for n, item in enumerate(body) if isinstance(item, _Block)]
+    if blocks:
+        last = body[blocks[-1]]
+        between = body[blocks[-1] + 1 :]
+        assert isinstance(last, _Block)
+        if last.tests == block.tests and all(isinstance(line, _Pure) for line in between):
+            last.join(block)
+            body[blocks[-1] :] = [*between, last]
+            return
+    body.append(block)
+
+
+@dataclass
+class _Block:
+    """Consecutive fields whose null rule tests the same values: one test, then for
+    a null each field's rule (skipped, or the event refused), else each field's
+    number checks and item.
+
+    Attributes:
+        tests: the locals tested for None (none: ``count``, every event counts).
+        nulls: per field, ``(i, None)`` to skip its null, ``(i, reason)`` to refuse it.
+        puts: per field, its checks ``(local, what)`` and the line setting its item.
+    """
+
+    tests: tuple[str, ...]
+    nulls: list[tuple[int, str | None]]
+    puts: list[tuple[list[tuple[str, str]], str]]
+
+    def join(self, other: _Block) -> None:
+        self.nulls += other.nulls
+        self.puts += other.puts
+
+    def code(self, checked: list[tuple[frozenset[str], str]]) -> list[str]:
+        """The block's lines. ``checked``: ``(tests, local)`` of the checks written so
+        far; one whose tests are a subset of this block's ran whenever this block's
+        else-branch runs, so its local needs no second check (and gets none)."""
+        scope = frozenset(self.tests)
+        put: list[str] = []
+        for checks, item in self.puts:
+            for var, what in checks:
+                if any(v == var and t <= scope for t, v in checked):
+                    continue
+                checked.append((scope, var))
+                put += _check(var, what)
+            put.append(item)
+        if not self.tests:  # count: every event counts
+            return ["    " + line for line in put]
+        null: list[str] = []
+        for i, reason in self.nulls:
+            if reason is not None:  # refused: the fields after it do not matter
+                null.append(f"raise EventError({reason!r})")
+                break
+            null.append(f"x{i} = None")
+        skipped = sum(1 for line in null if line.endswith("= None"))
+        if skipped:
+            null.insert(0, f"nulls += {skipped}")
+        return [
+            f"    if {' or '.join(f'{v} is None' for v in self.tests)}:",
+            *("        " + line for line in null),
+            "    else:",
+            *("        " + line for line in put),
+        ]
 
 
 def _check(var: str, what: str) -> list[str]:
@@ -176,32 +312,20 @@ def _check(var: str, what: str) -> list[str]:
     ]
 
 
-def _field_code(i: int, rf: RouteField, value: str, key: str | None, text: str) -> list[str]:
-    """One field's lines: its null rule (SQL's, or a dead letter), its type checks,
-    then its item ``x<i>``."""
+def _field_block(i: int, rf: RouteField, value: str, key: str | None, text: str) -> _Block:
+    """One field's null rule (SQL's, or a dead letter), type checks and item ``x<i>``."""
     f = rf.field
     strategy, strict = f.strategy, rf.nulls == "dead-letter"
-    put = [f"x{i} = {strategy.item(value, key or 'None', text)}"]
-    if key is not None:
-        put = _check(key, f"{f.name} {strategy.key_name}") + put
+    checks = []
     if strategy.numeric:
-        put = _check(value, f.name) + put
-    nulls = [value] if strict or strategy.skips_nulls else []
+        checks.append((value, f.name))
     if key is not None:
-        nulls.append(key)
-    if not nulls:  # count: every event counts
-        return ["    " + line for line in put]
-    if strict:
-        refuse = [f"raise EventError({f.name!r} + ' is null')"]
-    else:
-        refuse = ["skipped += 1", f"x{i} = None"]
-    test = " or ".join(f"{v} is None" for v in nulls)
-    return [
-        f"    if {test}:",
-        *("        " + line for line in refuse),
-        "    else:",
-        *("        " + line for line in put),
-    ]
+        checks.append((key, f"{f.name} {strategy.key_name}"))
+    put = f"x{i} = {strategy.item(value, key or 'None', text)}"
+    tests = [value] if strict or strategy.skips_nulls else []
+    if key is not None and key not in tests:
+        tests.append(key)
+    return _Block(tuple(tests), [(i, f"{f.name} is null" if strict else None)], [(checks, put)])
 
 
 def _getter(template: Template, optional: bool) -> Callable[[Event], Any]:

@@ -135,7 +135,7 @@ class Route:
         self, get: Callable[[Any], Update | None], touch: Callable[[Any], object]
     ) -> LinesMerger | None:
         """``merger`` for a run of raw lines (codegen.py ``lines_merger``); None for
-        any shape but a counting doc on a sums update."""
+        any shape but a counting doc on a sums update or a route with ``fields``."""
         return self._lines_merger(get, touch)
 
     def matches(self, event: Event) -> bool:

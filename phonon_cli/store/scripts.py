@@ -70,6 +70,53 @@ local function list_items(s)
   return items
 end
 
+-- distinct_count's registers (fields/hll.py), in one of two forms: sparse, "s" then
+-- per register set, in index order, 3 hex digits of its index and 2 of its rank,
+-- while at most HLL_SPARSE_MAX are set; else dense, 2 hex digits per register.
+-- The union keeps the larger rank of each register (two lowercase hex digits
+-- compare as their numbers) and is written in the form hll.encode chooses, so
+-- the same registers are the same text in Redis and in Python.
+local HLL_SPARSE_MAX = 409
+
+local function hll_ranks(text, ranks)
+  if string.sub(text, 1, 1) == 's' then
+    for j = 2, #text, 5 do
+      local i, r = tonumber(string.sub(text, j, j + 2), 16), string.sub(text, j + 3, j + 4)
+      local had = ranks[i]
+      if not had or r > had then ranks[i] = r end
+    end
+  else
+    for i = 0, 1023 do
+      local r = string.sub(text, 2 * i + 1, 2 * i + 2)
+      local had = ranks[i]
+      if r ~= '00' and (not had or r > had) then ranks[i] = r end
+    end
+  end
+end
+
+local function hll_union(a, b)
+  local parts = {}
+  if string.sub(a, 1, 1) ~= 's' and string.sub(b, 1, 1) ~= 's' then
+    for j = 1, 2047, 2 do  -- both dense: pair by pair
+      local x, y = string.sub(a, j, j + 1), string.sub(b, j, j + 1)
+      parts[#parts + 1] = (y > x) and y or x
+    end
+    return table.concat(parts)
+  end
+  local ranks, set = {}, {}
+  hll_ranks(a, ranks)
+  hll_ranks(b, ranks)
+  for i in pairs(ranks) do set[#set + 1] = i end
+  if #set > HLL_SPARSE_MAX then
+    for i = 0, 1023 do parts[i + 1] = ranks[i] or '00' end
+    return table.concat(parts)
+  end
+  table.sort(set)
+  parts[1] = 's'
+  for _, i in ipairs(set) do parts[#parts + 1] = string.format('%03x', i) .. ranks[i] end
+  return table.concat(parts)
+end
+
 -- "fields" partials: each hash field is "<op>[/<n>]:<name>" and says how it merges.
 local function merge_field(hash, field, value)
   local cur = redis.call('HGET', hash, field)
@@ -133,13 +180,7 @@ local function merge_field(hash, field, value)
     end
     redis.call('HSET', hash, field, cjson.encode(items))
   elseif op == 'hll' then
-    -- registers as two hex digits each: the union keeps the larger of each
-    local parts = {}
-    for j = 1, #value, 2 do
-      local a, b = string.sub(cur, j, j + 1), string.sub(value, j, j + 1)
-      parts[#parts + 1] = (b > a) and b or a
-    end
-    redis.call('HSET', hash, field, table.concat(parts))
+    redis.call('HSET', hash, field, hll_union(cur, value))
   else
     add_sum(hash, field, value)
   end
