@@ -503,3 +503,129 @@ def test_kill_9_on_a_file_source_counts_an_event_of_several_keys_once_on_each(
         conn.close()
     assert table(db) == Counter(e["k"] for e in events)
     assert groups == Counter(e["g"] for e in events)
+
+
+def worker_id(client, namespace: str, worker: subprocess.Popen[bytes]) -> str | None:
+    """The process id a worker (an OS process) is registered under now."""
+    keys = Keys(namespace)
+    for pid in client.zrange(keys.processes, 0, -1):
+        if client.hget(keys.process(pid), "pid") == str(worker.pid):
+            return pid
+    return None
+
+
+def test_a_fenced_file_worker_drops_what_a_survivor_reads_again(
+    redis_url, namespace, tmp_path, client, helpers
+) -> None:
+    """A worker on a ``file:`` partition holds every event in its cache, is paused
+    past its dead timeout, and a survivor takes the partition over, reading it from
+    the committed offset. Resumed and fenced, the worker must not deposit those
+    events under its new id as well: it drops them, and totals stay exact."""
+    cfg, db = config(tmp_path)
+    topic = tmp_path / "topic.jsonl"
+    events = [{"k": f"k{i % 30}"} for i in range(3000)]
+    topic.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    args = ("--source", f"file:{topic}", "--follow")
+    paused = start(redis_url, namespace, cfg, *args)
+    helpers.wait_for(
+        lambda: sum(helpers.events_read(client, namespace).values()) >= 3000, what="all read"
+    )
+    old = worker_id(client, namespace, paused)
+    paused.send_signal(signal.SIGSTOP)
+    survivor = start(redis_url, namespace, cfg, *args)
+    try:
+        helpers.wait_for(
+            lambda: (
+                client.zscore(Keys(namespace).processes, old) is None
+                and helpers.events_read(client, namespace).get(
+                    worker_id(client, namespace, survivor)
+                )
+                == 3000
+            ),
+            timeout_s=20,
+            what="the paused worker declared dead, the survivor read the partition again",
+        )
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    helpers.wait_for(
+        lambda: "fenced" in paused.log.read_text(errors="replace"),  # type: ignore[attr-defined]
+        what="the worker fenced",
+    )
+    for worker in (paused, survivor):
+        worker.send_signal(signal.SIGTERM)
+    for worker in (paused, survivor):
+        code, err = finish(worker)
+        assert code == 0, err
+    assert table(db) == Counter(e["k"] for e in events)
+
+
+def test_a_fenced_stream_worker_counts_its_old_consumers_entries_once(
+    redis_url, namespace, tmp_path, client, helpers
+) -> None:
+    """A ``redis-stream:`` worker with a tiny cache has deposited many entries it has
+    not acknowledged yet and holds others only in memory, when it is paused past its
+    dead timeout. A survivor claims its consumer's pending entries: those a deposit
+    covered are skipped (the consumer's marks), the others counted. Resumed and
+    fenced, the worker drops what it held of them and reads as a new consumer; what
+    it read as the old one meanwhile is claimed too. Every entry is counted once."""
+    cfg, db = config(tmp_path)
+    key = f"{namespace}-stream"
+    expected: Counter[str] = Counter()
+    n = [0]
+
+    def add(count: int) -> None:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(count):
+            # Every other event on one hot key, which so stays cached and holds the
+            # acknowledgements back while the others are deposited.
+            k = "hot" if n[0] % 2 else f"k{(n[0] * 7) % 30}"
+            n[0] += 1
+            expected[k] += 1
+            pipe.xadd(key, {"data": orjson.dumps({"k": k})})
+        pipe.execute()
+
+    def settled() -> bool:
+        """Every entry delivered, and none pending on a dead process's consumer."""
+        group = next(g for g in client.xinfo_groups(key) if g["name"] == "phonon")
+        if group["last-delivered-id"] != client.xinfo_stream(key)["last-generated-id"]:
+            return False
+        consumers = client.xinfo_consumers(key, "phonon")
+        owners = {c["name"].partition("~")[0] for c in consumers if c["pending"]}
+        return owners <= alive_ids(client, namespace)
+
+    args = ("--source", f"redis-stream:{key}", "--follow", "--max-entries", "5")
+    paused = start(redis_url, namespace, cfg, *args)
+    try:
+        add(2000)
+        helpers.wait_for(
+            lambda: sum(helpers.events_read(client, namespace).values()) >= 2000, what="all read"
+        )
+        # Deposited, not acknowledged (the hot key's first entry holds them back).
+        assert client.xpending(key, "phonon")["pending"] > 1500
+        old = worker_id(client, namespace, paused)
+        paused.send_signal(signal.SIGSTOP)
+        survivor = start(redis_url, namespace, cfg, *args)
+        add(500)
+        try:
+            helpers.wait_for(
+                lambda: client.zscore(Keys(namespace).processes, old) is None and settled(),
+                timeout_s=20,
+                what="the paused worker declared dead, its entries claimed",
+            )
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        add(500)
+        helpers.wait_for(
+            lambda: "fenced" in paused.log.read_text(errors="replace"),  # type: ignore[attr-defined]
+            what="the worker fenced",
+        )
+        helpers.wait_for(settled, timeout_s=20, what="every entry delivered and claimed")
+        for worker in (paused, survivor):
+            worker.send_signal(signal.SIGTERM)
+        for worker in (paused, survivor):
+            code, err = finish(worker)
+            assert code == 0, err
+        assert client.xpending(key, "phonon")["pending"] == 0
+        assert table(db) == expected
+    finally:
+        client.delete(key)

@@ -145,6 +145,12 @@ class LruCache:
         """End every session, in batches."""
         self.expire_many(list(self._entries))
 
+    def drop(self, keys: Sequence[Hashable]) -> list[Update]:
+        """Remove these entries without ending their sessions; returns them. For
+        updates whose events will be counted again from their source (a fenced
+        worker's, see ``run.loop.Runner._start_over``): ending them would count twice."""
+        return [u for u in (self._entries.pop(k, None) for k in keys) if u is not None]
+
     def expire_many(self, keys: Sequence[Hashable]) -> None:
         updates = [u for u in (self._entries.pop(k, None) for k in keys) if u is not None]
         self._finish(updates)

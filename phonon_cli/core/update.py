@@ -106,10 +106,11 @@ class Update:
         self.marks: dict[Any, int] | None = None
         """Per source partition, the offset of the first event merged in: the run loop
         commits no offset beyond an event whose aggregate is still only in memory."""
-        self.highest: dict[str, int] | None = None
+        self.highest: dict[str, int | str] | None = None
         """Per replayable source partition (by name), the offset of the last event
-        merged in: recorded in Redis with the deposit or the write, so that a worker
-        replaying the partition after a kill skips what this update counted."""
+        merged in (for a stream, per consumer, the entry id): recorded in Redis with
+        the deposit or the write, so that a worker replaying the partition after a
+        kill skips what this update counted."""
         self.error: BaseException | None = None
         """Why the last ``execute`` failed (the aggregate was then cached back in Redis)."""
         self.execution_id: str | None = None

@@ -148,12 +148,13 @@ class Batcher:
         process: Process,
         max_keys: int,
         max_age_s: float,
-        on_fenced: Callable[[], list[Update]] | None = None,
+        on_fenced: Fenced_ | None = None,
     ) -> None:
         self.process = process
         self.on_fenced = on_fenced
-        """Called when Redis refused a batch because this process was declared dead:
-        starts over under a new id and returns every update to take references on again."""
+        """Called with the batch's releases when Redis refused it because this process
+        was declared dead: starts over under a new id and returns the releases to send
+        again and every update to take references on again."""
         self.max_keys = max_keys
         self.max_age_s = max_age_s
         self.acquire: list[Update] = []
@@ -197,8 +198,13 @@ class Batcher:
                 raise
             # Nothing of the batch was applied (see release_many): send it again,
             # under the new id, with a reference on every key still cached.
-            end_sessions(release, mode=mode or self.mode, acquire=self.on_fenced())
+            kept, acquire = self.on_fenced(release)
+            end_sessions(kept, mode=mode or self.mode, acquire=acquire)
         Watermarks.sent(release)
+
+
+Fenced_ = Callable[[list[Update]], "tuple[list[Update], list[Update]]"]
+"""``Batcher.on_fenced``: releases of the refused batch -> (releases to send, acquires)."""
 
 
 class FlushRequest(Protocol):
@@ -264,6 +270,12 @@ class Runner:
         self._highest: dict[str, int] = {}
         """Per replayable partition read, its highest mark when reading (re)started."""
         self._counted: dict[int, set[str]] = {}
+        self._pname: str | None = None
+        """The name the marks of the chunk being handled go by (None: no marks)."""
+        self._ids: list[str] | None = None
+        """The chunk's stream entry ids (its marks), or None (its offsets are)."""
+        self._first = 0
+        """The chunk's first offset."""
         """In the chunk being handled, offset -> the resources that counted that
         replayed event already while others did not (``_skip_counted``)."""
         self._by_name = {s.name: s for s in self.sources}
@@ -322,7 +334,7 @@ class Runner:
                     if self.process.fenced:  # the heartbeat found out first
                         self.batcher.send()
                         if self.process.fenced:
-                            end_sessions([], acquire=self._start_over())
+                            end_sessions([], acquire=self._start_over([])[1])
                     self.cache.purge()
                     self._publish()
                     self._beat()
@@ -346,21 +358,35 @@ class Runner:
             self._publish()
         return self.stats
 
-    def _start_over(self) -> list[Update]:
-        """After being fenced: a new id, and every cached update to acquire again.
+    def _start_over(self, release: list[Update]) -> tuple[list[Update], list[Update]]:
+        """After being fenced: a new id; of ``release`` (a refused batch's) and the
+        cache, what to send again and what to acquire again.
 
-        The old id's references and exec sets are the survivors' to recover; what
-        is cached here was never deposited, so it is safe to keep.
+        The old id's references and exec sets are the survivors' to recover. What
+        is cached here was never deposited; from stdin or pub/sub nobody else has
+        it, so it is kept. From a replayable source (``file:``, ``redis-stream:``)
+        the source still has it, uncommitted, and a survivor may be counting it
+        already: such updates are dropped, the sources read again from what is
+        committed (or claim the old consumer's entries), and the marks make that
+        replay count each event once.
         """
         old = self.process.reregister()
+        dropped = self.cache.drop([k for k, u in self.cache.items() if u.highest])
+        dropped += [u for u in release if u.highest]
+        Watermarks.sent(dropped)
+        for part in [p for p in self._read_to if _replayable(p[0])]:
+            del self._read_to[part]
+        self._highest.clear()
         log.error(
             "this worker was declared dead (silent past its TTL) as %s and fenced; "
-            "it goes on as %s with the %d keys in its cache",
+            "it goes on as %s with the %d keys in its cache (%d keys of replayable "
+            "sources dropped: their events are read again)",
             old,
             self.process.id,
             self.cache.size(),
+            len(dropped),
         )
-        return list(self.cache.values())
+        return [u for u in release if not u.highest], self.cache.values()
 
     def _drain(self) -> None:
         """End every session: execute or cache. A second signal switches to cache-only."""
@@ -406,6 +432,8 @@ class Runner:
         event, several routes, a class whose ``merge`` needs an Update, a route
         with triggers) goes through ``Router.route`` and ``_insert``.
         """
+        if chunk.owner is not None and chunk.owner != self.process.id:
+            return  # read before this process was fenced: read again (``_start_over``)
         now_ms = self.process.clock()
         part = self._partition(chunk)
         self.stats.events_read += len(chunk.lines)
@@ -420,7 +448,8 @@ class Runner:
         loads = orjson.loads
         merge = self._merge
         mark = self.watermarks.mark
-        pname = _marked(part) if part is not None else None
+        pname = self._pname
+        ids = chunk.ids
         offset = chunk.first_offset - 1
         routed_n = 0
         for line in chunk.lines:
@@ -449,7 +478,8 @@ class Runner:
                         if marks is None or part not in marks:
                             mark(update, part, offset)  # type: ignore[arg-type]
                         if pname is not None:
-                            _note_highest(update, pname, offset)  # type: ignore[arg-type]
+                            high = offset if ids is None else ids[offset - chunk.first_offset]
+                            _note_highest(update, pname, high)  # type: ignore[arg-type]
                     continue
             routed_n += self._route(event, chunk.source, line, part, offset, now_ms)
         stats.routed += routed_n
@@ -478,16 +508,30 @@ class Runner:
         read, and blanks the events a replayed chunk had counted already."""
         if self._counted:
             self._counted = {}
+        self._pname, self._ids, self._first = None, chunk.ids, chunk.first_offset
         if chunk.partition is None:
             return None
         part = (self._by_name[chunk.source], chunk.partition)
-        pname = _marked(part)
-        if pname is not None:
-            self._skip_counted(chunk, part, pname)
+        if chunk.sequence is not None:  # a stream: marks per consumer, by entry id
+            self._pname = f"{chunk.source}|{chunk.sequence}"
+            if chunk.replay_of is not None:  # claimed from a dead consumer
+                self._skip_counted(chunk, f"{chunk.source}|{chunk.replay_of}")
+        else:
+            self._pname = _marked(part)
+            if self._pname is not None and self._replaying(chunk, part, self._pname):
+                self._skip_counted(chunk, self._pname)
         self._read_to[part] = chunk.first_offset + len(chunk.lines)
         return part
 
-    def _skip_counted(self, chunk: Chunk, part: tuple[Source, str], pname: str) -> None:
+    def _replaying(self, chunk: Chunk, part: tuple[Source, str], pname: str) -> bool:
+        """Whether a ``file:`` chunk is below its partition's highest mark, as read
+        when reading it (re)started: only those can hold events counted already."""
+        if self._read_to.get(part) != chunk.first_offset:  # (re)starting to read it
+            found = self.process.client.hget(self.process.keys.highest_marks, pname)
+            self._highest[pname] = int(found) if found is not None else -1
+        return chunk.first_offset <= self._highest.get(pname, -1)
+
+    def _skip_counted(self, chunk: Chunk, pname: str) -> None:
         """Blank out the lines of a replayed chunk whose every key already counted them,
         and note, for a line only some of whose keys did, which keys to skip.
 
@@ -498,15 +542,12 @@ class Runner:
         key. An event of several keys (several routes) whose updates left the
         cache at different times may have been counted on some and not on the
         others when the worker died: it is counted again only on the others
-        (``_counted``). Only chunks below the partition's highest mark are
-        checked: one round trip each, while replaying; none on the hot path.
+        (``_counted``). Only chunks that can hold such events are checked (a
+        file partition's below its highest mark, a stream's claimed from a dead
+        consumer, against that consumer's marks): one round trip each, while
+        replaying; none on the hot path.
         """
         client = self.process.client
-        if self._read_to.get(part) != chunk.first_offset:  # (re)starting to read it
-            found = client.hget(self.process.keys.highest_marks, pname)
-            self._highest[pname] = int(found) if found is not None else -1
-        if chunk.first_offset > self._highest.get(pname, -1):
-            return
         lines: list[tuple[int, list[str]]] = []
         for i, line in enumerate(chunk.lines):
             try:
@@ -521,16 +562,17 @@ class Runner:
         pipe = client.pipeline(transaction=False)
         for resource in distinct:
             pipe.hget(self.process.keys.resource(resource).seen, pname)
-        seen = {r: int(v) for r, v in zip(distinct, pipe.execute()) if v is not None}
+        seen = {r: _order(v) for r, v in zip(distinct, pipe.execute()) if v is not None}
         skipped = 0
+        none = (-1, 0)
         for i, resources in lines:
-            offset = chunk.first_offset + i
-            counted = {r for r in resources if seen.get(r, -1) >= offset}
+            at = _order(chunk.first_offset + i if chunk.ids is None else chunk.ids[i])
+            counted = {r for r in resources if seen.get(r, none) >= at}
             if len(counted) == len(set(resources)):
                 chunk.lines[i] = b""
                 skipped += 1
             elif counted:
-                self._counted[offset] = counted
+                self._counted[chunk.first_offset + i] = counted
         if skipped:
             log.info("%s: %d replayed events were counted already; skipped", pname, skipped)
 
@@ -608,9 +650,10 @@ class Runner:
             cache.touch(key)
         if part is not None:
             self.watermarks.mark(update, part, offset)
-            pname = _marked(part)
+            pname = self._pname
             if pname is not None:
-                _note_highest(update, pname, offset)
+                ids = self._ids
+                _note_highest(update, pname, offset if ids is None else ids[offset - self._first])
         if trigger is not None and trigger(update, event):
             cache.expire(key)
         return None
@@ -694,7 +737,21 @@ def _resource(entry: Routed) -> str:
     return str(id_) if route.collection is None else f"{route.collection}:{id_}"
 
 
-def _note_highest(update: Update, pname: str, offset: int) -> None:
+def _replayable(source: Source) -> bool:
+    """Whether a source keeps what it handed out until committed (``file:``, streams)."""
+    return source.name.startswith(("file:", "redis-stream:"))
+
+
+def _order(mark: int | str) -> tuple[int, int]:
+    """A mark (a file offset, a stream entry id ``MS-SEQ``, or either as Redis
+    returns it) as a pair that orders as the marks do."""
+    if isinstance(mark, int):
+        return mark, 0
+    ms, _, seq = mark.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _note_highest(update: Update, pname: str, offset: int | str) -> None:
     """``update`` now holds the event at ``offset`` of partition ``pname``."""
     high = update.highest
     if high is None:

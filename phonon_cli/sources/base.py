@@ -64,6 +64,17 @@ class Chunk:
     rejects: dict[int, Reject] = field(default_factory=dict)
     """Index in ``lines`` -> why that line is no event. The line itself is left
     empty there, so it still takes its offset and costs the hot path nothing."""
+    owner: str | None = None
+    """Replayable sources: the process id the chunk was read under. A process fenced
+    and started over under a new id drops what it read before (the source still
+    has it for whoever reads it next), so the run loop discards such a chunk."""
+    sequence: str | None = None
+    """Streams: the consumer the entries were delivered to, in increasing id order:
+    the name their marks go by (scripts.RELEASE_LUA's MARKS)."""
+    replay_of: str | None = None
+    """Streams: entries claimed from this dead consumer, checked against its marks."""
+    ids: list[str] | None = None
+    """Streams: the entry id of each line (the marks), as ``lines``."""
 
     def reject(self, reject: Reject) -> None:
         self.rejects[len(self.lines)] = reject

@@ -18,6 +18,12 @@ lock; the next owner starts from the committed offset. Timeline of a handover::
 A stopping worker (signal, or end of input) keeps its locks until the process
 stops, which is after the run loop's final commit: whoever takes over then
 starts where the safe data ends, so a clean stop hands over without duplicates.
+
+A worker fenced (declared dead while paused) and started over under a new id
+lets go of every partition and forgets where it was: the run loop dropped what
+it held of them, so whoever reads a partition next, itself included, starts
+from the committed offset, and the marks of what was deposited or written make
+that replay count each event once (run/loop.py ``_skip_counted``).
 """
 
 from __future__ import annotations
@@ -262,6 +268,8 @@ class FileSource(ThreadedSource):
         self._owned: dict[str, Owned] = {}
         self._read_to: dict[str, int] = {}
         """Per partition read earlier in this run: where we stopped (see ``_take``)."""
+        self._me: str | None = None
+        """The process id the reading thread reads under (``_started_as``)."""
         self._mutex = threading.Lock()  # _owned is shared with commit() on the main thread
 
     # -- the Source protocol --------------------------------------------------------
@@ -307,6 +315,8 @@ class FileSource(ThreadedSource):
         ``--follow``) every partition assigned to us is read to its end."""
         next_tick = 0.0
         while not self._stop.is_set():
+            if self.process.id != self._me:
+                self._started_as(self.process.id)
             if time.monotonic() >= next_tick:
                 if self._tick_safely() and not self.follow:
                     return
@@ -318,13 +328,31 @@ class FileSource(ThreadedSource):
                     continue
                 chunk = own.reader.read()
                 if chunk is not None:
-                    chunk.source, chunk.partition = self.name, name
+                    chunk.source, chunk.partition, chunk.owner = self.name, name, self._me
                     put_or_tick(out, chunk, self._stop, tick_s, self._tick_safely)
                     progressed = True
             if not progressed:
                 if not self.follow:  # perhaps done: check soon, not a whole tick later
                     next_tick = min(next_tick, time.monotonic() + 2 * IDLE_WAIT_S)
                 self._stop.wait(IDLE_WAIT_S)
+
+    def _started_as(self, me: str) -> None:
+        """Read under process id ``me`` from now on. After a fence, start afresh: let
+        go of every partition and forget where we were (see the module docstring)."""
+        if self._me is not None:
+            for name in list(self._owned):
+                own = self._owned[name]
+                try:
+                    self._drop(name)
+                    own.lock.release()
+                except (LockNotOwned, redis.RedisError):
+                    pass  # expired while we were paused, or Redis away: it expires
+            self._read_to.clear()
+            self.earliest = False  # what a replay from the start committed stays
+            log.warning(
+                "%s: reading as %s, every partition from its committed offset", self.name, me
+            )
+        self._me = me
 
     def _tick_safely(self) -> bool:
         """One round of group upkeep; a Redis hiccup is logged and retried next tick."""

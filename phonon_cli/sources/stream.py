@@ -9,9 +9,27 @@ stream key) so the loop's watermark maps back to entry ids.
 A dead worker's pending entries are claimed by a live one. Not with XAUTOCLAIM
 by idle time: a live worker legitimately keeps entries pending for a whole
 cache session (minutes), so "idle" cannot tell slow from dead. Instead a
-survivor lists the pending entries of each group member whose process is dead
+survivor lists the pending entries of each consumer whose process is dead
 (XPENDING per consumer) and XCLAIMs them, under a lock so that two survivors
 never claim the same entries, then deletes the emptied consumer.
+
+Exactly once across a kill or a fence. A dead consumer's pending entries may
+have been counted already: deposited or written, but not yet acknowledged
+(acknowledging waits for the whole cache to be safe). So every deposit or write
+marks, per key, the last entry id it covers of each *consumer* that delivered
+its events (scripts.RELEASE_LUA's MARKS): a consumer's entries reach its one
+worker in increasing id order, and that worker holds one update per key at a
+time, so a key's mark says all its entries of that consumer up to there are
+counted. Claimed entries are checked against the dead consumer's marks and
+skipped on the keys that counted them (``Chunk.replay_of``). To keep each
+consumer's entries in order, a survivor claims into a consumer of its own per
+dead one (``<pid>~<n>``), never into the one it reads new entries with; a
+consumer belongs to the process its name starts with.
+
+A process fenced (declared dead while paused) starts over under a new id: it
+reads with a new consumer, acknowledges nothing its old consumers delivered
+(the run loop dropped what it held of them), and those are claimed like any
+dead member's, by whoever comes first, itself included.
 
 ``KEY?field=NAME`` reads the event from field NAME (default ``data``);
 ``KEY?field=*`` makes the whole entry (field -> string) the event.
@@ -101,20 +119,28 @@ class StreamSource(ThreadedSource):
         self._info_key = keys.source_info(group, name)
         self._claim_key = keys.source_lock(group, name, "claim")
         self._members = Group(process, keys.consumers(group, name))
-        self._ids: deque[tuple[int, bytes]] = deque()
-        """(offset, entry id) handed to the run loop and not yet acknowledged."""
+        self._ids: deque[tuple[int, bytes, str]] = deque()
+        """(offset, entry id, reader's process id) handed to the run loop and not yet
+        acknowledged."""
         self._next = 0
         self._mutex = threading.Lock()
+        self._me: str | None = None
+        """The process id the reading thread reads under (``_started_as``)."""
+        self._claims: dict[str, str] = {}
+        """Dead consumer -> our consumer its entries are claimed into."""
 
     # -- the Source protocol --------------------------------------------------------
 
     def commit(self, partition: str, offset: int) -> None:
         """XACK every entry below ``offset``; after the final commit, leave the group tidy."""
+        me = self.process.id
         with self._mutex:
             done = []
             while self._ids and self._ids[0][0] < offset:
                 done.append(self._ids.popleft())
-        ids = [entry_id for _, entry_id in done]
+        # Read under an id since fenced: the run loop dropped what it held of them;
+        # they stay pending on the old consumer, to be claimed and counted once.
+        ids = [entry_id for _, entry_id, reader in done if reader == me]
         try:
             pipe = self.process.client.pipeline(transaction=False)
             for i in range(0, len(ids), ACK_BATCH):
@@ -145,10 +171,12 @@ class StreamSource(ThreadedSource):
 
     def _read(self, out: queue.Queue[Chunk], client: redis.Redis, tick_s: float) -> None:
         """Claim what dead members left pending, then read new entries, until stopped."""
-        me = self.process.id
         next_tick = 0.0
         ready = False
         while not self._stop.is_set():
+            me = self.process.id
+            if me != self._me:
+                self._started_as(me)
             try:
                 if not ready:
                     self._members.refresh(prune=False)  # a member before any entry is ours
@@ -156,7 +184,8 @@ class StreamSource(ThreadedSource):
                     ready = True
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + tick_s
-                    self._emit(out, self._claim(client), tick_s)
+                    claimed, names = self._claim(client)
+                    self._emit(out, claimed, tick_s, names)
                     self._publish()
                 reply: Any = client.xreadgroup(
                     self.group, me, {self.key: ">"}, count=READ_COUNT, block=BLOCK_MS
@@ -175,12 +204,26 @@ class StreamSource(ThreadedSource):
                 continue
             if reply:
                 for _stream, entries in reply:
-                    self._emit(out, entries, tick_s)
+                    self._emit(out, entries, tick_s, (me, None))
             elif not self.follow:
-                leftover = self._claim(client)
-                if not leftover:
+                claimed, names = self._claim(client)
+                if not claimed:
                     return  # read to the end, and no dead member's entries to take over
-                self._emit(out, leftover, tick_s)
+                self._emit(out, claimed, tick_s, names)
+
+    def _started_as(self, me: str) -> None:
+        """Read under process id ``me`` from now on: a new consumer (after a fence,
+        the old ones are a dead member's, claimed by whoever comes first)."""
+        if self._me is not None:
+            log.warning(
+                "%s: reading as consumer %s; what consumer %s delivered is claimed as a "
+                "dead member's and counted once",
+                self.name,
+                me,
+                self._me,
+            )
+        self._me = me
+        self._claims = {}
 
     def _create_group(self) -> None:
         client = self.process.client
@@ -192,15 +235,31 @@ class StreamSource(ThreadedSource):
             if self.earliest:
                 client.xgroup_setid(self.key, self.group, id="0")
 
-    def _emit(self, out: queue.Queue[Chunk], entries: list[Any], tick_s: float) -> None:
-        """Number the entries and hand them to the run loop as one chunk."""
+    def _emit(
+        self,
+        out: queue.Queue[Chunk],
+        entries: list[Any],
+        tick_s: float,
+        names: tuple[str, str | None],
+    ) -> None:
+        """Number the entries and hand them to the run loop as one chunk.
+
+        Args:
+            names: the consumer that delivered them (whose marks they take) and,
+                for claimed entries, the dead consumer they were claimed from.
+        """
         if not entries:
             return
+        me = self._me
+        assert me is not None
+        sequence, replay_of = names
         with self._mutex:
-            chunk = Chunk(self.name, partition=self.key, first_offset=self._next)
+            chunk = Chunk(self.name, partition=self.key, first_offset=self._next, owner=me)
+            chunk.sequence, chunk.replay_of, chunk.ids = sequence, replay_of, []
             for entry_id, fields in entries:
                 self._add(chunk, entry_id, fields)
-                self._ids.append((self._next, entry_id))
+                chunk.ids.append(entry_id.decode())
+                self._ids.append((self._next, entry_id, me))
                 self._next += 1
         put_or_tick(out, chunk, self._stop, tick_s, self._upkeep)
 
@@ -233,18 +292,21 @@ class StreamSource(ThreadedSource):
         except redis.RedisError:
             log.debug("%s: upkeep failed", self.name, exc_info=True)
 
-    def _claim(self, client: redis.Redis) -> list[Entry]:
-        """Claim one batch of the pending entries of dead members, under the claim lock."""
+    def _claim(self, client: redis.Redis) -> tuple[list[Entry], tuple[str, str | None]]:
+        """Claim one batch of the pending entries of a dead consumer, under the claim
+        lock; returns them with (our consumer they went to, the dead one)."""
+        none: tuple[list[Entry], tuple[str, str | None]] = ([], ("", None))
         self._members.refresh(prune=False)
-        if not self._members.dead:
-            return []
+        dead = self._dead_consumers()
+        if not dead:
+            return none
         lock = Lock(self.process.client, self._claim_key, block=False)
         try:
             lock.acquire()
         except AlreadyLocked:
-            return []
+            return none
         try:
-            for consumer in sorted(self._members.dead):
+            for consumer in dead:
                 pending = client.xpending_range(
                     self.key, self.group, min="-", max="+", count=READ_COUNT, consumername=consumer
                 )
@@ -252,9 +314,12 @@ class StreamSource(ThreadedSource):
                     client.xgroup_delconsumer(self.key, self.group, consumer)
                     self._members.forget([consumer])
                     continue
+                target = self._claims.get(consumer)
+                if target is None:
+                    target = self._claims[consumer] = f"{self._me}~{len(self._claims) + 1}"
                 ids: list[Any] = [p["message_id"] for p in pending]
                 claimed: Any = client.xclaim(
-                    self.key, self.group, self.process.id, min_idle_time=0, message_ids=ids
+                    self.key, self.group, target, min_idle_time=0, message_ids=ids
                 )
                 found = [(i, f) for i, f in claimed if f is not None]
                 gone = set(ids) - {i for i, _ in found}
@@ -266,13 +331,24 @@ class StreamSource(ThreadedSource):
                     len(found),
                     consumer,
                 )
-                return found
-            return []
+                return found, (target, consumer)
+            return none
         finally:
             try:
                 lock.release()
             except LockNotOwned:
                 pass
+
+    def _dead_consumers(self) -> list[str]:
+        """The group's consumers whose process (the id their name starts with) is dead."""
+        try:
+            consumers = self.process.client.xinfo_consumers(self.key, self.group)
+        except redis.ResponseError:  # no group yet
+            return []
+        owners = {c["name"]: c["name"].partition("~")[0] for c in consumers}
+        others = set(owners.values()) - {self._me}
+        live = self.process.live_processes(others) if others else set()
+        return sorted(n for n, owner in owners.items() if owner in others - live)
 
     def _publish(self) -> None:
         """Pending and lag of the group, for ``phonon status``."""
@@ -303,14 +379,21 @@ class StreamSource(ThreadedSource):
         )
 
     def _leave(self) -> None:
-        """Delete our consumer (once nothing is pending on it) and leave the group."""
+        """Delete our consumers with nothing pending; once none is left, leave the group."""
         client = self.process.client
+        me = self.process.id
         try:
-            if not client.xpending_range(
-                self.key, self.group, min="-", max="+", count=1, consumername=self.process.id
-            ):
-                client.xgroup_delconsumer(self.key, self.group, self.process.id)
-                self._members.forget([self.process.id])
+            left = 0
+            for consumer in client.xinfo_consumers(self.key, self.group):
+                name = consumer["name"]
+                if name.partition("~")[0] != me:
+                    continue
+                if consumer["pending"]:
+                    left += 1
+                else:
+                    client.xgroup_delconsumer(self.key, self.group, name)
+            if not left:
+                self._members.forget([me])
             self._publish()
         except redis.RedisError:
             log.debug(

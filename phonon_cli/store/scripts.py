@@ -322,7 +322,8 @@ RELEASE_LUA = """
 --   payload: as above; "" deposits nothing
 --   resource: its name, removed from the held set unless mode is "orphan"
 --   marks: "partition\\toffset\\n..." the highest offset of each replayable
---          source partition the payload covers, or ""
+--          source partition the payload covers (for a stream: per consumer, the
+--          entry id), or ""
 -- MARKS. A payload with marks is recorded, in this same step, as covering its
 -- events: seen (hash partition -> offset, expiring) keeps the highest offset per
 -- partition of the resource's events that are safe in Redis or being written,
@@ -708,14 +709,30 @@ local function replayed(replies)
   end
 end
 
+-- A mark is a file offset ("N") or a stream entry id ("MS-SEQ"); as two numbers
+-- (N, 0) or (MS, SEQ) they order as the marks do. Streams need no highest mark:
+-- only their entries claimed from a dead consumer are checked (run/loop.py).
+local function mark_order(mark)
+  local ms, seq = string.match(mark, '^(%d+)-(%d+)$')
+  if ms then return tonumber(ms), tonumber(seq) end
+  return tonumber(mark), 0
+end
+
+local function mark_after(mark, cur)
+  if not cur then return true end
+  local a, b = mark_order(mark)
+  local c, d = mark_order(cur)
+  return a > c or (a == c and b > d)
+end
+
 local function record_marks(seen, highest, marks)
   for part, offset in string.gmatch(marks, '([^\\t\\n]+)\\t([^\\n]+)') do
-    local o = tonumber(offset)
-    local cur = tonumber(redis.call('HGET', seen, part) or '-1')
-    if o > cur then redis.call('HSET', seen, part, offset) end
-    if highest then
-      cur = tonumber(redis.call('HGET', highest, part) or '-1')
-      if o > cur then redis.call('HSET', highest, part, offset) end
+    if mark_after(offset, redis.call('HGET', seen, part)) then
+      redis.call('HSET', seen, part, offset)
+    end
+    if highest and not string.find(offset, '-', 1, true)
+        and mark_after(offset, redis.call('HGET', highest, part)) then
+      redis.call('HSET', highest, part, offset)
     end
   end
   redis.call('PEXPIRE', seen, 604800000)
