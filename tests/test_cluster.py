@@ -575,3 +575,32 @@ def test_a_batch_whose_reply_was_lost_is_applied_once_on_every_node(
         a.stop()
         b.stop()
     assert namespace_keys(redis_cluster, ns) == []
+
+
+def test_kill_9_on_a_file_source_counts_every_event_once_on_a_cluster(
+    redis_cluster, cluster_namespace, config, db, tmp_path, helpers
+) -> None:
+    """As test_faults' kill -9 test, on three masters: a worker on a ``file:``
+    partition with a tiny cache is killed just before or after a write, round after
+    round; after a last run and a flush every event is counted once. The replay
+    check needs the partition's highest mark, which lives in the namespace's slot,
+    not in the slots of the keys whose deposits make it."""
+    rng = random.Random(7)
+    data, expected = make_events(keys=40, count=2000, seed=7)
+    topic = tmp_path / "topic.jsonl"
+    topic.write_bytes(data)
+    command = [*worker_command(redis_cluster, cluster_namespace, helpers), "run", "-c"]
+    command += [str(config), "--source", f"file:{topic}", "--max-entries", "5"]
+    for _ in range(4):
+        point = rng.choice(["before-execute", "after-execute"])
+        fault = f"{point}@loop:kill:{rng.randint(1, 8)}"
+        run = subprocess.run(
+            command, capture_output=True, timeout=120, env={**os.environ, "PHONON_FAULT": fault}
+        )
+        assert run.returncode in (0, -signal.SIGKILL), run.stderr.decode()
+    run = subprocess.run(command, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    flush = [*worker_command(redis_cluster, cluster_namespace, helpers), "flush", "--all"]
+    flushed = subprocess.run([*flush, "-c", str(config)], capture_output=True, timeout=60)
+    assert flushed.returncode == 0, flushed.stderr.decode()
+    assert totals(db) == expected

@@ -90,10 +90,13 @@ def acquire_many(
 
 def _own_keys(process: Process, marks: bool) -> list[str]:
     """The caller's keys the batched scripts take first: the registry (fencing), its
-    held set and its replies (lost replies). On a cluster the replies are one hash
-    per slot, named from a template the per-slot split fills in (store/slots.py)."""
+    held set, its replies (lost replies) and, for RELEASE, the highest marks. On a
+    cluster the replies are one hash per slot, named from a template the per-slot
+    split fills in (store/slots.py), after the highest marks."""
     keys = [process.keys.processes, process.keys.held(process.id)]
     if is_cluster(process.client):
+        if marks:  # raised by FENCE_HELD before the batch (store/slots.py)
+            keys.append(process.keys.highest_marks)
         keys.append(process.keys.slot_replies(process.id))
     else:
         keys.append(process.keys.replies(process.id))

@@ -604,15 +604,23 @@ FENCE_HELD_LUA = """
 -- On a Redis Cluster, what ACQUIRE and RELEASE do with the process's own keys, which
 -- live in another slot than the batch's resources (store/slots.py): sent, and
 -- answered, before the batch's per-slot calls ("+") or after them ("-").
--- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set
+-- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
+--   KEYS[3] (a batch with releases) the highest mark per source partition
 -- ARGV[1] process id, ARGV[2] "+" (check the fence, then add) or "-" (remove),
---   then the resources
+--   ARGV[3] the marks of the batch's releases (RELEASE's MARKS) or "", then the
+--   resources
+-- The partitions' highest marks are raised here, before the batch that records
+-- the keys' own marks: a highest mark only says which replayed chunks to check,
+-- so one raised for a batch that then never lands costs a check, nothing more.
 -- Returns 1, or the FENCED error (nothing written) if "+" finds the process gone.
 local pid, op = ARGV[1], ARGV[2]
 if op == '+' and not redis.call('ZSCORE', KEYS[1], pid) then
   return redis.error_reply(FENCED .. pid)
 end
-for i = 3, #ARGV do
+if op == '+' and KEYS[3] and ARGV[3] ~= '' then
+  record_marks(nil, KEYS[3], ARGV[3])
+end
+for i = 4, #ARGV do
   if op == '+' then
     redis.call('SADD', KEYS[2], ARGV[i])
   else
@@ -727,7 +735,7 @@ end
 
 local function record_marks(seen, highest, marks)
   for part, offset in string.gmatch(marks, '([^\\t\\n]+)\\t([^\\n]+)') do
-    if mark_after(offset, redis.call('HGET', seen, part)) then
+    if seen and mark_after(offset, redis.call('HGET', seen, part)) then
       redis.call('HSET', seen, part, offset)
     end
     if highest and not string.find(offset, '-', 1, true)
@@ -735,7 +743,7 @@ local function record_marks(seen, highest, marks)
       redis.call('HSET', highest, part, offset)
     end
   end
-  redis.call('PEXPIRE', seen, 604800000)
+  if seen then redis.call('PEXPIRE', seen, 604800000) end
 end
 
 local function remember(replies, out)
@@ -781,15 +789,21 @@ FENCED_ERROR = "PHONON_FENCED"
 LAYOUT: dict[str, slots.Layout] = {
     ACQUIRE.sha: slots.Layout(3, 3, 2, held=lambda a: ("+", a[1]), replies=True),
     RELEASE.sha: slots.Layout(
-        3, 6, 6, held=lambda a: None if a[0] == "orphan" else ("-", a[4]), replies=True
+        4,
+        6,
+        6,
+        held=lambda a: None if a[0] == "orphan" else ("-", a[4]),
+        replies=True,
+        marks=lambda a: "" if a[0] == "orphan" else str(a[5]),
     ),
     RECOVER.sha: slots.Layout(0, 7, 1),
     QUARANTINE.sha: slots.Layout(1, 6, 1),
 }
 """How each batched script lays out its KEYS and ARGV, for the per-slot split on a
 Redis Cluster (``slots``): the process's own keys first (for ACQUIRE and RELEASE the
-registry, the held set and the template of the per-slot replies), then so many keys
-and arguments per resource, and which resources enter (+) or leave (-) the held set."""
+registry, the held set, for RELEASE the highest marks, then the template of the
+per-slot replies), then so many keys and arguments per resource, which resources
+enter (+) or leave (-) the held set, and the marks a resource's release records."""
 
 
 def load(pipe: Pipeline) -> None:

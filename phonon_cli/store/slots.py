@@ -53,6 +53,9 @@ class Layout:
     """ARGV per resource; those before them are shared by the whole batch."""
     held: Held | None = None
     """From one resource's ARGV: ("+" or "-", resource) for the held set, or None."""
+    marks: Callable[[Sequence[Any]], str] | None = None
+    """From one resource's ARGV: the source marks its release records (``FENCE_HELD``
+    raises the partitions' highest marks from them before the batch)."""
     replies: bool = False
     """The last of the head keys is the caller's replies template (``Keys.slot_replies``):
     each per-slot call gets, as its only leading key, the replies hash of its slot, so
@@ -89,6 +92,7 @@ class _Split:
     pid: str = ""
     entering: list[str] = field(default_factory=list)
     leaving: list[str] = field(default_factory=list)
+    marks: list[str] = field(default_factory=list)
 
 
 def queue(
@@ -110,6 +114,8 @@ def queue(
             held = layout.held(args[first : first + per_args])
             if held is not None:
                 (split.entering if held[0] == "+" else split.leaving).append(held[1])
+            if layout.marks is not None:
+                split.marks.append(layout.marks(args[first : first + per_args]))
     if head:
         split.pid = str(args[0])
     for slot, items in by_slot.items():
@@ -146,13 +152,15 @@ def run(
     fenced = [s for s in splits if s.head]
     if fenced:  # the fence first: a fenced process applies nothing
         # registry, then (for ACQUIRE/RELEASE, not QUARANTINE) the held set
+        # (and, for RELEASE, the highest marks)
         head, pid = max((s.head for s in fenced), key=len), fenced[0].pid
         entering = [r for s in fenced for r in s.entering]
-        _execute(client, scripts, fence_held, head, [pid, "+", *entering])
+        marks = "".join(m for s in fenced for m in s.marks)
+        _execute(client, scripts, fence_held, head, [pid, "+", marks, *entering])
     results = _reassemble(client, scripts, replies(), splits)
     leaving = [r for s in fenced for r in s.leaving]
     if leaving:  # only once they are left: recovery visits what the held set names
-        _execute(client, scripts, fence_held, head, [pid, "-", *leaving])
+        _execute(client, scripts, fence_held, head, [pid, "-", "", *leaving])
     return results
 
 
