@@ -629,3 +629,44 @@ def test_a_fenced_stream_worker_counts_its_old_consumers_entries_once(
         assert table(db) == expected
     finally:
         client.delete(key)
+
+
+def test_kill_9_at_random_points_on_a_stream_counts_every_entry_once(
+    redis_url, namespace, tmp_path, client
+) -> None:
+    """A ``redis-stream:`` worker with a tiny cache is killed just before or after
+    one of its writes, round after round; each next worker claims the dead
+    consumers' pending entries, many of them deposited or written already but not
+    acknowledged (a hot key holds the acknowledgements back), and skips them on the
+    keys whose marks cover them. After a last run and a flush, every entry is
+    counted once and nothing is pending."""
+    import random
+
+    rng = random.Random(30)
+    cfg, db = config(tmp_path)
+    key = f"{namespace}-stream"
+    keys = ["hot" if i % 2 else f"k{rng.randrange(30)}" for i in range(2000)]
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.xadd(key, {"data": orjson.dumps({"k": k})})
+    pipe.execute()
+    args = ("--source", f"redis-stream:{key}", "--max-entries", "5")
+    try:
+        for _ in range(max(3, KILL_ROUNDS // 2)):
+            point = rng.choice(["before-execute", "after-execute"])
+            fault = f"{point}@loop:kill:{rng.randint(1, 2)}"  # a run writes in few batches
+            code, err = finish(start(redis_url, namespace, cfg, *args, env={"PHONON_FAULT": fault}))
+            assert code in (0, -signal.SIGKILL), err
+        testkit.wait_for(lambda: not alive_ids(client, namespace), what="every killed one dead")
+        code, err = finish(start(redis_url, namespace, cfg, *args))
+        assert code == 0, err
+        flushed = subprocess.run(
+            [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert flushed.returncode == 0, flushed.stderr
+        assert client.xpending(key, "phonon")["pending"] == 0
+        assert table(db) == Counter(keys)
+    finally:
+        client.delete(key)
