@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,6 +18,8 @@ from .config import Config, load_config, parse_duration
 from .exceptions import ConfigError, PhononError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from .core.process import Process
     from .run.loop import RunStats
     from .run.metrics import MetricsServer
@@ -414,8 +416,9 @@ def run(
     home = os.environ.get("PHONON_HOME") or defaults.HOME
     dead_letter = dead_letter or str(Path(home) / "dead-letter.jsonl")
     end = RunEnd(ctx, config, dead_letter, summary_json)
+    metered = Metered(metrics_addr, [(group, s) for s in sources if s != "-"])
     if workers > 1 and worker_report_fd is None:
-        run_workers(ctx, config, workers, "-" in sources, end, stats_interval, metrics_addr)
+        run_workers(ctx, config, workers, "-" in sources, end, stats_interval, metered)
         return
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
@@ -438,12 +441,20 @@ def run(
             max_line_bytes=max_line_bytes,
             progress=show,
             report=report,
+            report_metrics=metrics_addr is not None,
         )
     except PhononError as e:
         raise Failure(str(e), EXIT_USAGE) from None  # one line: the message names the source
     metrics = None
     if metrics_addr and report is None:  # a --workers child: the parent serves them all
-        metrics = serve_metrics(ctx, config, metrics_addr, job.figures, process.healthy)
+        metrics = serve_metrics(
+            ctx,
+            config,
+            metered,
+            job.metrics,
+            process.healthy,
+            lambda: process.stats.get("keys_quarantined", 0),
+        )
     try:
         stats = job.run()
     except PhononError as e:
@@ -557,19 +568,30 @@ class RunEnd:
             Path(self.summary_json).write_bytes(data)  # type: ignore[arg-type]
 
 
+@dataclass
+class Metered:
+    """``--metrics``: where to serve, and the ``(group, source)`` whose lag to show."""
+
+    addr: str | None
+    sources: list[tuple[str, str]]
+
+
 def serve_metrics(
     ctx: Context,
     config: Config,
-    addr: str,
-    figures: Callable[[], dict[str, int]],
+    metered: Metered,
+    families: Callable[[], Iterable[Metric]],
     healthy: Callable[[], bool],
+    quarantined_here: Callable[[], int],
 ) -> MetricsServer:
     from .ops.status import Status
-    from .run.metrics import MetricsServer
+    from .run.metrics import MetricsServer, StoreFigures
 
+    assert metered.addr is not None
     settings, client = _connect(ctx, config)
+    store = StoreFigures(Status(client, settings.namespace, ""), metered.sources, quarantined_here)
     try:
-        return MetricsServer(addr, figures, healthy, Status(client, settings.namespace, ""))
+        return MetricsServer(metered.addr, families, healthy, store)
     except ConfigError as e:
         raise Failure(str(e), EXIT_USAGE) from None
 
@@ -581,7 +603,7 @@ def run_workers(
     feed_stdin: bool,
     end: RunEnd,
     stats_interval: float | None,
-    metrics_addr: str | None,
+    metered: Metered,
 ) -> None:
     """``run --workers N``: start N workers with this command line, print their summary."""
     import time
@@ -610,8 +632,17 @@ def run_workers(
     supervisor.install_signal_handlers()
     supervisor.start()
     metrics = None
-    if metrics_addr:
-        metrics = serve_metrics(ctx, config, metrics_addr, supervisor.figures, supervisor.all_alive)
+    if metered.addr:
+        from .run.metrics import added_up
+
+        metrics = serve_metrics(
+            ctx,
+            config,
+            metered,
+            lambda: added_up(supervisor.reported_metrics()),
+            supervisor.all_alive,
+            lambda: supervisor.figures()["keys_quarantined"],
+        )
     try:
         outcome = supervisor.run()
     finally:

@@ -82,6 +82,10 @@ STATS_INTERVAL_S = 10.0
 """Seconds between progress lines in the log when stderr is not a terminal
 (``phonon run --stats-interval``)."""
 
+QUARANTINE_COUNT_TTL_S = 30.0
+"""Seconds ``--metrics`` keeps its count of quarantined keys (a SCAN of the namespace)
+before counting again; sooner when the run itself quarantined more."""
+
 PROGRESS_INTERVAL_S = 0.5
 """Seconds between redraws of the progress line (when stderr is a terminal)."""
 

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "faults": 0,
     "logs": 0,
     "poison": 0,
+    "telemetry": 0,
     "store": 1,
     "core": 2,
     "fields": 3,

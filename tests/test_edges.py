@@ -313,10 +313,13 @@ def scrape(url: str) -> tuple[int, str]:
 
 
 def metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    """The sum of every series of ``name`` (whatever its labels), None if there is none."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    ]
+    return sum(values) if values else None
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -171,7 +171,7 @@ class Process:
                 scripts.load(pipe)
             scripts.queue(pipe, scripts.HEARTBEAT, keys, args)
 
-        store_id = scripts.run(client or self._heartbeat_client, build)[-1]
+        store_id = scripts.run(client or self._heartbeat_client, build, op="heartbeat")[-1]
         if store_id:
             if self.store_id is None:
                 self.store_id = store_id

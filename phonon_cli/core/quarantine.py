@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
-from .. import defaults
+from .. import defaults, telemetry
 from ..store import scripts
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def quarantine(process: Process, items: Sequence[Poisoned]) -> None:
                 args.append(orjson.dumps(record).decode())
             scripts.queue(pipe, scripts.QUARANTINE, keys, args)
 
-    scripts.run(process.client, build)
+    scripts.run(process.client, build, op="quarantine")
     for item in items:
         log.error("%s: quarantined (%s); see 'phonon quarantine list'", item.resource, item.error)
     process.stats["keys_quarantined"] = process.stats.get("keys_quarantined", 0) + len(items)
@@ -128,10 +129,14 @@ def isolate(cls: type[Update], updates: list[Update]) -> Failures:
 
     Transient errors are not split: the database being down fails every half too.
     """
+    started = time.perf_counter()
     try:
         failures = cls.execute_many(updates)
     except Exception as e:  # noqa: BLE001 - the batch failed as a whole
         failures = [(u, e) for u in updates]
+    telemetry.SINK_WRITE_SECONDS.labels(telemetry.sink_name(cls)).observe(
+        time.perf_counter() - started
+    )
     together: dict[int, list[Update]] = defaultdict(list)
     errors: dict[int, BaseException] = {}
     for u, err in failures:

@@ -207,7 +207,7 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
         def build(pipe: Pipeline, keys: list[str] = keys, args: list[str | int] = args) -> None:
             scripts.queue(pipe, scripts.RECOVER, keys, args)
 
-        (results,) = scripts.run(process.client, build)
+        (results,) = scripts.run(process.client, build, op="recover")
         for (resource, _, _), own, (left, cached, saved, *items) in zip(chunk, mine, results):
             if saved:
                 got = _adopted(process, resource, saved, items, own)

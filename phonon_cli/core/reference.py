@@ -83,7 +83,7 @@ def acquire_many(
         _queue_acquire(pipe, process, resources, flags, now, ids)
 
     out: list[tuple[str, list[str]] | None] = []
-    for result in scripts.run(process.client, build, process.store_timeout_s):
+    for result in scripts.run(process.client, build, process.store_timeout_s, op="acquire"):
         out += [(r[0], list(r[1:])) if r else None for r in result]
     return out
 
@@ -178,7 +178,8 @@ def release_many(
         if acquire:
             _queue_acquire(pipe, process, acquire, [False] * len(acquire), now, ids[len(chunks) :])
 
-    results = scripts.run(process.client, build, process.store_timeout_s)
+    op = "release" if releases else "acquire"
+    results = scripts.run(process.client, build, process.store_timeout_s, op=op)
     replies = [reply for result in results[: len(chunks)] for reply in result]
     refused = [
         Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
@@ -228,7 +229,7 @@ def finish(process: Process, taken: Sequence[Taken]) -> None:
             for key in keys:  # one key per DEL: a cluster pipeline refuses several
                 pipe.delete(key)
 
-        scripts.run(process.client, build, process.store_timeout_s)
+        scripts.run(process.client, build, process.store_timeout_s, op="finish")
 
 
 class Reference:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from .. import defaults, faults
+from .. import defaults, faults, telemetry
 from ..exceptions import EventError, Fenced, OutputClosed, SerializationError
 from ..poison import add_sums
 from ..store.connection import public_url
@@ -28,6 +28,8 @@ from .reference import (
 )
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from .process import Process
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ class Update:
     one). None: build an Update from the event and call ``merge``. A subclass
     that overrides ``merge`` gets None again, so that its own merge decides
     (``__init_subclass__``)."""
+    route: str = ""
+    """The config's name of the route that built it (``routes[0]``), the ``route`` label
+    of its metrics; empty when it was rebuilt from Redis (recovery, ``flush``)."""
     execute_attempts: ClassVar[int] = defaults.EXECUTE_ATTEMPTS
     execute_backoff_s: ClassVar[float] = defaults.EXECUTE_BACKOFF_S
 
@@ -451,6 +456,9 @@ def _end_sessions(
         update.execution_id = got.execution_id
         ready.append((update, got))
     _count(process, "keys_cached", len(updates) - len(ready))
+    if len(ready) < len(updates):
+        executing = {id(u) for u, _ in ready}
+        _count_routes(telemetry.KEYS_CACHED, [u for u in updates if id(u) not in executing])
     done = execute_taken(process, ready)
     return [update in done for update in updates]
 
@@ -473,6 +481,7 @@ def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> se
         pairs, retried = _after_failures(process, cls, pairs, failed_ids)
         written = [u for u, _ in pairs if id(u) not in failed_ids]
         _count(process, "keys_executed", len(written))
+        _count_routes(telemetry.KEYS_EXECUTED, written)
         _count(process, "execute_failures", retried)
         executed.update(written)
         finish(process, [got for _, got in pairs])
@@ -545,6 +554,8 @@ def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
     pause = cls.execute_backoff_s
     for attempt in range(1, cls.execute_attempts + 1):
         failures = quarantine.isolate(cls, updates)  # a poison key fails alone
+        if failures:
+            telemetry.SINK_WRITE_FAILURES.labels(telemetry.sink_name(cls)).inc(len(failures))
         if not failures or attempt == cls.execute_attempts:
             return failures
         if all(isinstance(e, OutputClosed) for _, e in failures):
@@ -565,3 +576,12 @@ def _execute_with_retries(cls: type[Update], updates: list[Update]) -> Failures:
 def _count(process: Process, name: str, n: int) -> None:
     if n:
         process.stats[name] = process.stats.get(name, 0) + n
+
+
+def _count_routes(counter: Counter, updates: Sequence[Update]) -> None:
+    """Add ``updates`` to ``counter`` by route: once per batch and route, not per key."""
+    routes: dict[str, int] = {}
+    for u in updates:
+        routes[u.route] = routes.get(u.route, 0) + 1
+    for route, n in routes.items():
+        counter.labels(route).inc(n)

@@ -128,6 +128,14 @@ def scan(
         yield from _read(client, keys, page)
 
 
+def count(client: redis.Redis, keys: Keys) -> int:
+    """How many resources hold quarantined aggregates: one SCAN of the namespace,
+    reading none of them."""
+    pattern = keys.resource_pattern("quarantine")
+    found = client.scan_iter(match=pattern, count=SCAN_PAGE)
+    return sum(1 for key in found if keys.resource_of(key) is not None)
+
+
 def _read(client: redis.Redis, keys: Keys, resources: list[str]) -> Iterator[Quarantined]:
     pipe = client.pipeline(transaction=False)
     for resource in resources:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
@@ -270,19 +270,26 @@ class Status:
             out.append(ref)
         return out
 
-    def sources(self) -> list[dict[str, Any]]:
+    def sources(self, only: Sequence[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
         """Committed offsets of every consumer group and source, per partition.
 
         Fields: group, source, partition, committed, lag and owner (the reading
         process, if known). Lag is what the readers last published (``source_info``):
         a file partition's end minus its committed offset, a stream group's lag; None
         when no reader has said.
+
+        Args:
+            only: these ``(group, source)`` pairs, read without a SCAN of the
+                namespace (a run's ``--metrics``); None: every one there is.
         """
         found = []
-        for key in self.client.scan_iter(match=self.keys.offsets_pattern(), count=SCAN_PAGE):
-            parsed = self.keys.offsets_of(key)
-            if parsed is not None:
-                found.append(parsed)
+        if only is not None:
+            found = list(only)
+        else:
+            for key in self.client.scan_iter(match=self.keys.offsets_pattern(), count=SCAN_PAGE):
+                parsed = self.keys.offsets_of(key)
+                if parsed is not None:
+                    found.append(parsed)
         found.sort()
         pipe = self.client.pipeline(transaction=False)
         for group, source in found:

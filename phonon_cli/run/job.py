@@ -19,9 +19,12 @@ from ..ops.flush import FlushSubscription
 from ..routing.routes import Router
 from ..sources import open_sources
 from .loop import Runner, RunOptions, RunStats
+from .metrics import added_up, dump, worker_families
 from .workers import Report, watch_parent
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from ..config import Config
     from ..core.process import Process
 
@@ -48,7 +51,10 @@ class Job:
         max_line_bytes: int | None = None,
         progress: Callable[[str], None] | None = None,
         report: Report | None = None,
+        report_metrics: bool = False,
     ) -> None:
+        """``report_metrics``: send this worker's metrics with each report (the parent
+        of ``--workers`` serves ``--metrics``)."""
         self.process = process
         try:
             opened = open_sources(
@@ -66,6 +72,7 @@ class Job:
             process.register(route.update)
             process.register_database(route.database)
         self.report = report
+        self.report_metrics = report_metrics
         self.runner = Runner(
             process,
             Router(config.routes),
@@ -73,12 +80,18 @@ class Job:
             options,
             progress=progress,
             control=FlushSubscription(process),
-            report=report.write if report else None,
+            report=self._report if report else None,
         )
 
-    def figures(self) -> dict[str, int]:
-        """What the run has counted so far (for ``--metrics``; read from another thread)."""
-        return self.runner.stats.figures(self.runner.cache.size())
+    def metrics(self) -> list[Metric]:
+        """This worker's metrics (for ``--metrics``; read from another thread), through
+        the same sum as a ``--workers`` parent's, so that both show the same series."""
+        return added_up([dump(worker_families(self.runner))])
+
+    def _report(self, figures: dict[str, int], final: bool = False) -> None:
+        assert self.report is not None
+        metrics = dump(worker_families(self.runner)) if self.report_metrics else None
+        self.report.write(figures, final, metrics)
 
     def run(self) -> RunStats:
         """Run to the end of input or a signal; always leave the store and close sinks.
@@ -102,6 +115,6 @@ class Job:
                 log.warning("could not unregister from the store: %s", e)
             sinks.close_all()
         if self.report is not None:  # the parent prints one summary for every worker
-            self.report.write(stats.figures(), final=True)
+            self._report(stats.figures(self.runner.cache.size()), final=True)
             self.report.close()
         return stats

@@ -43,6 +43,7 @@ from ..routing.routes import Route, Routed, Router
 from ..sources import Chunk, Source
 from .deadletters import DeadLetters
 from .offsets import Watermarks
+from .tally import SourceTally
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,15 @@ class Runner:
         """Called with this worker's figures at each publish (a ``--workers`` worker)."""
         self.control = control
         # Keyed by id(route): hashing the frozen Route dataclass per event cost ~15% of the loop.
-        self._info = {id(r): (r.update.merge_event, _triggers(r)) for r in router.routes}
+        self._info = {
+            id(r): (r.update.merge_event, _triggers(r), i) for i, r in enumerate(router.routes)
+        }
+        self.route_names = [f"routes[{i}]" for i in range(len(router.routes))]
+        """The routes as the config names them (the ``route`` label of metrics)."""
+        self.tallies = {s.name: SourceTally.for_routes(len(router.routes)) for s in self.sources}
+        """Per source: what ``_handle`` counted, for ``--metrics`` (``run.tally``)."""
+        self._hits: list[int] = []
+        """The current chunk's source's events per route (``SourceTally.routed``)."""
         self._single_route = len(router.routes) == 1
         self._merge: Merger | None = None
         """The one route's merger for cached keys (None: every event takes ``_insert``)."""
@@ -435,12 +444,20 @@ class Runner:
         if chunk.owner is not None and chunk.owner != self.process.id:
             return  # read before this process was fenced: read again (``_start_over``)
         now_ms = self.process.clock()
+        stats = self.stats
+        tally = self.tallies[chunk.source]
+        self._hits = tally.routed
+        read, unmatched, dead = stats.events_read, stats.unmatched, stats.dead_lettered
         part = self._partition(chunk)
-        self.stats.events_read += len(chunk.lines)
+        stats.events_read += len(chunk.lines)
         if part is None and self._merge_lines is not None:
             self._handle_lines(chunk, now_ms)
         else:
             self._handle_each(chunk, part, now_ms)
+        # Per source by the totals' change: once a chunk, nothing more per event.
+        tally.read += stats.events_read - read
+        tally.unmatched += stats.unmatched - unmatched
+        tally.dead_lettered += stats.dead_lettered - dead
 
     def _handle_each(self, chunk: Chunk, part: tuple[Source, str] | None, now_ms: int) -> None:
         """``_handle``, one event at a time."""
@@ -452,6 +469,7 @@ class Runner:
         ids = chunk.ids
         offset = chunk.first_offset - 1
         routed_n = 0
+        merged_n = 0  # events the one route's merger took (``_insert`` counts the rest)
         for line in chunk.lines:
             offset += 1
             try:
@@ -472,7 +490,7 @@ class Runner:
                     stats.unmatched += 1
                     continue
                 if update is not False:
-                    routed_n += 1
+                    merged_n += 1
                     if part is not None:
                         marks = update.marks  # type: ignore[union-attr]
                         if marks is None or part not in marks:
@@ -482,7 +500,9 @@ class Runner:
                             _note_highest(update, pname, high)  # type: ignore[arg-type]
                     continue
             routed_n += self._route(event, chunk.source, line, part, offset, now_ms)
-        stats.routed += routed_n
+        stats.routed += routed_n + merged_n
+        if merged_n:
+            self._hits[0] += merged_n
 
     def _handle_lines(self, chunk: Chunk, now_ms: int) -> None:
         """``_handle`` for a chunk with no offsets to mark, through the route's lines
@@ -497,6 +517,7 @@ class Runner:
             stop, skipped = merge_lines(lines, n, now_ms)
             stats.unmatched += skipped
             stats.routed += stop - n - skipped
+            self._hits[0] += stop - n - skipped
             if stop < end:
                 reject = chunk.rejects.get(stop)
                 one = Chunk(chunk.source, [lines[stop]], rejects={0: reject} if reject else {})
@@ -628,7 +649,7 @@ class Runner:
         the event is poison (a spec no record can have, a sum out of range), or None."""
         route, id_, spec, doc = entry
         key: Hashable = id_ if self._single_route else (id(route), id_)
-        merge_event, trigger = self._info[id(route)]
+        merge_event, trigger, index = self._info[id(route)]
         cache = self.cache
         update = cache.peek(key)
         if update is None:
@@ -636,6 +657,7 @@ class Runner:
             if problem is not None:
                 return problem
             update = self._new_update(route, id_, spec, doc)
+            update.route = self.route_names[index]
             cache.set(key, update)
             self.batcher.add_acquire(update)
         elif merge_event is None:
@@ -654,6 +676,7 @@ class Runner:
             if pname is not None:
                 ids = self._ids
                 _note_highest(update, pname, offset if ids is None else ids[offset - self._first])
+        self._hits[index] += 1
         if trigger is not None and trigger(update, event):
             cache.expire(key)
         return None

@@ -82,10 +82,15 @@ class Report:
         self._file: IO[bytes] = os.fdopen(fd, "wb", buffering=0)
         self._lock = threading.Lock()
 
-    def write(self, figures: dict[str, Any], final: bool = False) -> None:
+    def write(
+        self, figures: dict[str, Any], final: bool = False, metrics: list[Any] | None = None
+    ) -> None:
+        """``metrics``: the worker's metric families (``run.metrics.dump``), for the
+        parent's ``--metrics`` endpoint; None when it serves none."""
         nulls = {k: n for k, n in figures.items() if k.startswith(NULLS)}  # one per fields route
         line = orjson.dumps(
             {**{k: figures.get(k, 0) for k in REPORT_FIELDS}, **nulls, "final": final}
+            | ({"metrics": metrics} if metrics is not None else {})
         )
         with self._lock:
             try:
@@ -123,6 +128,8 @@ class Worker:
     reports: int
     """The read end of its report pipe."""
     figures: dict[str, int] = field(default_factory=dict)
+    metrics: list[Any] = field(default_factory=list)
+    """Its metric families as last reported (``Report.write``); kept after it exits."""
     pending: memoryview | None = None
     """Part of a chunk of stdin written only in part (non-blocking)."""
     fed: bool = True
@@ -228,6 +235,11 @@ class Supervisor:
         """Every worker still running (``/healthz`` of a ``--workers`` run)."""
         return all(w.proc.poll() is None for w in self.workers)
 
+    def reported_metrics(self) -> list[list[Any]]:
+        """Every worker's metric families as it last reported them, for the parent's
+        ``--metrics`` (``run.metrics.added_up``)."""
+        return [w.metrics for w in self.workers]
+
     def figures(self) -> dict[str, int]:
         names = {k for w in self.workers for k in w.figures if k.startswith(NULLS)}
         return {k: sum(w.figures.get(k, 0) for w in self.workers) for k in (*REPORT_FIELDS, *names)}
@@ -260,9 +272,11 @@ class Supervisor:
         with os.fdopen(w.reports, "rb") as f:
             for line in f:
                 try:
-                    w.figures = orjson.loads(line)
+                    figures = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
+                w.metrics = figures.pop("metrics", w.metrics)
+                w.figures = figures
         w.reports = -1
 
     # -- stdin -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from .. import faults
+from .. import faults, telemetry
 from ..exceptions import Fenced
 from . import slots
 from .connection import is_cluster
@@ -832,10 +832,16 @@ def queue(pipe: Pipeline, script: Script, keys: Sequence[str], args: Sequence[An
 
 
 def run(
-    client: redis.Redis, build: Callable[[Pipeline], object], timeout_s: float = 0.0
+    client: redis.Redis,
+    build: Callable[[Pipeline], object],
+    timeout_s: float = 0.0,
+    op: str = "other",
 ) -> list[Any]:
     """Execute the pipeline that ``build`` fills: one round trip (on a cluster, one
     per node, all nodes written before any is read).
+
+    Each attempt is timed into ``telemetry.STORE_BATCH_SECONDS`` under ``op`` (what
+    the batch does: acquire, release, finish, quarantine, recover, heartbeat).
 
     A dropped connection is retried, with backoff, for up to ``timeout_s``
     seconds (beyond redis-py's own few quick retries): sending the same pipeline
@@ -849,9 +855,14 @@ def run(
     """
     deadline = time.monotonic() + timeout_s
     pause_s = 0.1
+    timer = telemetry.STORE_BATCH_SECONDS.labels(op)
     while True:
+        started = time.perf_counter()
         try:
-            return _run_once(client, build)
+            try:
+                return _run_once(client, build)
+            finally:  # a failed attempt is a round trip too, and may be the slow one
+                timer.observe(time.perf_counter() - started)
         except (ConnectionError, TimeoutError) as e:
             if time.monotonic() + pause_s > deadline:
                 raise

@@ -1,0 +1,157 @@
+"""``phonon run --metrics``: the series by source, route, sink and batch, scraped from a
+real run (one worker, and two behind one endpoint), with exact values where the
+input makes them exact."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from phonon_cli import defaults
+
+CONFIG = """
+[[routes]]
+when = { kind = ["a"] }
+update = "phonon_cli.sinks.jsonl:Lines"
+id = "{k}"
+database = "OUT"
+doc = { n = 1 }
+
+[[routes]]
+when = { kind = ["b"] }
+update = "phonon_cli.sinks.sql:Counter"
+id = "{k}"
+collection = "t"
+database = "sqlite:///DB"
+spec = { k = "{k}" }
+doc = { "{c}" = 1 }
+"""
+
+LINES = "phonon_cli.sinks.jsonl:Lines"
+COUNTER = "phonon_cli.sinks.sql:Counter"
+POISON_COLUMNS = 2_100
+"""More than SQLite's 2,000 columns: the key "bad" can never be written (quarantined)."""
+
+
+def events() -> bytes:
+    """200 events for routes[0] (20 keys), 100 + the poison key's for routes[1] (10 + 1
+    keys), 5 unmatched, one line that is not JSON."""
+    out = [{"kind": "a", "k": f"a{i % 20}"} for i in range(200)]
+    out += [{"kind": "b", "k": f"b{i % 10}", "c": "n"} for i in range(100)]
+    out += [{"kind": "b", "k": "bad", "c": f"c{j}"} for j in range(POISON_COLUMNS)]
+    out += [{"kind": "z"}] * 5
+    return b"".join(orjson.dumps(e) + b"\n" for e in out) + b"not json\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the endpoint, parsed by prometheus_client's own parser."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str):
+    """The sum of ``name``'s samples whose labels include ``labels``; None if none has."""
+    found = [v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls]
+    return sum(found) if found else None
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_by_source_route_sink_and_batch_during_a_run(
+    tmp_path: Path, redis_url: str, namespace: str, helpers: object, workers: str
+) -> None:
+    out, db = tmp_path / "out.jsonl", tmp_path / "t.db"
+    cfg = tmp_path / "phonon.toml"
+    cfg.write_text(CONFIG.replace("OUT", str(out)).replace("DB", str(db)))
+    port = free_port()
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [
+            *helpers.phonon_command(redis_url, namespace),  # type: ignore[attr-defined]
+            "run",
+            "-c",
+            str(cfg),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--workers",
+            workers,
+            "--soft-session",
+            "1s",
+            "--dead-letter",
+            str(tmp_path / "dead.jsonl"),
+        ],  # fmt: skip
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read)
+    url = f"http://127.0.0.1:{port}/metrics"
+    wait_for = helpers.wait_for  # type: ignore[attr-defined]
+    try:
+        os.write(write, events())
+        expected = {
+            ("phonon_events_read_total", ()): 200 + 100 + POISON_COLUMNS + 5 + 1,
+            ("phonon_routed_total", (("route", "routes[0]"),)): 200,
+            ("phonon_routed_total", (("route", "routes[1]"),)): 100 + POISON_COLUMNS,
+            ("phonon_unmatched_total", ()): 5,
+            ("phonon_dead_lettered_total", ()): 1,
+            # every key's session ends after 1 s idle: executed once (the poison key
+            # is not: it is quarantined after its attempts, each a failure counted)
+            ("phonon_keys_executed_total", (("route", "routes[0]"),)): 20,
+            ("phonon_keys_executed_total", (("route", "routes[1]"),)): 10,
+            ("phonon_sink_write_failures_total", (("sink", COUNTER),)): defaults.EXECUTE_ATTEMPTS,
+            ("phonon_quarantined_keys", ()): 1,
+        }
+
+        def moved() -> bool:
+            samples = scrape(url)
+            return all(
+                value(samples, name, source="-", **dict(labels)) == n
+                if name.startswith(
+                    ("phonon_events", "phonon_routed", "phonon_unmatched", "phonon_dead")
+                )  # fmt: skip
+                else value(samples, name, **dict(labels)) == n
+                for (name, labels), n in expected.items()
+            )
+
+        wait_for(moved, timeout_s=60, what=f"every series to reach {expected}")
+        samples = scrape(url)
+        # the jsonl sink's writes are timed, in buckets that add up to the count
+        writes = value(samples, "phonon_sink_write_seconds_count", sink=LINES)
+        assert writes is not None and writes >= 1
+        every = value(samples, "phonon_sink_write_seconds_bucket", sink=LINES, le="+Inf")
+        assert every == writes
+        # batches of scripts: round trips counted by op, with their latency
+        trips = value(samples, "phonon_store_batch_seconds_count", op="release")
+        assert trips is not None and trips >= 1
+        assert value(samples, "phonon_store_batch_seconds_bucket", op="release", le="+Inf") == trips
+        assert (value(samples, "phonon_store_batch_seconds_sum", op="release") or 0) > 0
+        assert (value(samples, "phonon_store_batch_seconds_count", op="acquire") or 0) >= 1
+        assert (value(samples, "phonon_store_batch_seconds_count", op="quarantine") or 0) >= 1
+        # the output file holds what the metric says was written there
+        assert len(out.read_bytes().splitlines()) == 20
+    finally:
+        os.close(write)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"keys executed 30," in err, err
