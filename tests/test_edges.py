@@ -404,3 +404,54 @@ def test_status_figures_are_about_a_second_behind_the_run(
     os.close(write)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+
+
+def test_rerunning_a_file_source_read_to_its_end_ends_at_once_saying_nothing_more(
+    tmp_path: Path, redis_url: str, namespace: str, helpers: object
+) -> None:
+    """Row 7: a second run over a partition whose offsets are all committed reads
+    nothing, says so in its summary, warns of nothing, and ends within a generous
+    bound on a loaded machine (the issue saw 6.6 s)."""
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    log = tmp_path / "one.jsonl"
+    log.write_bytes(b"".join(b'{"a": %d, "n": 1}\n' % (i % 10) for i in range(500)))
+    cmd = [
+        *helpers.phonon_command(redis_url, namespace),  # type: ignore[attr-defined]
+        "run", "-c", str(cfg), "--source", f"file:{log}",
+        "--dead-letter", str(tmp_path / "dead.jsonl"),
+    ]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert b"events read 500," in first.stderr
+    started = time.monotonic()
+    again = subprocess.run(cmd, capture_output=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == b""  # nothing executed twice
+    err = again.stderr.decode()
+    assert "events read 0, routed 0" in err, err
+    assert not any(w in err for w in ("WARNING", "ERROR", "Traceback", "wait")), err
+    assert elapsed < 3.0, f"{elapsed:.2f}s with nothing to read"
+
+
+def test_readme_says_how_to_get_phonon_on_path() -> None:
+    """Row 9: the README's "Use" section names the paths `make run` creates (the
+    Makefile's virtualenv, the console script pyproject declares), and every
+    config its example commands name exists in the repository."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    use = readme.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    venv = re.search(r"^VENV \?= (\S+)$", (root / "Makefile").read_text(), re.M)
+    assert venv is not None
+    pyproject = (root / "pyproject.toml").read_text()
+    assert re.search(r'^\[project\.scripts\]\nphonon = "', pyproject, re.M), "no phonon script"
+    assert f"`{venv.group(1)}/bin/phonon`" in use
+    assert f"`. {venv.group(1)}/bin/activate`" in use
+    commands = "".join(re.findall(r"```sh\n(.*?)```", use, re.S))
+    configs = re.findall(r"phonon \w+ -c (\S+)", commands)
+    assert configs, "the Use section runs no command with a config"
+    for path in configs:
+        assert (root / path).is_file(), f"README's Use section names {path}, which is not there"
