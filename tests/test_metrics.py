@@ -155,3 +155,31 @@ def test_metrics_by_source_route_sink_and_batch_during_a_run(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert b"keys executed 30," in err, err
+
+
+def test_workers_histograms_and_counters_add_up_sample_by_sample() -> None:
+    """What a --workers parent serves: each worker's samples summed, buckets included."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from phonon_cli.run.metrics import added_up, dump
+
+    dumps = []
+    for observed in ([0.001, 0.2], [0.3]):
+        registry = CollectorRegistry()
+        h = Histogram("h_seconds", "h", ["op"], buckets=(0.01, 0.25, 1), registry=registry)
+        c = Counter("c", "c", ["route"], registry=registry)
+        for v in observed:
+            h.labels("release").observe(v)
+            c.labels("routes[0]").inc()
+        dumps.append(dump(registry.collect()))
+    families = {m.name: m for m in added_up(orjson.loads(orjson.dumps(dumps)))}
+    got = {(s.name, s.labels.get("le")): s.value for s in families["h_seconds"].samples}
+    assert got == {
+        ("h_seconds_bucket", "0.01"): 1,
+        ("h_seconds_bucket", "0.25"): 2,
+        ("h_seconds_bucket", "1.0"): 3,
+        ("h_seconds_bucket", "+Inf"): 3,
+        ("h_seconds_count", None): 3,
+        ("h_seconds_sum", None): pytest.approx(0.501),
+    }
+    assert [(s.name, s.value) for s in families["c"].samples] == [("c_total", 3)]
