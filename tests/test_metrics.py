@@ -183,3 +183,36 @@ def test_workers_histograms_and_counters_add_up_sample_by_sample() -> None:
         ("h_seconds_sum", None): pytest.approx(0.501),
     }
     assert [(s.name, s.value) for s in families["c"].samples] == [("c_total", 3)]
+
+
+def test_a_worker_that_exited_keeps_its_counters_but_not_its_gauges() -> None:
+    """A --workers child killed with kill -9 cached nothing any more: the parent stops
+    serving its last ``phonon_cache_entries`` and its gauges, and keeps its counters."""
+    import subprocess
+    import sys
+
+    from phonon_cli.run.metrics import added_up
+    from phonon_cli.run.workers import Supervisor, Worker
+
+    families = [
+        ["phonon_x", "counter", "x", [["phonon_x_total", {}, 5.0]]],
+        ["phonon_g", "gauge", "g", [["phonon_g", {}, 7.0]]],
+    ]
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        supervisor = Supervisor(["phonon"], 2, feed_stdin=False)
+        supervisor.workers = [
+            Worker(0, alive, -1, figures={"entries": 3, "events_read": 10}, metrics=families),
+            Worker(1, gone, -1, figures={"entries": 4, "events_read": 20}, metrics=families),
+        ]
+        figures = supervisor.figures()
+        assert (figures["entries"], figures["events_read"]) == (3, 30)
+        served = {
+            s.name: s.value for m in added_up(supervisor.reported_metrics()) for s in m.samples
+        }
+        assert served == {"phonon_x_total": 10.0, "phonon_g": 7.0}
+    finally:
+        alive.kill()
+        alive.wait()

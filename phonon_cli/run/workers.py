@@ -237,12 +237,24 @@ class Supervisor:
 
     def reported_metrics(self) -> list[list[Any]]:
         """Every worker's metric families as it last reported them, for the parent's
-        ``--metrics`` (``run.metrics.added_up``)."""
-        return [w.metrics for w in self.workers]
+        ``--metrics`` (``run.metrics.added_up``). A worker that has exited keeps its
+        counters (what it did stays done) but not its gauges: a worker killed with
+        kill -9 holds no cache entries any more, whatever it last said."""
+        return [
+            w.metrics if w.proc.poll() is None else [f for f in w.metrics if f[1] != "gauge"]
+            for w in self.workers
+        ]
 
     def figures(self) -> dict[str, int]:
+        """The workers' figures added up; ``entries`` (a gauge) only over the living."""
         names = {k for w in self.workers for k in w.figures if k.startswith(NULLS)}
-        return {k: sum(w.figures.get(k, 0) for w in self.workers) for k in (*REPORT_FIELDS, *names)}
+        totals = {
+            k: sum(w.figures.get(k, 0) for w in self.workers) for k in (*REPORT_FIELDS, *names)
+        }
+        totals["entries"] = sum(
+            w.figures.get("entries", 0) for w in self.workers if w.proc.poll() is None
+        )
+        return totals
 
     def _outcome(self) -> Outcome:
         problems, codes = [], []
