@@ -46,8 +46,14 @@ class FieldsUpdate(Update):
         self, process: Process, _id: Any, *args: Any, fields: Sequence[Field] = (), **kwargs: Any
     ) -> None:
         super().__init__(process, _id, *args, **kwargs)
-        self.fields = tuple(fields)
-        self._merge_event = merge_event_for(self.fields)
+        self.fields = fields = tuple(fields)
+        known = _MERGES.get(id(fields))  # a route's fields are one tuple: known by identity
+        if known is None or known[0] is not fields:
+            known = (fields, merge_event_for(fields))
+            if len(_MERGES) > 1024:
+                _MERGES.clear()
+            _MERGES[id(fields)] = known
+        self._merge_event = known[1]
 
     def merge(self, other: Update) -> None:
         merge_into(self.doc, other.doc)
@@ -78,6 +84,11 @@ class FieldsUpdate(Update):
         """Field name -> executed value, for the declared fields (or every slot's field)."""
         fields = self.fields or fields_of(self.doc)
         return {f.name: f.result(self.doc) for f in fields}
+
+
+_MERGES: dict[int, tuple[tuple[Field, ...], MergeEvent]] = {}
+"""id(fields) -> (fields, their merge): hashing eleven fields per key built cost
+more than building the rest of the Update."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,12 +146,10 @@ def merge_code(fields: Sequence[Field], env: dict[str, Any]) -> tuple[list[str],
         if strategy.summed:  # the sum replaces x<i> once checked
             env[f"M{i}"] = f"the sum of {slot!r} would leave the 64-bit range"
             check += [
-                f"    if x{i} is not None:",
-                f"        c = doc.get({slot!r})",
-                "        if c is not None:",
-                f"            x{i} = c + x{i}",
-                f"            if not MIN <= x{i} < END and bad_number(x{i}):",
-                f"                raise EventError(M{i} + ' (' + short(x{i}) + ')')",
+                f"    if x{i} is not None and {slot!r} in doc:",
+                f"        x{i} = doc[{slot!r}] + x{i}",
+                f"        if not MIN <= x{i} < END and bad_number(x{i}):",
+                f"            raise EventError(M{i} + ' (' + short(x{i}) + ')')",
             ]
         add = strategy.add_code(f.slots(), f.n)
         apply += [f"    if x{i} is not None:", f"        x = x{i}", *(f"        {a}" for a in add)]

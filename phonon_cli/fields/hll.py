@@ -76,10 +76,19 @@ def union(into: Registers, other: Registers) -> Registers:
     return into
 
 
+POWERS = [2.0**-r for r in range(64 - BITS + 2)]
+"""2^-rank for every rank: the estimate's sum looks them up."""
+
+
 def estimate(registers: Registers) -> int:
     m = REGISTERS
     zeros = m - len(registers)
-    raw = (0.7213 / (1 + 1.079 / m)) * m * m / (zeros + sum(2.0**-r for r in registers.values()))
+    raw = (
+        (0.7213 / (1 + 1.079 / m))
+        * m
+        * m
+        / (zeros + sum(map(POWERS.__getitem__, registers.values())))
+    )
     if raw <= 2.5 * m and zeros:
         return round(m * math.log(m / zeros))  # small range: linear counting
     return round(raw)

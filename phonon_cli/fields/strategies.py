@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, ClassVar, Protocol
@@ -181,6 +181,11 @@ class _Number(Strategy):
         return {} if v is None else {f.slots()[0]: v}
 
 
+def _counted(slot: str) -> list[str]:
+    """Lines adding one to a count slot (dict operators: no method call per event)."""
+    return [f"if {slot!r} in doc: doc[{slot!r}] += 1", f"else: doc[{slot!r}] = 1"]
+
+
 def _add(a: Any, b: Any) -> Any:
     return a + b
 
@@ -214,7 +219,7 @@ class Count(_Number):
         return "1"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"c = doc.get({slots[0]!r})", f"doc[{slots[0]!r}] = 1 if c is None else c + 1"]
+        return _counted(slots[0])
 
     def merger(self, n: int) -> Merge:
         return _add
@@ -227,7 +232,7 @@ class Min(_Number):
     name, op = "min", "min"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"c = doc.get({slots[0]!r})", f"if c is None or x < c: doc[{slots[0]!r}] = x"]
+        return [f"if {slots[0]!r} not in doc or x < doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
 
     def merger(self, n: int) -> Merge:
         return _smaller
@@ -237,7 +242,7 @@ class Max(_Number):
     name, op = "max", "max"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"c = doc.get({slots[0]!r})", f"if c is None or x > c: doc[{slots[0]!r}] = x"]
+        return [f"if {slots[0]!r} not in doc or x > doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
 
     def merger(self, n: int) -> Merge:
         return _larger
@@ -252,11 +257,7 @@ class Mean(_Number):
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
         total, count = slots
-        return [
-            f"doc[{total!r}] = x",  # the sum, checked (aggregate.py)
-            f"c = doc.get({count!r})",
-            f"doc[{count!r}] = 1 if c is None else c + 1",
-        ]
+        return [f"doc[{total!r}] = x", *_counted(count)]  # x: the sum, checked (aggregate.py)
 
     def slot_names(self, name: str, n: int) -> tuple[str, ...]:
         return (f"msum:{name}", f"mcnt:{name}")
@@ -329,7 +330,7 @@ class First(_Timed):
     name, op = "first", "first"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"c = doc.get({slots[0]!r})", f"if c is None or x < c: doc[{slots[0]!r}] = x"]
+        return [f"if {slots[0]!r} not in doc or x < doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
 
     def merger(self, n: int) -> Merge:
         return _smaller
@@ -341,7 +342,7 @@ class Last(_Timed):
     name, op = "last", "last"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"c = doc.get({slots[0]!r})", f"if c is None or x > c: doc[{slots[0]!r}] = x"]
+        return [f"if {slots[0]!r} not in doc or x > doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
 
     def merger(self, n: int) -> Merge:
         return _larger
@@ -355,7 +356,7 @@ class Set(Strategy):
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
         s = slots[0]
-        return [f"c = doc.get({s!r})", f"if c is None: doc[{s!r}] = {{x}}", "else: c.add(x)"]
+        return [f"if {s!r} in doc: doc[{s!r}].add(x)", f"else: doc[{s!r}] = {{x}}"]
 
     uses_text = True
 
@@ -412,9 +413,9 @@ class _Ranked(Strategy):
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
         s = slots[0]
         lines = [
-            f"c = doc.get({s!r})",
-            f"if c is None: doc[{s!r}] = [x]",
+            f"if {s!r} not in doc: doc[{s!r}] = [x]",
             "else:",
+            f"    c = doc[{s!r}]",
             "    c.append(x)",
         ]
         if n:  # cut back to the cap once twice over it: sorted in place, as ``ordered``
@@ -542,9 +543,10 @@ class DistinctCount(Strategy):
             "h = FROM_BYTES(h.digest(), 'big')",
             "hi = h >> 54",
             "hr = 55 - (h & 0x3FFFFFFFFFFFFF).bit_length()",
-            f"c = doc.get({s!r})",
-            f"if c is None: doc[{s!r}] = {{hi: hr}}",
-            "elif hr > c.get(hi, 0): c[hi] = hr",
+            f"if {s!r} not in doc: doc[{s!r}] = {{hi: hr}}",
+            "else:",
+            f"    c = doc[{s!r}]",
+            "    if hi not in c or hr > c[hi]: c[hi] = hr",
         ]
 
     uses_text = True
@@ -714,12 +716,24 @@ def fields_of(doc: Slots) -> tuple[Field, ...]:
 _FIELDS_OF: dict[tuple[str, ...], tuple[Field, ...]] = {}
 
 
-def numbers(doc: Slots) -> Iterable[tuple[str, Any]]:
-    """``(slot, number)`` for every number SQL stores as itself (to check its range)."""
-    for slot, value in doc.items():
-        number = RULES[slot][0].number(value)
-        if number is not None:
-            yield slot, number
+def numbers(doc: Slots) -> list[tuple[str, Any]]:
+    """``(slot, number)`` for every number SQL stores as itself (to check its range;
+    their types also decide the columns' kinds), in the order of ``doc``'s slots."""
+    names = tuple(doc)
+    plan = _NUMBERED.get(names)
+    if plan is None:  # the slots of strategies that have a number, once per set of slots
+        plan = tuple(
+            (slot, RULES[slot][0].number)
+            for slot in names
+            if type(RULES[slot][0]).number is not Strategy.number
+        )
+        if len(_NUMBERED) > 1024:
+            _NUMBERED.clear()
+        _NUMBERED[names] = plan
+    return [(slot, number(doc[slot])) for slot, number in plan]
+
+
+_NUMBERED: dict[tuple[str, ...], tuple[tuple[str, Callable[[Any], Any]], ...]] = {}
 
 
 def _not_a_number(what: str, value: Any) -> EventError:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol
 from ..clock import now_ms
 from ..exceptions import EventError
 from ..fields.aggregate import merge_code
-from ..fields.strategies import STRATEGIES, Field, Strategy, _json, check_number
+from ..fields.strategies import _TEXTS, STRATEGIES, Field, Strategy, _json, check_number
 from ..poison import INT64_END, INT64_MIN
 from .templates import _missing
 
@@ -156,6 +156,7 @@ def _items_code(
         _missing=_missing,
         now_ms=now_ms,
         J=_json,
+        TEXTS=_TEXTS.get,
         CHECK=check_number,
         MIN=INT64_MIN,
         END=INT64_END,
@@ -177,8 +178,9 @@ def _items_code(
     lines = reads.fetch()
     lines.append("    nulls = 0")
     checked: list[tuple[frozenset[str], str]] = []
+    made: list[tuple[frozenset[str], str, str]] = []
     for item in reads.body:
-        lines += item.code(checked) if isinstance(item, _Block) else [item]
+        lines += item.code(checked, made) if isinstance(item, _Block) else [item]
     return lines
 
 
@@ -217,7 +219,12 @@ class _Reads:
         """The local of the JSON text of the value in local ``value``."""
         if value not in self.texts:
             self.texts[value] = f"j{len(self.texts)}"
-            self.body.append(_Pure(f"    {self.texts[value]} = J({value})"))
+            # _json inlined for the usual values: a string's text is remembered, an
+            # int's is its repr
+            v = value
+            text = f"(TEXTS({v}) or J({v})) if {v}.__class__ is str else "
+            text += f"repr({v}) if {v}.__class__ is int else J({v})"
+            self.body.append(_Pure(f"    {self.texts[value]} = {text}"))
         return self.texts[value]
 
     def fetch(self) -> list[str]:
@@ -261,30 +268,38 @@ class _Block:
     Attributes:
         tests: the locals tested for None (none: ``count``, every event counts).
         nulls: per field, ``(i, None)`` to skip its null, ``(i, reason)`` to refuse it.
-        puts: per field, its checks ``(local, what)`` and the line setting its item.
+        puts: per field, its checks ``(local, what)`` and its item: ``(local, expression)``.
     """
 
     tests: tuple[str, ...]
     nulls: list[tuple[int, str | None]]
-    puts: list[tuple[list[tuple[str, str]], str]]
+    puts: list[tuple[list[tuple[str, str]], tuple[str, str]]]
 
     def join(self, other: _Block) -> None:
         self.nulls += other.nulls
         self.puts += other.puts
 
-    def code(self, checked: list[tuple[frozenset[str], str]]) -> list[str]:
+    def code(
+        self, checked: list[tuple[frozenset[str], str]], made: list[tuple[frozenset[str], str, str]]
+    ) -> list[str]:
         """The block's lines. ``checked``: ``(tests, local)`` of the checks written so
         far; one whose tests are a subset of this block's ran whenever this block's
-        else-branch runs, so its local needs no second check (and gets none)."""
+        else-branch runs, so its local needs no second check (and gets none).
+        ``made``: ``(tests, expression, local)`` of the items built so far, likewise."""
         scope = frozenset(self.tests)
         put: list[str] = []
-        for checks, item in self.puts:
+        for checks, (x, item) in self.puts:
             for var, what in checks:
                 if any(v == var and t <= scope for t, v in checked):
                     continue
                 checked.append((scope, var))
                 put += _check(var, what)
-            put.append(item)
+            # A tuple already built (by a block that ran whenever this one runs, as
+            # for checks) is shared rather than built again.
+            same = [v for t, e, v in made if e == item and t <= scope]
+            put.append(f"{x} = {same[0] if same else item}")
+            if not same and not item.isidentifier():
+                made.append((scope, item, x))
         if not self.tests:  # count: every event counts
             return ["    " + line for line in put]
         null: list[str] = []
@@ -321,7 +336,7 @@ def _field_block(i: int, rf: RouteField, value: str, key: str | None, text: str)
         checks.append((value, f.name))
     if key is not None:
         checks.append((key, f"{f.name} {strategy.key_name}"))
-    put = f"x{i} = {strategy.item(value, key or 'None', text)}"
+    put = (f"x{i}", strategy.item(value, key or "None", text))
     tests = [value] if strict or strategy.skips_nulls else []
     if key is not None and key not in tests:
         tests.append(key)

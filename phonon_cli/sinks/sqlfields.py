@@ -146,16 +146,22 @@ def prepare(c: type[Connection], u: Update) -> Row:
     spec = check_spec(c, table, u, "Aggregate")
     fields = fields_of(u.doc)
     _checked(c, tuple(k for k, _ in spec.values()), fields)
-    for slot, number in numbers(u.doc):
+    numbered = numbers(u.doc)
+    for slot, number in numbered:
         if not finite(number):
             raise SinkError(f"{table}: {slot}={number!r} is not a 64-bit integer or finite float")
-    return Row(u, table, spec, fields, _wanted(c, fields, u.doc))
+    kinds = tuple([number.__class__ for _, number in numbered])
+    return Row(u, table, spec, fields, _wanted(c, fields, u.doc, kinds))
 
 
-def _wanted(c: type[Connection], fields: tuple[Field, ...], doc: dict[str, Any]) -> Wanted:
+def _wanted(
+    c: type[Connection], fields: tuple[Field, ...], doc: dict[str, Any], kinds: tuple[type, ...]
+) -> Wanted:
     """Folded column -> (column, kind) for these fields; a number column's kind
-    follows its value (int or float), so the layout is remembered per kind of value."""
-    shape = (c, id(fields), *[doc.get(f.slots()[0]).__class__ for f in fields])
+    follows its value (int or float), so the layout is remembered per ``kinds``,
+    the types of the slots' numbers (``numbers``: a sum, a mean's sum, a first's
+    time...)."""
+    shape = (c, id(fields), kinds)
     found = _WANTED.get(shape)
     if found is None or found[0] is not fields:  # known by identity, as in ``_checked``
         found = (fields, {c.fold(n): (n, kind) for f in fields for n, kind in layout(f, doc)})
@@ -218,8 +224,9 @@ def write_table(c: Connection, table: str, rows: list[Row]) -> Failures:
         doc, fields = merged[key]
         values: list[Any] = []
         held = stored[key]
+        fresh = [*held.values()].count(None) == len(held)  # a new row: nothing to load
         for field in fields:
-            slots = field.strategy.load(c, field, held)
+            slots = {} if fresh else field.strategy.load(c, field, held)
             if slots:  # combined with what the row holds (a new slots dict)
                 merge_into(slots, {s: doc[s] for s in field.slots() if s in doc})
             else:  # a new row, or this field's first value: the session's slots as they are
