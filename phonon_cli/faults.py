@@ -9,7 +9,7 @@ GC pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and
 (holding the recovery lock, nothing recovered yet) and ``lost-reply`` (a
 pipeline ran in Redis and its reply is about to be returned). A point named
 ``POINT@loop`` counts only what the main thread (the run loop) reaches while the
-process does not hold the recovery lock (``RECOVERING``): a test can then kill a
+process does not hold the recovery lock (``recovering``): a test can then kill a
 worker mid-write many times without ever killing it while it recovers, which
 would stall every recovery for the lock's TTL.
 Unset, each point costs one truth test per batch.
@@ -23,8 +23,17 @@ import threading
 
 _plan: dict[str, tuple[str, int]] = {}
 _seen: dict[str, int] = {}
-RECOVERING = threading.Event()
-"""Set while this process holds the recovery lock (``core.recovery``)."""
+_recovering = 0
+"""Recoveries of this process (its recovery thread, its main thread) holding or
+taking the recovery lock right now (``recovering``)."""
+_recovering_mutex = threading.Lock()
+
+
+def recovering(start: bool) -> None:
+    """A recovery starts taking the recovery lock (True) or has let it go (False)."""
+    global _recovering
+    with _recovering_mutex:
+        _recovering += 1 if start else -1
 
 
 def plan(spec: str) -> None:
@@ -47,7 +56,7 @@ def point(name: str) -> None:
         name += "@loop"
         if name not in _plan or threading.current_thread() is not threading.main_thread():
             return
-        if RECOVERING.is_set():
+        if _recovering:
             return
     action, nth = _plan[name]
     _seen[name] = _seen.get(name, 0) + 1

@@ -71,11 +71,12 @@ def recover(process: Process) -> int:
         ttl_ms=defaults.RECOVERY_LOCK_TTL_S * 1000,
         owner=process.id,
     )
+    faults.recovering(True)  # a test hook: from before the lock is taken until let go
     try:
         lock.acquire()
     except AlreadyLocked:
+        faults.recovering(False)
         return 0
-    faults.RECOVERING.set()
     try:
         faults.point("in-recovery")
         dead = declare_dead(process, candidates)
@@ -91,11 +92,11 @@ def recover(process: Process) -> int:
             claim_orphans(process, orphans)
         return len(dead)
     finally:
-        faults.RECOVERING.clear()
         try:
             lock.release()
         except LockNotOwned:
             log.warning("recovery took longer than its lock; another survivor may have helped")
+        faults.recovering(False)
 
 
 @dataclass

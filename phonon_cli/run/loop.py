@@ -535,12 +535,12 @@ class Runner:
         part = (self._by_name[chunk.source], chunk.partition)
         if chunk.sequence is not None:  # a stream: marks per consumer, by entry id
             self._pname = f"{chunk.source}|{chunk.sequence}"
-            if chunk.replay_of is not None:  # claimed from a dead consumer
-                self._skip_counted(chunk, f"{chunk.source}|{chunk.replay_of}")
+            if chunk.replay_of:  # claimed from a dead consumer
+                self._skip_counted(chunk, [f"{chunk.source}|{c}" for c in chunk.replay_of])
         else:
             self._pname = _marked(part)
             if self._pname is not None and self._replaying(chunk, part, self._pname):
-                self._skip_counted(chunk, self._pname)
+                self._skip_counted(chunk, [self._pname])
         self._read_to[part] = chunk.first_offset + len(chunk.lines)
         return part
 
@@ -552,7 +552,7 @@ class Runner:
             self._highest[pname] = int(found) if found is not None else -1
         return chunk.first_offset <= self._highest.get(pname, -1)
 
-    def _skip_counted(self, chunk: Chunk, pname: str) -> None:
+    def _skip_counted(self, chunk: Chunk, pnames: list[str]) -> None:
         """Blank out the lines of a replayed chunk whose every key already counted them,
         and note, for a line only some of whose keys did, which keys to skip.
 
@@ -565,7 +565,8 @@ class Runner:
         others when the worker died: it is counted again only on the others
         (``_counted``). Only chunks that can hold such events are checked (a
         file partition's below its highest mark, a stream's claimed from a dead
-        consumer, against that consumer's marks): one round trip each, while
+        consumer, against the marks of that consumer and of those its entries
+        were claimed from before: ``pnames``): one round trip each, while
         replaying; none on the hot path.
         """
         client = self.process.client
@@ -582,8 +583,12 @@ class Runner:
         distinct = sorted({r for _, rs in lines for r in rs})
         pipe = client.pipeline(transaction=False)
         for resource in distinct:
-            pipe.hget(self.process.keys.resource(resource).seen, pname)
-        seen = {r: _order(v) for r, v in zip(distinct, pipe.execute()) if v is not None}
+            pipe.hmget(self.process.keys.resource(resource).seen, pnames)
+        seen = {
+            r: max(_order(v) for v in found if v is not None)
+            for r, found in zip(distinct, pipe.execute())
+            if any(v is not None for v in found)
+        }
         skipped = 0
         none = (-1, 0)
         for i, resources in lines:
@@ -595,7 +600,7 @@ class Runner:
             elif counted:
                 self._counted[chunk.first_offset + i] = counted
         if skipped:
-            log.info("%s: %d replayed events were counted already; skipped", pname, skipped)
+            log.info("%s: %d replayed events were counted already; skipped", pnames[0], skipped)
 
     def _route(
         self,

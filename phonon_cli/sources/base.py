@@ -71,8 +71,10 @@ class Chunk:
     sequence: str | None = None
     """Streams: the consumer the entries were delivered to, in increasing id order:
     the name their marks go by (scripts.RELEASE_LUA's MARKS)."""
-    replay_of: str | None = None
-    """Streams: entries claimed from this dead consumer, checked against its marks."""
+    replay_of: tuple[str, ...] = ()
+    """Streams: entries claimed from a dead consumer: it, then the consumers its
+    entries had been claimed from before it (``stream.StreamSource._lineage``). A
+    line is skipped on a key whose marks of any of them cover it."""
     ids: list[str] | None = None
     """Streams: the entry id of each line (the marks), as ``lines``."""
 

@@ -24,7 +24,11 @@ counted. Claimed entries are checked against the dead consumer's marks and
 skipped on the keys that counted them (``Chunk.replay_of``). To keep each
 consumer's entries in order, a survivor claims into a consumer of its own per
 dead one (``<pid>~<n>``), never into the one it reads new entries with; a
-consumer belongs to the process its name starts with.
+consumer belongs to the process its name starts with. A claimer that skips an
+entry marks nothing for it, so should it die in turn, its own marks do not say
+the entry was counted: the consumers it was claimed from do. Each claim records
+where it claims from (``Keys.stream_lineage``), and claimed entries are checked
+against the marks of the whole line of consumers they went through.
 
 A process fenced (declared dead while paused) starts over under a new id: it
 reads with a new consumer, acknowledges nothing its old consumers delivered
@@ -63,6 +67,9 @@ BLOCK_MS = 100
 """Milliseconds an XREADGROUP waits for new entries before upkeep (and noticing a stop)."""
 ACK_BATCH = 1000
 """Entry ids per XACK."""
+MARKS_TTL_MS = 604_800_000
+"""Milliseconds a claim's lineage is kept: as long as the marks it points to
+(scripts.RELEASE_LUA's ``seen``, 7 days)."""
 
 Entry = tuple[bytes, "dict[bytes, bytes]"]
 
@@ -118,6 +125,7 @@ class StreamSource(ThreadedSource):
         keys = process.keys
         self._info_key = keys.source_info(group, name)
         self._claim_key = keys.source_lock(group, name, "claim")
+        self._lineage_key = keys.stream_lineage(group, name)
         self._members = Group(process, keys.consumers(group, name))
         self._ids: deque[tuple[int, bytes, str]] = deque()
         """(offset, entry id, reader's process id) handed to the run loop and not yet
@@ -128,6 +136,8 @@ class StreamSource(ThreadedSource):
         """The process id the reading thread reads under (``_started_as``)."""
         self._claims: dict[str, str] = {}
         """Dead consumer -> our consumer its entries are claimed into."""
+        self._claim_busy = False
+        """The last claim found dead consumers but the claim lock taken."""
 
     # -- the Source protocol --------------------------------------------------------
 
@@ -204,12 +214,21 @@ class StreamSource(ThreadedSource):
                 continue
             if reply:
                 for _stream, entries in reply:
-                    self._emit(out, entries, tick_s, (me, None))
-            elif not self.follow:
-                claimed, names = self._claim(client)
-                if not claimed:
-                    return  # read to the end, and no dead member's entries to take over
-                self._emit(out, claimed, tick_s, names)
+                    self._emit(out, entries, tick_s, (me, ()))
+            elif not self.follow and self._at_end(out, client, tick_s):
+                return
+
+    def _at_end(self, out: queue.Queue[Chunk], client: redis.Redis, tick_s: float) -> bool:
+        """Without ``--follow``, once nothing new is left: whether nothing is left to
+        claim either (else claim a batch, or wait while another holds the claim lock:
+        a claimer that died claiming holds it for no longer than the dead timeout)."""
+        claimed, names = self._claim(client)
+        if not claimed:
+            if not self._claim_busy:
+                return True
+            self._stop.wait(tick_s)
+        self._emit(out, claimed, tick_s, names)
+        return False
 
     def _started_as(self, me: str) -> None:
         """Read under process id ``me`` from now on: a new consumer (after a fence,
@@ -240,13 +259,15 @@ class StreamSource(ThreadedSource):
         out: queue.Queue[Chunk],
         entries: list[Any],
         tick_s: float,
-        names: tuple[str, str | None],
+        names: tuple[str, tuple[str, ...]],
     ) -> None:
         """Number the entries and hand them to the run loop as one chunk.
 
         Args:
             names: the consumer that delivered them (whose marks they take) and,
-                for claimed entries, the dead consumer they were claimed from.
+                for claimed entries, the dead consumer they were claimed from and
+                those its entries came from before (whose marks they are checked
+                against).
         """
         if not entries:
             return
@@ -292,18 +313,25 @@ class StreamSource(ThreadedSource):
         except redis.RedisError:
             log.debug("%s: upkeep failed", self.name, exc_info=True)
 
-    def _claim(self, client: redis.Redis) -> tuple[list[Entry], tuple[str, str | None]]:
+    def _claim(self, client: redis.Redis) -> tuple[list[Entry], tuple[str, tuple[str, ...]]]:
         """Claim one batch of the pending entries of a dead consumer, under the claim
-        lock; returns them with (our consumer they went to, the dead one)."""
-        none: tuple[list[Entry], tuple[str, str | None]] = ([], ("", None))
+        lock; returns them with (our consumer they went to, the dead one and the
+        consumers its entries came from before)."""
+        none: tuple[list[Entry], tuple[str, tuple[str, ...]]] = ([], ("", ()))
+        self._claim_busy = False
         self._members.refresh(prune=False)
         dead = self._dead_consumers()
         if not dead:
             return none
-        lock = Lock(self.process.client, self._claim_key, block=False)
+        # Its TTL is the dead timeout, as a file partition's lock: a claim takes
+        # milliseconds, and a claimer killed while claiming holds up no one longer.
+        lock = Lock(
+            self.process.client, self._claim_key, block=False, ttl_ms=self.process.process_ttl_ms
+        )
         try:
             lock.acquire()
         except AlreadyLocked:
+            self._claim_busy = True
             return none
         try:
             for consumer in dead:
@@ -317,6 +345,10 @@ class StreamSource(ThreadedSource):
                 target = self._claims.get(consumer)
                 if target is None:
                     target = self._claims[consumer] = f"{self._me}~{len(self._claims) + 1}"
+                    pipe = self.process.client.pipeline(transaction=False)
+                    pipe.hset(self._lineage_key, target, consumer)  # before any is ours
+                    pipe.pexpire(self._lineage_key, MARKS_TTL_MS)
+                    pipe.execute()
                 ids: list[Any] = [p["message_id"] for p in pending]
                 claimed: Any = client.xclaim(
                     self.key, self.group, target, min_idle_time=0, message_ids=ids
@@ -331,13 +363,21 @@ class StreamSource(ThreadedSource):
                     len(found),
                     consumer,
                 )
-                return found, (target, consumer)
+                return found, (target, self._lineage(consumer))
             return none
         finally:
             try:
                 lock.release()
             except LockNotOwned:
                 pass
+
+    def _lineage(self, consumer: str) -> tuple[str, ...]:
+        """``consumer``, then the consumers its entries were claimed from, in turn."""
+        parents: dict[str, str] = self.process.client.hgetall(self._lineage_key)  # type: ignore[assignment]
+        line = [consumer]
+        while line[-1] in parents and parents[line[-1]] not in line:
+            line.append(parents[line[-1]])
+        return tuple(line)
 
     def _dead_consumers(self) -> list[str]:
         """The group's consumers whose process (the id their name starts with) is dead."""

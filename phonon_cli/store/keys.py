@@ -181,6 +181,13 @@ class Keys:
         """
         return f"{self.namespace}:source-info:{group}:{source}"
 
+    def stream_lineage(self, group: str, source: str) -> str:
+        """Hash, expiring with the marks (7 days): a consumer a stream's entries were
+        claimed into -> the dead consumer they were claimed from. A claimed entry was
+        counted on a key if the marks of any consumer up that line cover it: one that
+        only skipped it (counted before) marks nothing for it."""
+        return f"{self.namespace}:stream-lineage:{group}:{source}"
+
     def source_lock(self, group: str, source: str, partition: str) -> str:
         """String lock (token, PX): the one worker of a group reading a partition (or, for
         pub/sub, subscribed; for a stream, claiming dead consumers' entries)."""
