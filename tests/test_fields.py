@@ -282,6 +282,7 @@ def test_build_makes_every_fields_slots() -> None:
     doc = event_slots(route.declared, items)
     registers: hll.Registers = {}
     hll.add(registers, '"v"')
+    assert hll.registers(doc["hll:visitors"]) == registers
     assert (id_, spec) == ("u1", {"user": "u1"})
     assert doc == {
         "sum:revenue": 7,
@@ -294,7 +295,7 @@ def test_build_makes_every_fields_slots() -> None:
         "list/3:trail": [(5, '"/a"')],
         "list/0:history": [(5, '"/a"')],
         "top/2:biggest": [(7, '"/a"')],
-        "hll:visitors": registers,
+        "hll:visitors": {'"v"'},  # its first values as they are (hll.TEXTS_MAX)
         "msum:avg": 7,
         "mcnt:avg": 1,
     }
@@ -549,6 +550,37 @@ def test_redis_merges_hll_registers_as_python_does(workers: list[Any], a: int, b
     assert held == hll.encode(want)
     taken = Recorder(process, key, collection="s", doc={}, fields=fields, init_cache=True)
     assert taken.doc == {slot: want}
+
+
+def test_distinct_count_keeps_texts_then_registers() -> None:
+    """The first TEXTS_MAX values' texts, then registers: per event (the generated
+    merge, hashing written out) and merged (union of every kind of state), the
+    registers are those of hll.add over every value, so the estimate is too."""
+    route = route_of()
+    merge = merge_event_for(route.declared)
+    rng = random.Random(3)
+    for n in (1, hll.TEXTS_MAX, hll.TEXTS_MAX + 1, 300):
+        values = [rng.getrandbits(40) for _ in range(n)]
+        want: hll.Registers = {}
+        for v in values:
+            hll.add(want, orjson.dumps(v).decode())
+        doc: dict[str, Any] = {}
+        for v in values + values[: n // 2]:  # repeated values change nothing
+            _, _, items = route.build(
+                {"user": "u", "amount": 1, "page": "/", "ts": 1, "visitor": v}
+            )
+            merge(doc, items)
+        state = doc["hll:visitors"]
+        assert isinstance(state, set) == (n <= hll.TEXTS_MAX)
+        assert hll.registers(state) == want
+        for cut in (0, 1, n // 2, n):  # a union of two states of any kind
+            a, b = values[:cut], values[cut:]
+            parts = []
+            for part, as_texts in ((a, len(a) <= hll.TEXTS_MAX), (b, False)):
+                texts = {orjson.dumps(v).decode() for v in part}
+                parts.append(texts if as_texts else hll.registers(texts))
+            assert hll.registers(hll.union(*parts)) == want
+            assert hll.registers(hll.union(parts[1], parts[0])) == want
 
 
 def test_hll_text_forms() -> None:

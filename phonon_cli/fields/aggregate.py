@@ -110,6 +110,7 @@ MERGE_ENV: dict[str, Any] = {
     "EventError": EventError,
     "BY_RANK": by_rank,
     "HLL_HASH": hll.HASH.copy,
+    "HLL_REGISTERS": hll.registers,
     "FROM_BYTES": int.from_bytes,
     "bad_number": bad_number,
     "short": short,

@@ -6,9 +6,13 @@ register, and the register keeps the largest rank (1 + leading zeros of the
 other 54 bits) it has seen. Registers merge by keeping the larger of each, so a
 union of partials is exact whatever the split.
 
-In the worker the registers are a dict ``index -> rank`` holding only those set:
-an event updates one entry (O(1), no array of 1,024 to rebuild), and a key with
-few values stays small. As text (in Redis, and in SQL's ``NAME__hll`` column)
+In the worker a key's first ``TEXTS_MAX`` distinct values are kept as they are,
+a set of their JSON texts: an event adds one member, with no hash to compute,
+and a value seen again costs nothing more. From the next distinct value on, or
+when the key leaves the worker (its text, its executed value), they are
+registers, a dict ``index -> rank`` holding only those set: an event updates one
+entry (O(1), no array of 1,024 to rebuild). The registers are the same either
+way, so the estimate is too. As text (in Redis, and in SQL's ``NAME__hll`` column)
 they take whichever of two forms is shorter, so a key with 20 values ships 101
 characters rather than 2,048:
 
@@ -44,6 +48,10 @@ last count shorter than the 2,048 of the dense form. (scripts.py's Lua has it to
 
 Registers = dict[int, int]
 """Register index -> rank, for the registers that are not zero."""
+State = set[str] | Registers
+"""What a worker holds: the texts of the values seen (at most ``TEXTS_MAX``), or registers."""
+TEXTS_MAX = 32
+"""The most values kept as texts before they become registers."""
 
 HASH = hashlib.blake2b(digest_size=8)
 """An empty 8-byte BLAKE2b: copied per value, which costs half of building one
@@ -67,13 +75,32 @@ def add(registers: Registers, text: str) -> None:
         registers[index] = rank
 
 
-def union(into: Registers, other: Registers) -> Registers:
-    """``into`` updated in place with the larger of each register of ``other``."""
-    get = into.get
+def registers(state: State) -> Registers:
+    """The registers of a state (a new dict for texts, else the very registers)."""
+    if not isinstance(state, set):
+        return state
+    found: Registers = {}
+    for text in state:
+        add(found, text)
+    return found
+
+
+def union(into: State, other: State) -> State:
+    """``into`` combined with ``other``: updated in place, or replaced by registers
+    when it held texts and the two together are more than ``TEXTS_MAX`` values."""
+    if isinstance(into, set) and isinstance(other, set):
+        into |= other
+        return into if len(into) <= TEXTS_MAX else registers(into)
+    regs = registers(into)
+    if isinstance(other, set):
+        for text in other:
+            add(regs, text)
+        return regs
+    get = regs.get
     for index, rank in other.items():
         if rank > get(index, 0):
-            into[index] = rank
-    return into
+            regs[index] = rank
+    return regs
 
 
 POWERS = [2.0**-r for r in range(64 - BITS + 2)]

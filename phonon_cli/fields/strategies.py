@@ -30,7 +30,7 @@ first, last     first,     (time, json) / "time json"; earliest/latest   the val
 set             set        set of JSON texts / sorted JSON array         sorted values
 list (cap n)    list/n     [(time, json)] / JSON array, newest n kept    values, oldest first
 top n           top/n      [(score, json)] / JSON array, n largest kept  [[score, value]]
-distinct_count  hll        {register: rank} / sparse or dense hex        estimate (int)
+distinct_count  hll        texts, or {register: rank} / hex (hll.py)     estimate (int)
 mean            msum,mcnt  the sum and the count                         sum / count
 ==============  =========  ============================================  ===============
 
@@ -526,27 +526,32 @@ class Top(_Ranked):
 
 
 class DistinctCount(Strategy):
-    """A HyperLogLog (hll.py): one register updated per event, hashed in place."""
+    """A HyperLogLog (hll.py): the first values' texts in a set, then registers, one
+    updated per event."""
 
     name, op = "distinct_count", "hll"
 
     def item(self, v: str, k: str, t: str) -> str:
-        return t  # the JSON text: add_code hashes it to its register
+        return t  # the JSON text: kept, or hashed to its register by add_code
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        # hll.register written out (no call per event); test_build_makes_every_fields_slots
-        # holds the two to the same register.
+        # hll.add written out (no call per event); test_build_makes_every_fields_slots
+        # and test_distinct_count_keeps_texts_then_registers hold the two to the same.
         s = slots[0]
         return [
-            "h = HLL_HASH()",
-            "h.update(x.encode())",
-            "h = FROM_BYTES(h.digest(), 'big')",
-            "hi = h >> 54",
-            "hr = 55 - (h & 0x3FFFFFFFFFFFFF).bit_length()",
-            f"if {s!r} not in doc: doc[{s!r}] = {{hi: hr}}",
+            f"if {s!r} not in doc: doc[{s!r}] = {{x}}",
             "else:",
             f"    c = doc[{s!r}]",
-            "    if hi not in c or hr > c[hi]: c[hi] = hr",
+            "    if c.__class__ is set:",
+            "        c.add(x)",
+            f"        if len(c) > {hll.TEXTS_MAX}: doc[{s!r}] = HLL_REGISTERS(c)",
+            "    else:",
+            "        h = HLL_HASH()",
+            "        h.update(x.encode())",
+            "        h = FROM_BYTES(h.digest(), 'big')",
+            "        hi = h >> 54",
+            "        hr = 55 - (h & 0x3FFFFFFFFFFFFF).bit_length()",
+            "        if hi not in c or hr > c[hi]: c[hi] = hr",
         ]
 
     uses_text = True
@@ -555,22 +560,22 @@ class DistinctCount(Strategy):
         return hll.union
 
     def copy(self, state: Any) -> Any:
-        return dict(state)
+        return set(state) if state.__class__ is set else dict(state)
 
     def encode(self, state: Any, n: int) -> str:
-        return hll.encode(state)
+        return hll.encode(hll.registers(state))
 
     def decode(self, text: str) -> Any:
         return hll.decode(text)
 
     def result(self, f: Field, slots: Slots) -> Any:
-        return hll.estimate(slots[f.slots()[0]])
+        return hll.estimate(hll.registers(slots[f.slots()[0]]))
 
     def columns(self, f: Field, slots: Slots | None) -> list[tuple[str, str]]:
         return [(f.name, "int"), (f"{f.name}__hll", "text")]
 
     def dump(self, c: SqlValues, f: Field, slots: Slots) -> list[Any]:
-        registers = slots[f.slots()[0]]
+        registers = hll.registers(slots[f.slots()[0]])
         return [hll.estimate(registers), hll.encode(registers)]
 
     def load(self, c: SqlValues, f: Field, row: dict[str, Any]) -> Slots:
