@@ -24,7 +24,7 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -42,14 +42,17 @@ from phonon_cli import faults
 from phonon_cli.core import recovery
 from phonon_cli.core.process import Process
 from phonon_cli.core.reference import Release, Taken, acquire_many, release_many
-from phonon_cli.core.update import execute_taken
+from phonon_cli.core.update import Update, execute_taken
 from phonon_cli.exceptions import Fenced
 from phonon_cli.sinks import discard
+from phonon_cli.sinks.jsonl import Lines
 from phonon_cli.sinks.sql import Counter
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PROCESSES = 3
 KEYS = ("a", "b")
+STRANDED = "stranded"
+"""The owner, in the model, of a set whose dead owner's survivor did not know its class."""
 RUNS = itertools.count()
 """Each example gets a namespace and keys of its own (one database for the test)."""
 
@@ -110,7 +113,7 @@ class Fencing(RuleBasedStateMachine):
 
     # -- helpers ------------------------------------------------------------------
 
-    def start(self) -> Process:
+    def start(self, cls: type[Update] = Counter) -> Process:
         # Heartbeats by hand and a TTL of hours: a process dies only when a rule
         # says so (its alive key deleted), never because the machine was slow.
         p = Process(
@@ -120,7 +123,7 @@ class Fencing(RuleBasedStateMachine):
             start_heartbeat=False,
             recover_failed_processes=False,
         )
-        p.register(Counter)
+        p.register(cls)
         p.register_database(self.database)
         return p
 
@@ -132,20 +135,29 @@ class Fencing(RuleBasedStateMachine):
             p, key, database=self.database, collection="t", spec={"k": key}, doc={"c": n}
         )
 
-    def apply_recovery(self) -> None:
-        """What recovering every unrecovered id must do: adopt its exec sets
-        (executed under their own ids), leave its nodelists, execute orphans."""
+    def apply_recovery(self, knows: bool = True) -> None:
+        """What recovering every unrecovered id must do: adopt its exec sets and
+        those stranded before (executed under their own ids), leave its nodelists,
+        execute orphans. A survivor that does not know the class executes nothing:
+        it strands the sets, whole, and leaves the orphans."""
         m = self.model
         for eid, (key, amount, owner) in list(m.exec_sets.items()):
-            if owner in m.unrecovered:
-                m.apply(key, amount, eid)
-                del m.exec_sets[eid]
+            if owner in m.unrecovered or (knows and owner == STRANDED):
+                if knows:
+                    m.apply(key, amount, eid)
+                    del m.exec_sets[eid]
+                else:
+                    m.exec_sets[eid] = (key, amount, STRANDED)
         for key, holders in m.holders.items():
             if holders & m.unrecovered:
                 holders -= m.unrecovered
-                if not holders and m.deposited[key]:
+                if knows and not holders and m.deposited[key]:
                     m.apply(key, m.deposited.pop(key), None)
         m.unrecovered.clear()
+
+    def recovery_waits(self) -> bool:
+        m = self.model
+        return bool(m.unrecovered) or any(o == STRANDED for _, _, o in m.exec_sets.values())
 
     # -- rules --------------------------------------------------------------------
     # Each rule runs only when it can do something (``precondition``), and picks
@@ -311,7 +323,7 @@ class Fencing(RuleBasedStateMachine):
         self.corpses.append(p)
         self.slots[self.slots.index(slot)] = Slot(self.start())
 
-    @precondition(lambda self: self.model.unrecovered and self.living())
+    @precondition(lambda self: self.recovery_waits() and self.living())
     @rule(pick=st.integers(0, 99))
     def recover(self, pick: int) -> None:
         """A live process recovers every dead one (killed ones are declared dead
@@ -323,6 +335,19 @@ class Fencing(RuleBasedStateMachine):
         recovered = recovery.recover(survivor.process)
         assert recovered == len(self.model.unrecovered)
         self.apply_recovery()
+
+    @precondition(lambda self: self.model.unrecovered)
+    @rule()
+    def recover_by_stranger(self) -> None:
+        """A survivor whose config names other classes recovers the dead: it can
+        execute none of their sets, so it keeps them whole, with their ids."""
+        p = self.start(Lines)
+        try:
+            assert recovery.recover(p) == len(self.model.unrecovered)
+        finally:
+            p.stop()
+            p.client.close()
+        self.apply_recovery(knows=False)
 
     @precondition(lambda self: self.zombies())
     @rule(pick=st.integers(0, 99))
@@ -403,7 +428,7 @@ class Fencing(RuleBasedStateMachine):
                 self.leave_key(slot, min(slot.memory), "end", False)
                 while slot.taken:
                     self.execute_set(slot, 0, False)
-        if self.model.unrecovered:
+        if self.recovery_waits():
             self.recover_by(self.slots[0])
         self.claim_orphans_by(self.slots[0])
         self.database_and_redis_agree_with_the_model()
@@ -432,3 +457,87 @@ def test_fencing_and_idempotency_follow_the_model(redis_url: str, namespace: str
             suppress_health_check=[HealthCheck.too_slow],
         ),
     )
+
+
+# -- a survivor that does not know the class --------------------------------------------
+
+
+def stranger(make_process: Any) -> Process:
+    """A survivor whose config names other classes only."""
+    p = make_process(start_heartbeat=False, recover_failed_processes=False, heartbeat_interval=3600)
+    p.register(Lines)
+    return p
+
+
+def take_a_set(zombie: Process, other: Process, db: Path, c: int) -> tuple[Counter, Taken]:
+    """``other`` deposits c, then ``zombie`` (last holder, c too) takes the set."""
+    database = f"sqlite:///{db}"
+    spec = {"k": "x"}
+    mine = Counter(zombie, "x", database=database, collection="t", spec=spec, doc={"c": c})
+    theirs = Counter(other, "x", database=database, collection="t", spec=spec, doc={"c": c})
+    assert release_many(
+        other, [Release(theirs.resource, "end", "sums", theirs.recipe(), theirs.payload())]
+    ) == [None]
+    (taken,) = release_many(
+        zombie, [Release(mine.resource, "end", "sums", mine.recipe(), mine.payload())]
+    )
+    assert taken is not None and taken.execution_id is not None
+    mine.absorb(taken.kind, taken.items)
+    mine.execution_id = taken.execution_id
+    return mine, taken
+
+
+def declared_dead(zombie: Process, by: Process) -> None:
+    zombie.client.delete(zombie.keys.alive(zombie.id))
+    assert zombie.id in recovery.declare_dead(by, [zombie.id])
+
+
+def test_a_set_no_survivor_knows_keeps_its_id_and_is_written_once(
+    make_process: Any, client: Any, db: Path
+) -> None:
+    """The zombie writes its set after a survivor that did not know the class
+    recovered it; a process that knows the class then adopts it: written once."""
+    zombie, other = (make_process(start_heartbeat=False, heartbeat_interval=3600) for _ in range(2))
+    update, taken = take_a_set(zombie, other, db, 3)
+    survivor = stranger(make_process)
+    declared_dead(zombie, survivor)
+    assert recovery.recover(survivor) == 1
+    exec_key = taken.exec_keys[0]
+    assert client.smembers(zombie.keys.stranded) == {exec_key}
+    assert client.hgetall(exec_key) == {"c": "6"}  # whole, not merged into the partials
+    assert not client.exists(zombie.keys.resource(update.resource).partials)
+    assert Counter.execute_many([update]) == []  # the zombie writes it (no finish: it was killed)
+    other.register_database(f"sqlite:///{db}")
+    assert recovery.recover(other) == 0  # nobody dead: adopts what was stranded
+    assert client.smembers(zombie.keys.stranded) == set()
+    assert client.keys(f"{zombie.keys.namespace}:ref:*") == []
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT k, c FROM t").fetchall() == [("x", 6)]
+    finally:
+        conn.close()
+
+
+def test_a_set_that_would_overflow_the_partials_is_kept_apart(
+    make_process: Any, client: Any, db: Path
+) -> None:
+    """Merging a dead process's set back into partials whose sum Redis cannot hold
+    failed the whole recovery script, on every pass: now the set is kept apart."""
+    big = 2**62
+    zombie, other = (make_process(start_heartbeat=False, heartbeat_interval=3600) for _ in range(2))
+    update, taken = take_a_set(zombie, other, db, big // 2)
+    late = Counter(
+        other, "x", database=f"sqlite:///{db}", collection="t", spec={"k": "x"}, doc={"c": big}
+    )
+    third = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    Counter(third, "x", database=f"sqlite:///{db}", collection="t", spec={"k": "x"}, doc={"c": 1})
+    assert release_many(
+        other, [Release(late.resource, "end", "sums", late.recipe(), late.payload())]
+    ) == [None]
+    survivor = stranger(make_process)
+    declared_dead(zombie, survivor)
+    assert recovery.recover(survivor) == 1
+    keys = zombie.keys.resource(update.resource)
+    assert client.hgetall(taken.exec_keys[0]) == {"c": str(big)}
+    assert client.hgetall(keys.partials) == {"c": str(big)}
+    assert client.smembers(zombie.keys.stranded) == {taken.exec_keys[0]}

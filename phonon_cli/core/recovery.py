@@ -9,6 +9,7 @@ is idempotent, so a survivor that dies half way leaves work the next one redoes.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -62,7 +63,7 @@ def recover(process: Process) -> int:
     process knows the partial's class.
     """
     candidates = dead_processes(process)
-    if not candidates and not process.client.scard(process.keys.declared_dead):
+    if not candidates and not _waiting(process):
         return 0
     lock = Lock(
         process.client,
@@ -90,6 +91,7 @@ def recover(process: Process) -> int:
             orphans.extend(release_all_of(process, pid))
         if orphans:
             claim_orphans(process, orphans)
+        adopt_stranded(process)
         return len(dead)
     finally:
         try:
@@ -97,6 +99,45 @@ def recover(process: Process) -> int:
         except LockNotOwned:
             log.warning("recovery took longer than its lock; another survivor may have helped")
         faults.recovering(False)
+
+
+def _waiting(process: Process) -> bool:
+    """Recovery work with no silent process to find it: the declared dead whose
+    recovery did not finish, sets stranded for a process that knows their class."""
+    pipe = process.client.pipeline(transaction=False)
+    pipe.scard(process.keys.declared_dead)
+    pipe.scard(process.keys.stranded)
+    return any(pipe.execute())
+
+
+def adopt_stranded(process: Process) -> int:
+    """Execute the stranded sets whose class this process knows, each under its own
+    execution id (so a zombie that wrote it too is not counted twice); returns how
+    many. A set that is gone (its owner wrote and forgot it after all) is dropped
+    from the list. Sets of classes still unknown stay listed."""
+    stranded = sorted(cast("set[str]", process.client.smembers(process.keys.stranded)))
+    if not stranded:
+        return 0
+    pipe = process.client.pipeline(transaction=False)
+    for key in stranded:
+        pipe.exists(key)
+    exists = pipe.execute()
+    gone = [key for key, there in zip(stranded, exists) if not there]
+    here = [key for key, there in zip(stranded, exists) if there]
+    mine = [
+        key for key, known in zip(here, _adoptable(process, [f"{k}:recipe" for k in here])) if known
+    ]
+    by_owner: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for key in mine:
+        resource = process.keys.resource_of(key)
+        if resource is not None:
+            by_owner[key.rsplit(":", 2)[-2]].append((resource, key, f"{key}:recipe"))
+    adopted = 0
+    for owner, entries in by_owner.items():
+        adopted += len(_recover_entries(process, owner, entries, [True] * len(entries))[1])
+    if gone or mine:
+        process.client.srem(process.keys.stranded, *gone, *mine)
+    return adopted
 
 
 @dataclass
@@ -173,8 +214,11 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
     Partials ``pid`` had taken to execute (an exec set) are adopted whole, with
     their execution id, and executed here when this process knows their class:
     if ``pid`` was only paused and writes them too, an idempotent sink sees the
-    same id twice and writes once. Sets of an unknown class are merged back into
-    the partials for whoever knows it.
+    same id twice and writes once. A set of a class unknown here is left whole
+    where it is, id and all, and listed as stranded (``Keys.stranded``) for a
+    process that knows the class (``adopt_stranded``), before ``pid`` is
+    unregistered: merged into the partials, it would be written again under
+    another id by whoever executes them, while the zombie may write it too.
 
     Args:
         scan_executing: also SCAN for partials ``pid`` took to execute and never
@@ -184,18 +228,39 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
     """
     entries = _entries_of(process, pid, scan_executing)
     adopt = _adoptable(process, [e[2] for e in entries]) if scan_executing else []
+    orphans, _, kept = _recover_entries(process, pid, entries, adopt or [False] * len(entries))
+    if kept:
+        process.client.sadd(process.keys.stranded, *kept)
+        log.warning(
+            "process %s died writing %d sets of a class this worker does not know; "
+            "kept whole for one that does (or phonon flush -c)",
+            pid,
+            len(kept),
+        )
+    if entries:
+        log.info("recovered process %s: released %d references", pid, len(entries))
+    return orphans
+
+
+def _recover_entries(
+    process: Process, pid: str, entries: list[tuple[str, str, str]], adopt: list[bool]
+) -> tuple[list[str], list[Update], list[str]]:
+    """RECOVER ``entries`` (resource, exec key, recipe key) of process ``pid``: adopt
+    and execute the sets flagged in ``adopt``, keep the others where they are.
+    Returns the resources left orphaned, the adopted updates and the exec keys kept."""
     orphans: list[str] = []
+    kept: list[str] = []
     ready: list[tuple[Update, Taken]] = []
     now = process.clock()
     for start in range(0, len(entries), defaults.BATCH_MAX_KEYS):
         chunk = entries[start : start + defaults.BATCH_MAX_KEYS]
-        flags = adopt[start : start + defaults.BATCH_MAX_KEYS] or [False] * len(chunk)
+        flags = adopt[start : start + defaults.BATCH_MAX_KEYS]
         keys: list[str] = []
         args: list[str | int] = [pid, now]
         mine: list[tuple[str, str]] = []
         for (resource, exec_key, recipe_key), flag in zip(chunk, flags):
             rk = process.keys.resource(resource)
-            # "merge" ignores the adopt keys: the set's own keys stand in for them
+            # "keep" ignores the adopt keys: the set's own keys stand in for them
             own = (
                 rk.executing(process.id, process.next_exec_seq())
                 if flag
@@ -203,24 +268,26 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
             )
             mine.append(own)
             keys += [rk.nodes, rk.meta, rk.partials, exec_key, recipe_key, *own]
-            args.append("adopt" if flag else "merge")
+            args.append("adopt" if flag else "keep")
 
         def build(pipe: Pipeline, keys: list[str] = keys, args: list[str | int] = args) -> None:
             scripts.queue(pipe, scripts.RECOVER, keys, args)
 
         (results,) = scripts.run(process.client, build, op="recover")
-        for (resource, _, _), own, (left, cached, saved, *items) in zip(chunk, mine, results):
+        for (resource, exec_key, _), own, (left, cached, saved, *items) in zip(
+            chunk, mine, results
+        ):
             if saved:
                 got = _adopted(process, resource, saved, items, own)
                 if got is not None:
                     ready.append(got)
-            elif not left and cached:
+            elif items == ["kept"]:
+                kept.append(exec_key)
+            if not saved and not left and cached:
                 orphans.append(resource)
     if ready:
         execute_taken(process, ready)
-    if entries:
-        log.info("recovered process %s: released %d references", pid, len(entries))
-    return sorted(set(orphans))
+    return sorted(set(orphans)), [u for u, _ in ready], kept
 
 
 def _entries_of(process: Process, pid: str, scan_executing: bool) -> list[tuple[str, str, str]]:

@@ -67,6 +67,10 @@ class Keys:
         self.declared_dead = f"{procs}:declared-dead"
         """Set: processes declared dead (out of ``processes``, fenced) whose recovery
         is not finished; a survivor that dies half way leaves them to the next."""
+        self.stranded = f"{procs}:stranded"
+        """Set: exec keys of sets taken by processes now dead, whose survivor did not
+        know their class: left whole, with their execution id, for a process that
+        does (recovery, ``flush -c``) to adopt."""
         self.recovery_lock = f"{namespace}:maintenance:recovery"
         """String, SET NX EX: only one survivor recovers dead processes at a time."""
         self.control = f"{namespace}:control"

@@ -491,14 +491,19 @@ RECOVER_LUA = """
 -- KEYS, 7 per resource: nodes, meta, partials, exec, exec_recipe (the dead
 --   process's; they exist only if it died while executing), then adopt, adopt_recipe
 --   (the survivor's own exec keys, for "adopt")
--- ARGV[1] the dead process's id, ARGV[2] now (epoch ms), then 1 per resource:
+-- ARGV[1] the dead process's id, ARGV[2] now (epoch ms, unused), then 1 per resource:
 --   "adopt": move the dead process's exec set, whole and with its execution id,
 --            to the survivor's exec keys, for the survivor to execute (it knows
 --            the class): a write the dead process had made already is then
 --            recognised by an idempotent sink and not made again
---   "merge": merge it back into the partials (the class is unknown here)
+--   "keep":  leave it whole where it is, execution id and all (the class is
+--            unknown here): the caller lists it as stranded for a process that
+--            knows the class to adopt later. Merging it into the partials would
+--            lose its id (a zombie and whoever executes the partials could both
+--            write it) and could overflow a sum inside this script.
 -- Returns, per resource: {holders left, 1 if a partial is cached else 0,
---   exec_recipe of the adopted set or "", its items...}
+--   exec_recipe of the adopted set or "", its items...}, or with "keep"
+--   {holders left, cached, "", "kept"} when a set was left in place
 local dead, now = ARGV[1], ARGV[2]
 local out = {}
 for i = 0, #KEYS / 7 - 1 do
@@ -509,6 +514,7 @@ for i = 0, #KEYS / 7 - 1 do
   redis.call('HDEL', nodes, dead)
   local t = redis.call('TYPE', exec)['ok']
   local adopted = {}
+  local kept = false
   if t ~= 'none' and ARGV[3 + i] == 'adopt' then
     local saved = redis.call('GET', exec_recipe) or ''
     if t == 'list' then
@@ -521,38 +527,15 @@ for i = 0, #KEYS / 7 - 1 do
     redis.call('SET', adopt_recipe, saved)
     redis.call('DEL', exec_recipe)
   elseif t ~= 'none' then
-    local saved = redis.call('GET', exec_recipe) or '\\n\\n'
-    local kind, _, recipe = string.match(saved, '^([^\\n]*)\\n([^\\n]*)\\n(.*)$')
-    if not kind then
-      kind, recipe = '', ''
-    end
-    if kind == '' then kind = (t == 'list') and 'json' or 'sums' end
-    if redis.call('EXISTS', partials) == 0 then
-      redis.call('RENAME', exec, partials)
-    elseif t == 'list' then
-      for _, v in ipairs(redis.call('LRANGE', exec, 0, -1)) do
-        redis.call('RPUSH', partials, v)
-      end
-    else
-      local kv = redis.call('HGETALL', exec)
-      local j = -1
-      merge_pairs(partials, kind, function()
-        j = j + 2
-        return kv[j], kv[j + 1]
-      end)
-    end
-    if recipe ~= '' then
-      redis.call('HSET', meta, 'recipe', recipe, 'kind', kind)
-    end
-    redis.call('DEL', exec, exec_recipe)
-    redis.call('HSETNX', meta, 'cached_ms', now)
+    kept = true
   end
   local cached = redis.call('EXISTS', partials)
-  if cached == 0 and redis.call('HLEN', nodes) == 0 and #adopted == 0 then
+  if cached == 0 and redis.call('HLEN', nodes) == 0 and #adopted == 0 and not kept then
     redis.call('DEL', meta)
   end
   local r = {redis.call('HLEN', nodes), cached}
   if #adopted == 0 then r[3] = '' end
+  if kept then r[4] = 'kept' end
   for _, v in ipairs(adopted) do r[#r + 1] = v end
   out[i + 1] = r
 end
@@ -757,7 +740,6 @@ end
 # Scripts are passed as bytes so no client is needed to hash them; each call names its client.
 ACQUIRE_LUA = FENCE_LUA + ACQUIRE_LUA
 RELEASE_LUA = FENCE_LUA + MERGE_LUA + RELEASE_LUA
-RECOVER_LUA = MERGE_LUA + RECOVER_LUA
 FENCE_HELD_LUA = FENCE_LUA + FENCE_HELD_LUA
 
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
