@@ -8,6 +8,7 @@ partials meet in Redis is quarantined, not a lost store.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -194,3 +195,36 @@ def test_flush_no_longer_fails_forever_on_a_null_key(
     keys = Keys(namespace).resource("t:null")
     (record,) = [orjson.loads(r) for r in client.lrange(keys.quarantine, 0, -1)]
     assert "spec 'user' is null" in record["error"] and record["payload"] == "click\t2\n"
+
+
+def test_a_custom_merge_past_int64_is_quarantined_and_the_rest_written(
+    redis_url, namespace, tmp_path, helpers, client
+) -> None:
+    """A custom ``Update.merge`` sums in Python, past int64, where no check at the
+    door can see it. Its state cannot be deposited (orjson refuses the number): the
+    run ended "state is not JSON", exit 1, with every other key of the batch lost.
+    Now that aggregate is quarantined whole and the run goes on."""
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    cfg = tmp_path / "custom.toml"
+    cfg.write_text(
+        '[[routes]]\nupdate = "widgets:WidgetUpdate"\nid = "{k}"\ncollection = "t"\n'
+        'doc = { n = "{n}" }\n'
+    )
+    events = [{"k": "big", "n": 2**62}] * 4 + [{"k": "ok", "n": 1}] * 3
+    lines = b"".join(orjson.dumps(e) + b"\n" for e in events)
+    env = {**os.environ, "PHONON_TEST_OUT": str(out), "PYTHONPATH": str(helpers.helpers_dir)}
+    cmd = [*helpers.phonon_command(redis_url, namespace), "run", "-c", str(cfg)]
+    proc = subprocess.run(cmd, input=lines, capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    written = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(w["resource"], w["doc"]) for w in written] == [("t:ok", {"n": 3})]
+    keys = Keys(namespace).resource("t:big")
+    (record,) = [orjson.loads(r) for r in client.lrange(keys.quarantine, 0, -1)]
+    assert "64-bit" in record["error"]
+    assert orjson.loads(record["payload"].replace(str(2**64), "0")) == {
+        "doc": {"n": 0},
+        "state": {},
+    }
+    assert str(2**64) in record["payload"]  # the whole aggregate, kept as it was
+    assert client.exists(keys.nodes, keys.partials) == 0

@@ -19,6 +19,7 @@ while the healthy keys of its batch waited with it. Now:
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -31,6 +32,7 @@ import orjson
 import redis
 
 from .. import defaults, telemetry
+from ..exceptions import SerializationError
 from ..store import scripts
 
 if TYPE_CHECKING:
@@ -156,5 +158,15 @@ def isolate(cls: type[Update], updates: list[Update]) -> Failures:
 
 def poisoned(update: Update, error: BaseException, exec_keys: tuple[str, str]) -> Poisoned:
     return Poisoned(
-        update.resource, update.kind, update.recipe(), update.payload(), str(error), exec_keys
+        update.resource, update.kind, update.recipe(), safe_payload(update), str(error), exec_keys
     )
+
+
+def safe_payload(update: Update) -> str:
+    """The partial as it is deposited or, when it cannot be (a custom ``merge`` made
+    a number past int64, which orjson refuses), its state in plain JSON, which
+    Python writes at any size: kept for ``phonon quarantine show`` and ``export``."""
+    try:
+        return update.payload()
+    except SerializationError:
+        return json.dumps(update.to_dict(), default=repr)

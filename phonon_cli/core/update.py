@@ -424,17 +424,7 @@ def _end_sessions(
     updates: Sequence[Update], mode: Mode | None, acquire: Sequence[str]
 ) -> list[bool]:
     process = updates[0].process
-    releases = [
-        Release(
-            u.resource,
-            mode or ("force" if u._force else "end"),
-            u.kind,
-            u.recipe(),
-            u.payload(),
-            marks="".join(f"{p}\t{o}\n" for p, o in u.highest.items()) if u.highest else "",
-        )
-        for u in updates
-    ]
+    releases, unfit = _releases(process, updates, mode)
     taken = release_many(process, releases, acquire)
     ready = []
     for update, release, got in zip(updates, releases, taken):
@@ -455,12 +445,44 @@ def _end_sessions(
             continue
         update.execution_id = got.execution_id
         ready.append((update, got))
-    _count(process, "keys_cached", len(updates) - len(ready))
+    _count(process, "keys_cached", len(updates) - len(ready) - unfit)
     if len(ready) < len(updates):
         executing = {id(u) for u, _ in ready}
         _count_routes(telemetry.KEYS_CACHED, [u for u in updates if id(u) not in executing])
     done = execute_taken(process, ready)
     return [update in done for update in updates]
+
+
+def _releases(
+    process: Process, updates: Sequence[Update], mode: Mode | None
+) -> tuple[list[Release], int]:
+    """How each update leaves its resource, and how many were quarantined. One
+    whose state cannot be deposited (a custom ``merge`` made a number past int64:
+    ``payload`` refuses it) is quarantined first, whole, and then leaves without
+    depositing or taking: the others' partials wait for the next holder. Without
+    this the run ended with "state is not JSON", and every key of the batch still
+    only in memory was lost."""
+    releases, unfit = [], []
+    for u in updates:
+        rel = Release(
+            u.resource,
+            mode or ("force" if u._force else "end"),
+            u.kind,
+            u.recipe(),
+            marks="".join(f"{p}\t{o}\n" for p, o in u.highest.items()) if u.highest else "",
+        )
+        try:
+            rel.payload = u.payload()
+        except SerializationError as e:
+            u.error = e
+            rel.mode = "cache"
+            rel.exec_keys = process.keys.resource(u.resource).executing(
+                process.id, process.next_exec_seq()
+            )
+            unfit.append(quarantine.poisoned(u, e, rel.exec_keys))
+        releases.append(rel)
+    quarantine.quarantine(process, unfit)
+    return releases, len(unfit)
 
 
 def execute_taken(process: Process, ready: Sequence[tuple[Update, Taken]]) -> set[Update]:
