@@ -158,7 +158,14 @@ def run(
         marks = "".join(m for s in fenced for m in s.marks)
         _execute(client, scripts, fence_held, head, [pid, "+", marks, *entering])
     results = _reassemble(client, scripts, replies(), splits)
-    leaving = [r for s in fenced for r in s.leaving]
+    # Only what is left in the end: a key released and taken again in the same
+    # batch (release first, then acquire) is held, and must stay in the held set,
+    # or a death would leave it on a nodelist that recovery never visits.
+    last: dict[str, bool] = {}
+    for s in fenced:  # in the pipeline's order
+        last.update(dict.fromkeys(s.entering, True))
+        last.update(dict.fromkeys(s.leaving, False))
+    leaving = [r for r, held in last.items() if not held]
     if leaving:  # only once they are left: recovery visits what the held set names
         _execute(client, scripts, fence_held, head, [pid, "-", "", *leaving])
     return results
