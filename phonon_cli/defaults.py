@@ -45,6 +45,9 @@ EXECUTE_BACKOFF_S = 0.2
 """Seconds before the first retry of a failed ``execute``; doubles each attempt."""
 
 RECOVERY_LOCK_TTL_S = 60
+SUCCESSOR_TTL_MS = 3_600_000
+"""How long a process that started over under a new id is found from its old one
+(``Keys.successor``): longer than any ``flush --wait`` waits."""
 """Seconds the recovery maintenance lock lives if its holder dies mid-recovery."""
 
 APPLIED_RETENTION_S = 7 * 24 * 3600.0

@@ -261,3 +261,64 @@ def test_matcher_and_usage() -> None:
     assert matcher([], all_=True)("anything") and not matcher([])("anything")
     result = CliRunner().invoke(main, ["flush"])
     assert result.exit_code == 2 and "--all" in result.output
+
+
+@pytest.mark.slow
+def test_a_worker_that_started_over_under_a_new_id_still_answers_flush_wait(
+    redis_url, namespace, config, db, tmp_path, helpers, client
+) -> None:
+    """A worker paused past its TTL is declared dead and starts over under a new id
+    (fenced): ``flush --wait`` must find it under that id, wait for its answer, and
+    its cached keys (never deposited) are written once."""
+    from phonon_cli.store.keys import Keys
+
+    w = Worker(redis_url, namespace, config, tmp_path, helpers)
+    survivor = Worker(redis_url, namespace, config, tmp_path / "..", helpers)
+    processes = Keys(namespace).processes
+    try:
+        old = w.send(events("w", {"a": 2, "b": 1}), helpers)
+        helpers.wait_for(lambda: client.zcard(processes) == 2, what="both workers up")
+        w.proc.send_signal(signal.SIGSTOP)
+        helpers.wait_for(
+            lambda: old not in client.zrange(processes, 0, -1), what="the paused one declared dead"
+        )
+        w.proc.send_signal(signal.SIGCONT)
+
+        def started_over() -> bool:
+            mine = [p for p in status(redis_url, namespace)["processes"] if p["pid"] == w.proc.pid]
+            return any(p["id"] != old and p["alive"] for p in mine)
+
+        helpers.wait_for(started_over, what="the worker to start over under a new id")
+        code, _, err = cli(redis_url, namespace, "flush", "--all", "--wait")
+        assert code == 0, err
+        assert "2 worker(s) expired 2 entries" in err
+        assert totals(db, "widgets") == {"a": 2, "b": 1}
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+        w.finish()
+        survivor.finish()
+    assert totals(db, "widgets") == {"a": 2, "b": 1}
+
+
+@pytest.mark.parametrize("answers_as", ["old id", "new id"])
+def test_flush_wait_follows_a_worker_that_started_over(make_process, client, answers_as) -> None:
+    """The request went out to a worker that was then declared dead and started over
+    under a new id before answering: flush waits for it under the new id (it used to
+    count it as gone and stop waiting), and takes its answer under either id."""
+    from phonon_cli.core import recovery
+    from phonon_cli.ops.flush import FlushRequest, Ticket, wait_for_acks
+
+    w = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    survivor = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    old = w.id
+    ticket = Ticket(FlushRequest("r1", all=True), waiting=[old], deaf=[])
+    client.delete(w.keys.alive(old))  # paused past its TTL
+    assert recovery.declare_dead(survivor, [old]) == [old]
+    assert w.heartbeat() is False
+    w.reregister()
+    assert wait_for_acks(client, w.keys, ticket, timeout_s=0.3).silent[0]["id"] == w.id
+    answer = FlushRequest("r1", all=True, client=client, keys=w.keys)
+    answer.process_id = old if answers_as == "old id" else w.id
+    answer.ack(2)
+    answers = wait_for_acks(client, w.keys, ticket, timeout_s=5)
+    assert (answers.acked, answers.gone, answers.silent) == ({old: 2}, [], [])

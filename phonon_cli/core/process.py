@@ -211,6 +211,8 @@ class Process:
         self._exec_seq = 0
         self.fenced = False
         self.heartbeat(self.client, register=True)
+        # A flush --wait that counted on the old id follows it to the new one.
+        self.client.set(self.keys.successor(old), self.id, px=defaults.SUCCESSOR_TTL_MS)
         log.warning("process %s starts over as %s", old, self.id)
         return old
 

@@ -236,9 +236,16 @@ def publish_flush(
 def wait_for_acks(
     client: redis.Redis, keys: Keys, ticket: Ticket, timeout_s: float, poll_s: float = ACK_POLL_S
 ) -> Answers:
-    """Wait until every worker of ``ticket`` has answered or is gone, or ``timeout_s``."""
+    """Wait until every worker of ``ticket`` has answered or is gone, or ``timeout_s``.
+
+    A worker declared dead meanwhile (paused past its TTL) that started over under
+    a new id is not gone: it is followed to that id (``Keys.successor``), and its
+    answer counts under either id.
+    """
     ack_key = keys.flush_acks(ticket.request.id)
     pending = set(ticket.waiting)
+    first: dict[str, str] = {pid: pid for pid in pending}
+    """Every id met (old and new) -> the id the ticket named."""
     gone: list[str] = []
     acked: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
@@ -248,15 +255,22 @@ def wait_for_acks(
         ordered = sorted(pending)
         for pid in ordered:
             pipe.exists(keys.alive(pid))
-        got, *alive = pipe.execute()
-        for pid, n in got.items():
-            if pid in pending:
-                acked[pid] = int(n)
+            pipe.get(keys.successor(pid))
+        got, *replies = pipe.execute()
+        answered = {first[pid]: int(n) for pid, n in got.items() if pid in first}
+        for pid in ordered:
+            if first[pid] in answered:
+                acked[first[pid]] = answered[first[pid]]
                 pending.discard(pid)
-        for pid, is_alive in zip(ordered, alive, strict=True):
-            if pid in pending and not is_alive:
-                pending.discard(pid)
-                gone.append(pid)
+        for pid, is_alive, successor in zip(ordered, replies[::2], replies[1::2], strict=True):
+            if pid not in pending or is_alive:
+                continue
+            pending.discard(pid)
+            if successor:
+                first[successor] = first[pid]
+                pending.add(successor)
+            else:
+                gone.append(first[pid])
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)

@@ -133,6 +133,12 @@ class Keys:
         """A SCAN pattern matching every ``slot_replies`` hash of one process."""
         return f"{self.namespace}:replies:*:{process_id}"
 
+    def successor(self, process_id: str) -> str:
+        """String, expiring: the new id of a process that was declared dead and started
+        over under it (``Process.reregister``), so that a ``flush --wait`` sent to the
+        old id waits for the new one."""
+        return f"{self._procs}:process:{process_id}:successor"
+
     def held(self, process_id: str) -> str:
         """Set of resources a process holds (or is executing): what recovery must visit."""
         return f"{self._procs}:process:{process_id}:held"
