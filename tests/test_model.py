@@ -44,6 +44,7 @@ from phonon_cli.core.process import Process
 from phonon_cli.core.reference import Release, Taken, acquire_many, release_many
 from phonon_cli.core.update import Update, execute_taken
 from phonon_cli.exceptions import Fenced
+from phonon_cli.ops.status import Status, render
 from phonon_cli.sinks import discard
 from phonon_cli.sinks.jsonl import Lines
 from phonon_cli.sinks.sql import Counter
@@ -505,11 +506,15 @@ def test_a_set_no_survivor_knows_keeps_its_id_and_is_written_once(
     exec_key = taken.exec_keys[0]
     assert client.smembers(zombie.keys.stranded) == {exec_key}
     assert client.hgetall(exec_key) == {"c": "6"}  # whole, not merged into the partials
+    snap = Status(client, zombie.keys.namespace, "").snapshot(10)
+    assert snap.totals.stranded == 1
+    assert "stranded: 1 set(s)" in render(snap)
     assert not client.exists(zombie.keys.resource(update.resource).partials)
     assert Counter.execute_many([update]) == []  # the zombie writes it (no finish: it was killed)
     other.register_database(f"sqlite:///{db}")
     assert recovery.recover(other) == 0  # nobody dead: adopts what was stranded
     assert client.smembers(zombie.keys.stranded) == set()
+    assert Status(client, zombie.keys.namespace, "").snapshot(10).totals.stranded == 0
     assert client.keys(f"{zombie.keys.namespace}:ref:*") == []
     conn = sqlite3.connect(db)
     try:

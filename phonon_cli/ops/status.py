@@ -102,6 +102,9 @@ class Totals:
     """Per fields route, the nulls skipped by every listed process (SQL's rule)."""
     quarantined: int = 0
     """Resources with aggregates set aside because they can never be written."""
+    stranded: int = 0
+    """Sets dead processes took to execute, of a class no survivor knew yet: kept
+    whole, with their execution ids, for a worker or ``flush -c`` that knows it."""
 
     def count(self, ref: ReferenceInfo) -> None:
         self.references += 1
@@ -323,7 +326,11 @@ class Status:
         snap.oldest, snap.orphans = oldest.sorted(), orphans.sorted()
         snap.quarantined = self.quarantined(snap.totals, limit)
         snap.recovery = recovery_lock(self.client, self.keys)
+        snap.totals.stranded = self.stranded()
         return snap
+
+    def stranded(self) -> int:
+        return int(self.client.scard(self.keys.stranded))
 
     def quarantined(self, totals: Totals, limit: int | None) -> list[dict[str, Any]]:
         """The most recently quarantined resources (all when ``limit`` is None),
@@ -359,6 +366,7 @@ class Status:
                 totals.count(ref)
             out.write(("," if n else "") + _dumps(ref.to_json(now)))
         lock = recovery_lock(self.client, self.keys)
+        totals.stranded = self.stranded()
         tail = {
             "sources": sources,
             "quarantined": self.quarantined(totals, limit),
@@ -429,6 +437,11 @@ def render(snap: Snapshot, width: int = WIDTH) -> str:
         )
     if snap.recovery is not None:
         lines.append(_cut(f"recovery: {snap.recovery.describe()}", width))
+    if t.stranded:
+        lines.append(
+            f"stranded: {t.stranded:,} set(s) dead processes were writing, of a class no "
+            "survivor knew: run a worker or flush -c with it"
+        )
     rows = [_process_row(p, now) for p in snap.processes[:limit]]
     lines += ["", _heading("PROCESSES", len(rows), t.processes)]
     lines += _table(PROCESS_COLUMNS, rows, t.processes, width)
