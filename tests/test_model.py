@@ -446,13 +446,13 @@ def db(tmp_path: Path) -> Iterator[Path]:
     discard(f"sqlite:///{path}")
 
 
-@pytest.mark.timeout(300 if CI else 120)  # many examples under CI
+@pytest.mark.timeout(240 if CI else 120)  # more examples under CI
 def test_fencing_and_idempotency_follow_the_model(redis_url: str, namespace: str, db: Path) -> None:
     bound = {"redis_url": redis_url, "namespace": namespace, "db": db}
     run_state_machine_as_test(
         type("Bound", (Fencing,), bound),
         settings=settings(
-            max_examples=100 if CI else 25,
+            max_examples=60 if CI else 25,
             stateful_step_count=30,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow],
