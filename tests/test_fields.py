@@ -583,6 +583,24 @@ def test_distinct_count_keeps_texts_then_registers() -> None:
             assert hll.registers(hll.union(parts[1], parts[0])) == want
 
 
+def test_a_leaving_key_hashes_its_texts_once(workers: list[Any]) -> None:
+    """As the key leaves (its payload), its texts become registers in its doc too, so
+    the write that follows reads them rather than hashing them again."""
+    texts = {orjson.dumps(v).decode() for v in range(5)}
+    fields = [Field("visitors", "distinct_count")]
+    u = Recorder(
+        workers[0],
+        f"p{next(RUNS)}",
+        collection="s",
+        doc={"hll:visitors": set(texts)},
+        fields=fields,
+    )
+    payload = u.payload()
+    assert u.doc == {"hll:visitors": hll.registers(texts)}
+    assert payload == f"hll:visitors\t{hll.encode(hll.registers(texts))}\n"
+    u.end_session()
+
+
 def test_hll_text_forms() -> None:
     """Sparse while it is shorter, dense after; decode reads both; the Lua has the
     same threshold as the Python."""

@@ -69,7 +69,14 @@ class FieldsUpdate(Update):
         self._merge_event(self.doc, items)
 
     def payload(self) -> str:
-        return "".join(f"{slot}\t{encode_slot(slot, v)}\n" for slot, v in self.doc.items())
+        """The slots as deposited in Redis. A distinct_count's texts become registers
+        here, in ``doc`` too, so that hashing them happens once as the key leaves
+        (the sink's write reads the same registers)."""
+        doc = self.doc
+        for slot, value in doc.items():
+            if value.__class__ is set and slot.startswith("hll:"):
+                doc[slot] = hll.registers(value)
+        return "".join([f"{slot}\t{encode_slot(slot, v)}\n" for slot, v in doc.items()])
 
     def absorb(self, kind: str, items: Sequence[str]) -> None:
         if kind == "json":

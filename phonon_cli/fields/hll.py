@@ -80,8 +80,14 @@ def registers(state: State) -> Registers:
     if not isinstance(state, set):
         return state
     found: Registers = {}
-    for text in state:
-        add(found, text)
+    copy, from_bytes = HASH.copy, int.from_bytes
+    for text in state:  # register() written out: up to TEXTS_MAX of them per key
+        h = copy()
+        h.update(text.encode())
+        x = from_bytes(h.digest(), "big")
+        index, rank = x >> 54, 55 - (x & 0x3FFFFFFFFFFFFF).bit_length()
+        if rank > found.get(index, 0):
+            found[index] = rank
     return found
 
 
