@@ -9,9 +9,11 @@ service that is missing fails the test instead of skipping it.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +46,30 @@ def missing_service(message: str) -> None:
     if CI:
         pytest.fail(f"{message} (CI=true: a missing service is a failure)")
     pytest.skip(message)
+
+
+def open_redis_sockets() -> dict[int, str]:
+    """Redis connections still holding a socket after a garbage collection (by id),
+    and sockets the collection found unclosed (a ResourceWarning each)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    found = {id(w): str(w.message) for w in caught if issubclass(w.category, ResourceWarning)}
+    for obj in gc.get_objects():
+        if isinstance(obj, redis.connection.AbstractConnection) and obj.is_connected:
+            found[id(obj)] = f"{obj!r} still connected"
+    return found
+
+
+@pytest.fixture(scope="module")
+def no_redis_socket_left() -> Iterator[None]:
+    """Fails the module if its tests leave a Redis socket open: to be closed by whoever
+    opened it, not by the garbage collector, whose ResourceWarning would otherwise
+    fail an unrelated later test (``filterwarnings = error``)."""
+    before = open_redis_sockets()
+    yield
+    left = [what for key, what in open_redis_sockets().items() if key not in before]
+    assert left == [], f"Redis sockets left open by this module: {left}"
 
 
 @pytest.fixture(scope="session")

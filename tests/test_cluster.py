@@ -32,26 +32,7 @@ from phonon_cli.core.reference import Release, acquire_many, release_many
 from phonon_cli.exceptions import Fenced
 from phonon_cli.store.keys import Keys
 
-
-@pytest.fixture(autouse=True, scope="module")
-def collect_cluster_sockets() -> Iterator[None]:
-    """Collect this module's garbage before the next module runs.
-
-    A socket to a cluster node is left to the garbage collector by one of these
-    tests (not found yet: it shows only in a full CI run, as a ResourceWarning
-    that the suite's ``filterwarnings = error`` then pins on whatever test runs
-    next, test_codegen's). Collected here, it is reported as a warning of this
-    module instead of failing an unrelated test; finding the unclosed client is
-    still to do (see the closing note of stop 16).
-    """
-    yield
-    import gc
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("default", ResourceWarning)
-        gc.collect()
-
+pytestmark = pytest.mark.usefixtures("no_redis_socket_left")
 
 CONFIG = """
 [[routes]]
