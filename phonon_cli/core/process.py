@@ -72,6 +72,8 @@ class Process:
         settings = StoreSettings.from_env(redis_url, namespace, home, cluster)
         self.settings = settings
         self.client: redis.Redis = client if client is not None else settings.connect()
+        self._owns_client = client is None
+        """Closed by ``stop()`` when made here; a client passed in is the caller's."""
         self.keys = Keys(settings.namespace)
         self.id = secrets.token_hex(8)
         self.clock = clock
@@ -311,7 +313,7 @@ class Process:
             self._stop.set()
             if self._thread is not None:
                 self._thread.join()
-            self._heartbeat_client.close()
+            self._close_clients()
             return
         for lock in list(self._locks):
             if lock.token is not None:
@@ -330,7 +332,14 @@ class Process:
             if self._thread is not None:
                 self._thread.join()
         recovery.unregister(self, self.id)
+        self._close_clients()
+
+    def _close_clients(self) -> None:
+        """Close our sockets now rather than leave them to the garbage collector (a
+        cluster client's, in a reference cycle, would outlive the process object)."""
         self._heartbeat_client.close()
+        if self._owns_client:
+            self.client.close()
 
     def __enter__(self) -> Process:
         return self
