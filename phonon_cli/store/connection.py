@@ -226,7 +226,8 @@ class ClusterClient(RedisCluster):
     """
 
     def close(self) -> None:
-        nodes = self.get_nodes() if hasattr(self, "nodes_manager") else []
+        manager = getattr(self, "nodes_manager", None)  # unset if __init__ failed
+        nodes = list(manager.nodes_cache.values()) if manager is not None else []
         super().close()
         for node in nodes:
             if node.redis_connection is not None:
