@@ -375,14 +375,6 @@ def test_nulls_follow_sql_in_the_table_and_the_summary(
 # -- flush triggers ---------------------------------------------------------------------------
 
 
-def _running(cfg: Path, redis_url: str, namespace: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        phonon("run", "-c", str(cfg), redis_url=redis_url, namespace=namespace),
-        stdin=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _counts(url: str) -> dict[str, int]:
     try:
         return {user: row["n"] for user, row in rows(url).items()}
@@ -399,12 +391,18 @@ def _counts(url: str) -> dict[str, int]:
     ],
 )
 def test_trigger_ends_the_session_while_running(
-    redis_url: str, namespace: str, tmp_path: Path, helpers: Any, trigger: str, ending: Any
+    redis_url: str,
+    namespace: str,
+    client: Any,
+    tmp_path: Path,
+    helpers: Any,
+    trigger: str,
+    ending: Any,
 ) -> None:
     url = f"sqlite:///{tmp_path}/t.db"
     cfg = tmp_path / "t.toml"
     cfg.write_text(route_toml(url, trigger, fields='fields.n = { merge = "count" }\n'))
-    proc = _running(cfg, redis_url, namespace)
+    proc = helpers.start_worker(redis_url, namespace, cfg)
     assert proc.stdin is not None
     try:
         # "waits" gets 3 events and no ending; "ends" gets 3 then the ending one.
@@ -415,6 +413,13 @@ def test_trigger_ends_the_session_while_running(
             evs += [{"user": "ends", "event_type": "view"}] * 3 + [{"user": "ends", **ending}]
         proc.stdin.write(lines(evs))
         proc.stdin.flush()
+        # The worker's start and first read take what the machine's load makes them
+        # (seconds at load 8); the trigger is timed from there, not from the spawn.
+        helpers.wait_for(
+            lambda: sum(helpers.events_read(client, namespace).values()) == len(evs),
+            timeout_s=40,
+            what="the worker to start and read the events",
+        )
         helpers.wait_for(lambda: _counts(url).get("ends") == 4, what=f"{trigger.strip()} to end")
         assert proc.poll() is None  # still running: the trigger wrote it, not the end of input
         assert _counts(url) == {"ends": 4}  # "waits" merged its events before, and waits

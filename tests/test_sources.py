@@ -12,7 +12,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -535,21 +534,53 @@ def test_several_sources_in_one_run_file_and_stream_with_another_field(env: Env)
 # -- in-process: fairness, assignment, the partition reader ----------------------------
 
 
+class WatchedQueue(queue.Queue[Chunk]):
+    """The run loop's queue, counting sources blocked on it while it is full, and ends
+    put on it: the test takes a chunk only once every live source waits to put one."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.blocked = 0
+        self.ends = 0
+        wait = self.not_full.wait
+
+        def counted_wait(timeout: float | None = None) -> bool:
+            self.blocked += 1  # under the queue's mutex, as the waiter joins the line
+            try:
+                return wait(timeout)
+            finally:
+                self.blocked -= 1
+
+        self.not_full.wait = counted_wait  # type: ignore[method-assign]
+
+    def _put(self, item: Chunk) -> None:
+        self.ends += item.end
+        super()._put(item)
+
+    def all_sources_wait(self, sources: int) -> bool:
+        """Full, with every source that has not put its end waiting in line to put."""
+        with self.mutex:
+            live = sources - self.ends
+            return self.blocked == live and (live == 0 or self._qsize() == self.maxsize)
+
+
 def test_sources_share_the_queue_fairly(env: Env, make_process: Any) -> None:
+    """Sources blocked on the full queue take turns, whatever their sizes. Each chunk is
+    taken only once both sources wait to put (not after a sleep): the order is then the
+    queue's alone, however slowly a loaded machine runs the source threads."""
     big, small = Topic(env.tmp / "big", partitions=1), Topic(env.tmp / "small", partitions=1)
     big.append("ev-0", 60_000)  # about 20 chunks
     small.append("ev-0", 8_000)  # about 3
     process = make_process()
     sources = [open_source(f"file:{t.path}", process) for t in (big, small)]
-    out: queue.Queue[Chunk] = queue.Queue(maxsize=2)
+    out = WatchedQueue(maxsize=2)
     for s in sources:
         s.start(out)
     seen: list[str] = []
-    env.helpers.wait_for(out.full, what="a full queue: both sources blocked, the loop is slow")
     while seen.count("end") < 2:
-        chunk = out.get(timeout=5)
+        env.helpers.wait_for(lambda: out.all_sources_wait(2), what="both sources blocked")
+        chunk = out.get_nowait()
         seen.append("end" if chunk.end else "big" if chunk.source == sources[0].name else "small")
-        time.sleep(0.05)  # a run loop slower than its sources (and room for a slow start)
     assert seen.count("big") > 15 and seen.count("small") >= 3
     last_small = max(i for i, s in enumerate(seen) if s == "small")
     assert last_small < seen.count("big") // 2, seen  # taking turns, not waiting for the big one
