@@ -55,6 +55,7 @@ def test_failed_end_session_keeps_the_update(make_process, client, namespace) ->
     cache = LruCache(max_entries=1)
     cache.set("a", WidgetUpdate(p, "a", doc={"c": 1}))
     good_client = p.client
+    p.store_timeout_s = 0.0  # fail at once: retrying a socket that is gone is another test's
     p.client = redis.Redis(
         unix_socket_path="/nonexistent/redis.sock",  # Redis is gone
         retry=Retry(NoBackoff(), 0),
