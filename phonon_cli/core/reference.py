@@ -84,7 +84,7 @@ def acquire_many(
 
     out: list[tuple[str, list[str]] | None] = []
     for result in scripts.run(process.client, build, process.store_timeout_s, op="acquire"):
-        out += [(r[0], list(r[1:])) if r else None for r in result]
+        out += [(r[0], list(r[1:])) if r else None for r in scripts.answers(result)]
     return out
 
 
@@ -180,7 +180,7 @@ def release_many(
 
     op = "release" if releases else "acquire"
     results = scripts.run(process.client, build, process.store_timeout_s, op=op)
-    replies = [reply for result in results[: len(chunks)] for reply in result]
+    replies = [reply for result in results[: len(chunks)] for reply in scripts.answers(result)]
     refused = [
         Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
         for rel, r in zip(releases, replies)

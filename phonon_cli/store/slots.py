@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis.commands.core import Script
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, NoScriptError
@@ -237,6 +238,8 @@ def _reassemble(
             continue  # not batched: the reply as it is
         merged: list[Any] = [None] * split.count
         for items, reply in zip(split.groups, results[split.position : end]):
+            if isinstance(reply, (str, bytes)):  # a JSON array (ACQUIRE, RELEASE: answers)
+                reply = orjson.loads(reply)
             for i, answer in zip(items, reply):
                 merged[i] = answer
         results[split.position : end] = [merged]
