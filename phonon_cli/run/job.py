@@ -8,13 +8,14 @@ lives in one place whatever ends the run.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import redis
 
-from .. import sinks
+from .. import defaults, sinks
 from ..ops.flush import FlushSubscription
 from ..routing.routes import Router
 from ..sources import open_sources
@@ -104,9 +105,12 @@ class Job:
         runner.install_signal_handlers()
         if self.report is not None:
             watch_parent(runner.request_stop)
+        gc_threshold = gc.get_threshold()
+        gc.set_threshold(defaults.GC_GEN0_THRESHOLD, *gc_threshold[1:])
         try:
             stats = runner.run()
         finally:
+            gc.set_threshold(*gc_threshold)
             if runner.control is not None:
                 runner.control.close()
             try:
