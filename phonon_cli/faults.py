@@ -9,9 +9,9 @@ GC pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and
 (holding the recovery lock, nothing recovered yet) and ``lost-reply`` (a
 pipeline ran in Redis and its reply is about to be returned). A point named
 ``POINT@loop`` counts only what the main thread (the run loop) reaches while the
-process does not hold the recovery lock (``recovering``): a test can then kill a
-worker mid-write many times without ever killing it while it recovers, which
-would stall every recovery for the lock's TTL.
+process is not recovering (``recovering``: taking or holding the recovery lock,
+then writing what it adopted): a test can then kill a worker mid-write many times
+without ever killing it while it recovers.
 Unset, each point costs one truth test per batch.
 """
 
@@ -24,13 +24,14 @@ import threading
 _plan: dict[str, tuple[str, int]] = {}
 _seen: dict[str, int] = {}
 _recovering = 0
-"""Recoveries of this process (its recovery thread, its main thread) holding or
-taking the recovery lock right now (``recovering``)."""
+"""Recoveries of this process (its recovery thread, its main thread) under way right
+now (``recovering``)."""
 _recovering_mutex = threading.Lock()
 
 
 def recovering(start: bool) -> None:
-    """A recovery starts taking the recovery lock (True) or has let it go (False)."""
+    """A recovery starts taking the recovery lock (True) or is over, the lock let go
+    and what it adopted written (False)."""
     global _recovering
     with _recovering_mutex:
         _recovering += 1 if start else -1

@@ -388,6 +388,37 @@ def test_a_store_away_is_waited_for_and_past_the_timeout_ends_the_run(
     client.close()
 
 
+def test_a_survivor_killed_writing_what_it_adopted_holds_up_no_recovery(
+    redis_url, namespace, tmp_path, client
+) -> None:
+    """A worker is killed just before writing its last five keys: their sets wait in
+    Redis, their events marked as counted. The next worker adopts those sets and is
+    killed writing them. Nothing may wait for that: the next run and ``flush -c``
+    write every event at once. (They waited for the recovery lock the killed
+    survivor held while writing, for its 60 s TTL, and ``flush -c`` said "executed
+    0" and exited 0 meanwhile: the five keys one event short each.)"""
+    cfg, db = config(tmp_path)
+    topic = tmp_path / "topic.jsonl"
+    topic.write_bytes(lines(range(5)))
+    args = ("--source", f"file:{topic}", "--max-entries", "5")
+    kill = {"PHONON_FAULT": "before-execute:kill:1"}
+    code, err = finish(start(redis_url, namespace, cfg, *args, env=kill))
+    assert code == -signal.SIGKILL, err  # in its last batch: the five keys
+    # --follow: it runs until its recovery writes the adopted sets (and is killed)
+    code, err = finish(start(redis_url, namespace, cfg, *args, "--follow", env=kill))
+    assert code == -signal.SIGKILL, err
+    code, err = finish(start(redis_url, namespace, cfg, *args))
+    assert code == 0, err
+    flushed = subprocess.run(
+        [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    assert table(db) == Counter({f"k{i}": 1 for i in range(5)})
+    assert exec_keys(client, namespace) == []
+
+
 KILL_ROUNDS = 20 if os.environ.get("CI", "").lower() in ("1", "true", "yes") else 4
 """Rounds of kill -9 and restart: the full count in CI, a short version in ``make test``."""
 

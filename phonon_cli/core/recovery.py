@@ -58,13 +58,29 @@ def recover(process: Process) -> int:
     Runs under a ``SET NX EX`` maintenance lock, so survivors take turns.
     Each silent process is first declared dead (fenced: see ``scripts.FENCE_LUA``),
     so nothing it does from then on can land. Then for each: remove it from
-    every nodelist it was on, execute (or put back) the partials it had taken
-    to execute, then execute what is left with no live holder, where this
-    process knows the partial's class.
+    every nodelist it was on and adopt the partials it had taken to execute.
+    Only then, with the lock released, are the adopted sets executed and what
+    is left with no live holder claimed, where this process knows the class.
+
+    Writing waits on a sink (and may be where a worker is killed): under the
+    lock, a survivor killed while writing would stop every recovery for the
+    lock's whole TTL, the adopted sets of the dead it was recovering included.
+    Outside it, what the survivor adopted is in its own exec keys, and the next
+    survivor recovers those as any dead worker's.
     """
     candidates = dead_processes(process)
     if not candidates and not _waiting(process):
         return 0
+    # A test hook: from before the lock is taken until what it adopted is written.
+    faults.recovering(True)
+    try:
+        return _recover(process, candidates)
+    finally:
+        faults.recovering(False)
+
+
+def _recover(process: Process, candidates: list[str]) -> int:
+    """``recover``, once it has work: Redis work under the lock, writes after it."""
     lock = Lock(
         process.client,
         process.keys.recovery_lock,
@@ -72,12 +88,12 @@ def recover(process: Process) -> int:
         ttl_ms=defaults.RECOVERY_LOCK_TTL_S * 1000,
         owner=process.id,
     )
-    faults.recovering(True)  # a test hook: from before the lock is taken until let go
     try:
         lock.acquire()
     except AlreadyLocked:
-        faults.recovering(False)
         return 0
+    ready: list[tuple[Update, Taken]] = []
+    orphans: list[str] = []
     try:
         faults.point("in-recovery")
         dead = declare_dead(process, candidates)
@@ -86,19 +102,22 @@ def recover(process: Process) -> int:
             # the dead's exec sets back and lose their identity. Fenced already,
             # they wait for the next pass.
             return 0
-        orphans: list[str] = []
         for pid in dead:
-            orphans.extend(release_all_of(process, pid))
-        if orphans:
-            claim_orphans(process, orphans)
-        adopt_stranded(process)
-        return len(dead)
+            got, left = take_over(process, pid)
+            ready += got
+            orphans += left
+            unregister(process, pid)
+        ready += take_stranded(process)
     finally:
         try:
             lock.release()
         except LockNotOwned:
             log.warning("recovery took longer than its lock; another survivor may have helped")
-        faults.recovering(False)
+    if ready:
+        execute_taken(process, ready)
+    if orphans:
+        claim_orphans(process, sorted(set(orphans)))
+    return len(dead)
 
 
 def _waiting(process: Process) -> bool:
@@ -110,14 +129,14 @@ def _waiting(process: Process) -> bool:
     return any(pipe.execute())
 
 
-def adopt_stranded(process: Process) -> int:
-    """Execute the stranded sets whose class this process knows, each under its own
-    execution id (so a zombie that wrote it too is not counted twice); returns how
-    many. A set that is gone (its owner wrote and forgot it after all) is dropped
-    from the list. Sets of classes still unknown stay listed."""
+def take_stranded(process: Process) -> list[tuple[Update, Taken]]:
+    """Adopt the stranded sets whose class this process knows, for it to execute each
+    under its own execution id (so a zombie that wrote it too is not counted
+    twice); returns them, ready. A set that is gone (its owner wrote and forgot it
+    after all) is dropped from the list. Sets of classes still unknown stay listed."""
     stranded = sorted(cast("set[str]", process.client.smembers(process.keys.stranded)))
     if not stranded:
-        return 0
+        return []
     pipe = process.client.pipeline(transaction=False)
     for key in stranded:
         pipe.exists(key)
@@ -132,9 +151,9 @@ def adopt_stranded(process: Process) -> int:
         resource = process.keys.resource_of(key)
         if resource is not None:
             by_owner[key.rsplit(":", 2)[-2]].append((resource, key, f"{key}:recipe"))
-    adopted = 0
+    adopted: list[tuple[Update, Taken]] = []
     for owner, entries in by_owner.items():
-        adopted += len(_recover_entries(process, owner, entries, [True] * len(entries))[1])
+        adopted += _recover_entries(process, owner, entries, [True] * len(entries))[1]
     if gone or mine:
         process.client.srem(process.keys.stranded, *gone, *mine)
     return adopted
@@ -178,14 +197,6 @@ def recovery_lock(client: redis.Redis, keys: Keys) -> RecoveryLock | None:
     return RecoveryLock(owner, alive, None if ttl_ms < 0 else round(ttl_ms / 1000, 1))
 
 
-def release_all_of(process: Process, pid: str, scan_executing: bool = True) -> list[str]:
-    """Remove process ``pid`` from everything it held and unregister it; return
-    resources left orphaned."""
-    orphans = release_resources_of(process, pid, scan_executing)
-    unregister(process, pid)
-    return orphans
-
-
 def unregister(process: Process, pid: str) -> None:
     """Forget process ``pid``: its registry entry, figures, held set, alive key and
     replies (on a cluster, a SCAN finds its per-slot replies)."""
@@ -208,17 +219,31 @@ def unregister(process: Process, pid: str) -> None:
 
 
 def release_resources_of(process: Process, pid: str, scan_executing: bool = True) -> list[str]:
-    """Remove process ``pid`` from every nodelist; return resources left orphaned.
+    """Remove process ``pid`` from every nodelist, execute the sets it was writing
+    (``take_over``); return resources left orphaned."""
+    ready, orphans = take_over(process, pid, scan_executing)
+    if ready:
+        execute_taken(process, ready)
+    return orphans
+
+
+def take_over(
+    process: Process, pid: str, scan_executing: bool = True
+) -> tuple[list[tuple[Update, Taken]], list[str]]:
+    """Remove process ``pid`` from every nodelist and adopt the sets it was writing;
+    return them, ready to execute, and the resources left orphaned.
 
     Idempotent, so a survivor that dies half way leaves work the next one can redo.
     Partials ``pid`` had taken to execute (an exec set) are adopted whole, with
-    their execution id, and executed here when this process knows their class:
-    if ``pid`` was only paused and writes them too, an idempotent sink sees the
-    same id twice and writes once. A set of a class unknown here is left whole
-    where it is, id and all, and listed as stranded (``Keys.stranded``) for a
-    process that knows the class (``adopt_stranded``), before ``pid`` is
-    unregistered: merged into the partials, it would be written again under
-    another id by whoever executes them, while the zombie may write it too.
+    their execution id, into this process's exec keys, for it to execute when it
+    knows their class: if ``pid`` was only paused and writes them too, an
+    idempotent sink sees the same id twice and writes once; if this process dies
+    before writing them, they are its own exec sets, recovered the same way. A
+    set of a class unknown here is left whole where it is, id and all, and listed
+    as stranded (``Keys.stranded``) for a process that knows the class
+    (``take_stranded``), before ``pid`` is unregistered: merged into the
+    partials, it would be written again under another id by whoever executes
+    them, while the zombie may write it too.
 
     Args:
         scan_executing: also SCAN for partials ``pid`` took to execute and never
@@ -228,7 +253,7 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
     """
     entries = _entries_of(process, pid, scan_executing)
     adopt = _adoptable(process, [e[2] for e in entries]) if scan_executing else []
-    orphans, _, kept = _recover_entries(process, pid, entries, adopt or [False] * len(entries))
+    orphans, ready, kept = _recover_entries(process, pid, entries, adopt or [False] * len(entries))
     if kept:
         process.client.sadd(process.keys.stranded, *kept)
         log.warning(
@@ -239,15 +264,16 @@ def release_resources_of(process: Process, pid: str, scan_executing: bool = True
         )
     if entries:
         log.info("recovered process %s: released %d references", pid, len(entries))
-    return orphans
+    return ready, orphans
 
 
 def _recover_entries(
     process: Process, pid: str, entries: list[tuple[str, str, str]], adopt: list[bool]
-) -> tuple[list[str], list[Update], list[str]]:
+) -> tuple[list[str], list[tuple[Update, Taken]], list[str]]:
     """RECOVER ``entries`` (resource, exec key, recipe key) of process ``pid``: adopt
-    and execute the sets flagged in ``adopt``, keep the others where they are.
-    Returns the resources left orphaned, the adopted updates and the exec keys kept."""
+    the sets flagged in ``adopt`` (into this process's exec keys), keep the others
+    where they are. Returns the resources left orphaned, the adopted sets ready to
+    execute and the exec keys kept."""
     orphans: list[str] = []
     kept: list[str] = []
     ready: list[tuple[Update, Taken]] = []
@@ -285,9 +311,7 @@ def _recover_entries(
                 kept.append(exec_key)
             if not saved and not left and cached:
                 orphans.append(resource)
-    if ready:
-        execute_taken(process, ready)
-    return sorted(set(orphans)), [u for u, _ in ready], kept
+    return sorted(set(orphans)), ready, kept
 
 
 def _entries_of(process: Process, pid: str, scan_executing: bool) -> list[tuple[str, str, str]]:
