@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from phonon_cli.cli import main
 from phonon_cli.store.keys import Keys
+from phonon_cli.store.lock import Lock
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -143,13 +144,11 @@ def test_a_batch_failing_as_a_whole_is_split_until_the_poison_key_is_alone(
     assert helpers.namespace_keys(client, namespace) == []
 
 
-def test_a_recovery_lock_held_by_a_dead_process_is_reported(
-    redis_url, namespace, tmp_path, helpers, client
-) -> None:
-    """A worker killed while holding the recovery lock: for its TTL nobody can recover
-    the dead; flush -c and status say so (who, dead, until when) instead of
-    "executed 0" and exit 0 with partials waiting."""
-    cfg, db = write_config(tmp_path)
+def dead_holder_with_a_partial(redis_url, namespace, tmp_path, helpers, client) -> Path:
+    """A worker holding key ``a`` is killed while another run's 3 events for ``a`` wait
+    in Redis as its partial: recovery has to release the dead holder before anyone
+    can write them. Returns the config."""
+    cfg, _ = write_config(tmp_path)
     keys = Keys(namespace)
     holder = helpers.start_worker(redis_url, namespace, cfg, "--dead-letter", str(tmp_path / "d"))
     assert holder.stdin is not None
@@ -167,7 +166,17 @@ def test_a_recovery_lock_held_by_a_dead_process_is_reported(
     holder.communicate(timeout=30)
     (dead_id,) = client.hkeys(nodes)
     helpers.wait_for(lambda: not client.exists(keys.alive(dead_id)), what="the holder to be dead")
+    return cfg
 
+
+def test_a_recovery_lock_held_by_a_dead_process_is_reported_and_taken_over(
+    redis_url, namespace, tmp_path, helpers, client
+) -> None:
+    """A worker killed while holding the recovery lock: status says who holds it
+    (dead) and until when; flush -c takes it over, since its holder is dead, and
+    writes what waited, instead of "executed 0" (or waiting the lock's 60 s)."""
+    cfg = dead_holder_with_a_partial(redis_url, namespace, tmp_path, helpers, client)
+    keys = Keys(namespace)
     env = {**os.environ, "PHONON_FAULT": "in-recovery:kill"}
     recoverer = helpers.start_worker(redis_url, namespace, cfg, "--dead-letter", "d2", env=env)
     recoverer.communicate(timeout=30)
@@ -175,21 +184,41 @@ def test_a_recovery_lock_held_by_a_dead_process_is_reported(
     owner = client.get(keys.recovery_lock).rpartition(".")[0]
     helpers.wait_for(lambda: not client.exists(keys.alive(owner)), what="the recoverer to be dead")
 
-    code, out, err = cli(redis_url, namespace, "flush", "-c", str(cfg), "--all")
-    assert code == 1, err
-    assert out.split() == ["t:a"]
-    assert f"the recovery lock is held by process {owner} (dead), expires in" in err
-    assert "executed 0" in err  # said, but no longer the last word: exit 1
     report = orjson.loads(cli(redis_url, namespace, "status", "--json")[1])
     lock = report["recovery_lock"]
+    assert lock["owner"] == owner
     assert lock["owner_alive"] is False and 0 < lock["expires_in_s"] <= 60
     code, table, _ = cli(redis_url, namespace, "status")
     assert "recovery: the recovery lock is held by process" in table
 
-    client.delete(keys.recovery_lock)  # as its expiry would: then flush -c writes it
     code, _, err = cli(redis_url, namespace, "flush", "-c", str(cfg), "--all")
     assert code == 0, err
-    assert rows(db) == {"a": 3}  # the killed holder's one event died with it (stdin)
+    assert "executed 1" in err
+    assert rows(tmp_path / "t.db") == {"a": 3}  # the killed holder's one event died with it
+    assert client.get(keys.recovery_lock) is None
+
+
+def test_flush_says_who_holds_the_recovery_lock_while_its_holder_lives(
+    redis_url, namespace, tmp_path, helpers, client, make_process
+) -> None:
+    """The recovery lock held by a live process: flush -c cannot release the dead
+    holder's key, so it says who is recovering and until when, and exits 1 listing
+    what waits (not "executed 0" and exit 0)."""
+    cfg = dead_holder_with_a_partial(redis_url, namespace, tmp_path, helpers, client)
+    keys = Keys(namespace)
+    live = make_process(recover_failed_processes=False)
+    lock = Lock(client, keys.recovery_lock, block=False, ttl_ms=60_000, owner=live.id).acquire()
+
+    code, out, err = cli(redis_url, namespace, "flush", "-c", str(cfg), "--all")
+    assert code == 1, err
+    assert out.split() == ["t:a"]
+    assert f"the recovery lock is held by process {live.id} (alive, recovering), expires in" in err
+    assert "executed 0" in err  # said, but no longer the last word: exit 1
+
+    lock.release()  # as its holder does when done: then flush -c writes it
+    code, _, err = cli(redis_url, namespace, "flush", "-c", str(cfg), "--all")
+    assert code == 0, err
+    assert rows(tmp_path / "t.db") == {"a": 3}
 
 
 @pytest.mark.skipif(not CI, reason="the long variant runs in CI")

@@ -91,7 +91,8 @@ def _recover(process: Process, candidates: list[str]) -> int:
     try:
         lock.acquire()
     except AlreadyLocked:
-        return 0
+        if not _take_from_the_dead(process, lock):
+            return 0
     ready: list[tuple[Update, Taken]] = []
     orphans: list[str] = []
     try:
@@ -157,6 +158,27 @@ def take_stranded(process: Process) -> list[tuple[Update, Taken]]:
     if gone or mine:
         process.client.srem(process.keys.stranded, *gone, *mine)
     return adopted
+
+
+def _take_from_the_dead(process: Process, lock: Lock) -> bool:
+    """Take the recovery lock over from a process that died holding it.
+
+    Its expiry (``RECOVERY_LOCK_TTL_S``) would free it, but until then nobody could
+    recover anyone. Once its owner's alive key is gone, the owner counts as dead as
+    for everything else: it is declared dead in this very pass (so it is fenced),
+    and what it had adopted is in its own exec keys, recovered as any dead
+    worker's. Should it only have been paused, recovery is idempotent and the
+    sinks recognise a set written twice, as when the lock expires under a slow
+    recovery.
+    """
+    token = cast("str | None", process.client.get(lock.key))
+    owner = owner_of(token)
+    if token is None or owner is None or owner == process.id or process.live_processes([owner]):
+        return False
+    if not lock.take_over(token):
+        return False
+    log.warning("process %s died holding the recovery lock; taken over", owner)
+    return True
 
 
 @dataclass

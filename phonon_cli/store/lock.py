@@ -89,6 +89,22 @@ class Lock:
         ):
             raise LockNotOwned(f"{self.key} is not owned by this lock", lock_name=self.key)
 
+    def take_over(self, token: str) -> bool:
+        """Take the lock from the owner of ``token``, if that token still holds it.
+
+        Only for a lock whose owner is known to be dead: the caller checks that
+        (the expiry would free it too, only later).
+        """
+        mine = secrets.token_hex(16)
+        if self.owner:
+            mine = f"{self.owner}.{mine}"
+        if not scripts.LOCK_TAKE_OVER(
+            keys=[self.key], args=[token, mine, self.ttl_ms], client=self.client
+        ):
+            return False
+        self.token = mine
+        return True
+
     @property
     def owned(self) -> bool:
         return self.token is not None and self.client.get(self.key) == self.token

@@ -673,6 +673,18 @@ end
 return 0
 """
 
+LOCK_TAKE_OVER_LUA = """
+-- Take a lock over from an owner that died holding it, only if it still holds it.
+-- KEYS[1] the lock; ARGV[1] the dead owner's token (as read), ARGV[2] our token,
+--   ARGV[3] expiry in ms
+-- Returns 1 if taken, 0 if the lock changed meanwhile (released, expired, retaken)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
 FENCE_LUA = """
 -- Fencing. A process is alive while its alive key exists. Once that key has
 -- expired a survivor may declare it dead (DECLARE_DEAD: out of the registry, in
@@ -762,6 +774,7 @@ QUARANTINE = Script(None, (FENCE_LUA + QUARANTINE_LUA).encode())  # type: ignore
 UNQUARANTINE = Script(None, (MERGE_LUA + UNQUARANTINE_LUA).encode())  # type: ignore[arg-type]
 LOCK_RELEASE = Script(None, LOCK_RELEASE_LUA.encode())  # type: ignore[arg-type]
 LOCK_EXTEND = Script(None, LOCK_EXTEND_LUA.encode())  # type: ignore[arg-type]
+LOCK_TAKE_OVER = Script(None, LOCK_TAKE_OVER_LUA.encode())  # type: ignore[arg-type]
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
 DECLARE_DEAD = Script(None, DECLARE_DEAD_LUA.encode())  # type: ignore[arg-type]
 FENCE_HELD = Script(None, FENCE_HELD_LUA.encode())  # type: ignore[arg-type]
@@ -773,6 +786,7 @@ ALL = (
     QUARANTINE,
     LOCK_RELEASE,
     LOCK_EXTEND,
+    LOCK_TAKE_OVER,
     HEARTBEAT,
     DECLARE_DEAD,
     FENCE_HELD,
