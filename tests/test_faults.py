@@ -419,6 +419,48 @@ def test_a_survivor_killed_writing_what_it_adopted_holds_up_no_recovery(
     assert exec_keys(client, namespace) == []
 
 
+def test_a_worker_restarted_at_once_reads_what_the_killed_one_held(
+    redis_url, namespace, tmp_path, client
+) -> None:
+    """A ``file:`` worker is killed holding its events only in memory, and a worker is
+    started at once, without ``--follow``, while the killed one still counts as
+    alive (its alive key lives three heartbeats) and so still owns the partition.
+    The new worker must not end having read nothing: it waits to hear from the
+    owner, which expires, takes the partition over and counts every event. (It
+    ended at once, exit 0, "events read 0": the killed worker's last keys were
+    never counted, as in the kill -9 test's five keys one event short.)"""
+    cfg, db = config(tmp_path)
+    topic = tmp_path / "topic.jsonl"
+    topic.write_bytes(lines(range(5)))
+    source = ("--source", f"file:{topic}")
+    # Beats every second: it counts as alive for 3 s after the kill.
+    held = [*phonon_command(redis_url, namespace), "--heartbeat-interval", "1"]
+    log = tmp_path / "held.log"
+    with open(log, "wb") as err:
+        cmd = [*held, "run", "-c", str(cfg), *source, "--follow"]
+        holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=err)
+    try:
+        testkit.wait_for(
+            lambda: sum(testkit.events_read(client, namespace).values()) == 5, what="all read"
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert alive_ids(client, namespace), "the killed worker must still count as alive"
+    code, err = finish(start(redis_url, namespace, cfg, *source))
+    assert code == 0, err
+    assert "events read 5" in err
+    # What it could only deposit (the dead one was still on the keys' nodelists)
+    # is written once the dead one is recovered.
+    flushed = subprocess.run(
+        [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    assert table(db) == Counter({f"k{i}": 1 for i in range(5)})
+
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 KILL_ROUNDS = 20 if CI else 4
 """Rounds of kill -9 and restart: the full count in CI, a short version in ``make test``."""
