@@ -230,7 +230,7 @@ def check_fields_merger(route: Any, before: list[dict], event: dict) -> None:
     v = cached(lines_doc)
     merge_lines = route.lines_merger(lambda i: v, lambda i: None)
     nulls = skipped.n
-    stop, unmatched = merge_lines([orjson.dumps(event)], 0, 7)
+    stop, unmatched, _ = merge_lines([orjson.dumps(event)], 0, 7)
     took = expected == ("ok", None)
     assert (stop, unmatched) == ((1, 0) if took else (0, 0) if expected[0] == "error" else (1, 1))
     assert (skipped.n - nulls, encoded(v.doc), v.events) == (want_nulls, encoded(want), 1 + took)

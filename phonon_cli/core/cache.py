@@ -49,9 +49,10 @@ class LruCache:
         self._end = end_sessions or _end_now
         self.failed: list[Update] = []
         # What lets ``purge`` look only at what expired (see there).
-        self._by_age: dict[int, deque[tuple[Hashable, Update]]] = {}
-        """Per hard-session length: (key, update) in the order they entered (oldest
-        first; entries that left since are skipped, and compacted away)."""
+        self._by_age: dict[int, deque[Update]] = {}
+        """Per hard-session length: updates in the order they entered (oldest first;
+        entries that left since are skipped, and compacted away), each knowing its
+        key (``Update.cache_key``: no tuple per entry)."""
         self._min_soft_ms: int | None = None
         """The shortest soft session of any entry (None: no entry has one)."""
         self._touch_ordered = True
@@ -67,12 +68,13 @@ class LruCache:
             self._entries.move_to_end(key)
             return existing
         self._entries[key] = update
-        self._track(key, update)
+        update.cache_key = key
+        self._track(update)
         if len(self._entries) > self.max_entries:
             self.expire_oldest()
         return update
 
-    def _track(self, key: Hashable, update: Update) -> None:
+    def _track(self, update: Update) -> None:
         soft = update.soft_session_ms
         if soft is not None and (self._min_soft_ms is None or soft < self._min_soft_ms):
             self._min_soft_ms = soft
@@ -81,10 +83,10 @@ class LruCache:
             ages = self._by_age.get(hard)
             if ages is None:
                 ages = self._by_age[hard] = deque()
-            ages.append((key, update))
+            ages.append(update)
             if len(ages) > 2 * len(self._entries) + 1024:  # amortised O(1) per insert
                 entries = self._entries
-                self._by_age[hard] = deque((k, u) for k, u in ages if entries.get(k) is u)
+                self._by_age[hard] = deque(u for u in ages if entries.get(u.cache_key) is u)
 
     def peek(self, key: Hashable) -> Update | None:
         """The entry for ``key``, leaving the LRU order as it is."""
@@ -193,7 +195,8 @@ class LruCache:
         for hard, ages in self._by_age.items():
             born_before = now - hard
             while ages:
-                key, update = ages[0]
+                update = ages[0]
+                key = update.cache_key
                 if entries.get(key) is not update:
                     ages.popleft()  # left the cache since
                 elif update.started_ms <= born_before:

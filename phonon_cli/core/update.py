@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -79,6 +80,10 @@ class Update:
     of its metrics; empty when it was rebuilt from Redis (recovery, ``flush``)."""
     execute_attempts: ClassVar[int] = defaults.EXECUTE_ATTEMPTS
     execute_backoff_s: ClassVar[float] = defaults.EXECUTE_BACKOFF_S
+    _ref: Reference | None = None
+    _block: bool = True
+    cache_key: Hashable = None
+    """The key an ``LruCache`` holds this update under (the cache sets it)."""
 
     def __init__(
         self,
@@ -101,8 +106,8 @@ class Update:
         self.collection = collection
         self.spec: dict[str, Any] = dict(spec or {})
         self.doc: dict[str, Any] = dict(doc or {})
-        self.hard_session_ms = None if hard_session is None else int(hard_session * 1000)
-        self.soft_session_ms = None if soft_session is None else int(soft_session * 1000)
+        self.hard_session_ms = None if hard_session is None else _ms(hard_session)
+        self.soft_session_ms = None if soft_session is None else _ms(soft_session)
         now = process.clock()
         self.started_ms = now
         self.touched_ms = now
@@ -128,11 +133,11 @@ class Update:
         None when the aggregate was only ever in this process's memory: nobody
         else can write it."""
         self._force = False
-        resource = str(_id) if collection is None else f"{collection}:{_id}"
-        self.ref = Reference(process, resource, block=block)
+        if not block:
+            self._block = False
         process.register(type(self))
         if acquire:
-            (absorbed,) = acquire_many(process, [resource], [init_cache])
+            (absorbed,) = acquire_many(process, [self.resource], [init_cache])
             if absorbed is not None:
                 self.absorb(*absorbed)
 
@@ -206,7 +211,21 @@ class Update:
 
     @property
     def resource(self) -> str:
-        return self.ref.resource
+        """The shared resource this update aggregates: ``collection:id``, or the id.
+        Spelled when asked (twice per session), not kept: a string per cached key."""
+        collection = self.collection
+        return str(self._id) if collection is None else f"{collection}:{self._id}"
+
+    @property
+    def ref(self) -> Reference:
+        """This process's claim on the resource, built when first asked: the run loop
+        never asks (it takes and leaves references in batches), and an object per
+        cached key was a fifth of its memory."""
+        ref = self._ref
+        if ref is None:
+            ref = self._ref = Reference(self.process, self.resource, block=self._block)
+            ref.force_expiry = self._force
+        return ref
 
     def refresh(self, other: Update) -> None:
         """Merge a newer update for the same key; renews the soft session."""
@@ -241,7 +260,8 @@ class Update:
     def set_force_expiry(self, flag: bool = True) -> None:
         """Expire at the next purge, and execute then even if others still hold the key."""
         self._force = flag
-        self.ref.force_expiry = flag
+        if self._ref is not None:
+            self._ref.force_expiry = flag
         if flag:
             Update.forced += 1
 
@@ -314,6 +334,12 @@ class Update:
 
 
 EventMerge = Callable[[Update, dict[str, Any]], None]
+
+
+@functools.lru_cache(maxsize=64)
+def _ms(seconds: float) -> int:
+    """Seconds as ms: one int object per session length, not two per cached key."""
+    return int(seconds * 1000)
 
 
 def sum_into(update: Update, doc: dict[str, Any]) -> None:

@@ -253,8 +253,8 @@ def _inline_sum(shape: _Shape, merge_event: Any) -> bool:
     )
 
 
-LinesMerger = Callable[[list[bytes], int, int], tuple[int, int]]
-"""``merge_lines(lines, start, now_ms) -> (stop, unmatched)``: see ``lines_merger``."""
+LinesMerger = Callable[[list[bytes], int, int], tuple[int, int, "dict[str, Any] | None"]]
+"""``merge_lines(lines, start, now_ms) -> (stop, unmatched, event)``: see ``lines_merger``."""
 
 
 def lines_merger(
@@ -269,8 +269,10 @@ def lines_merger(
     per event: it merges lines from ``start`` on while each is a JSON object the
     route either skips or merges into a cached key, and returns where it stopped
     (the first line it cannot take: not JSON, an error, a key not cached; the
-    caller takes that one the general way and calls again) and how many it
-    skipped. For a counting doc of a small constant on a sums update, where
+    caller takes that one the general way and calls again), how many it
+    skipped, and the stopping line's event when it stopped at a key not cached
+    (parsed, and its fields found: the caller need not parse it again), else
+    None. For a counting doc of a small constant on a sums update, where
     nothing can fail once the key is found, and for a route with ``fields``,
     whose checks all come before its merges (an event refused stops the run
     with nothing merged); None otherwise.
@@ -293,8 +295,10 @@ def lines_merger(
         pad = " " * (8 + len(line) - len(line.lstrip()))
         if line.strip() == "return None":  # the filter skips the event
             body += [f"{pad}skipped += 1", f"{pad}n += 1", f"{pad}continue"]
-        elif line.strip() in ("raise _missing(e) from None", "return False"):
-            body.append(f"{pad}return n, skipped")  # the caller takes it the general way
+        elif line.strip() == "raise _missing(e) from None":
+            body.append(f"{pad}return n, skipped, None")  # the caller takes it the general way
+        elif line.strip() == "return False":  # a key not cached: the caller builds it
+            body.append(f"{pad}return n, skipped, event")
         else:
             body.append("        " + line)
     lines = [
@@ -305,19 +309,19 @@ def lines_merger(
         "        try:",
         "            event = LOADS(lines[n])",
         "        except ValueError:",
-        "            return n, skipped",
+        "            return n, skipped, None",
         "        if event.__class__ is not dict:",
-        "            return n, skipped",
+        "            return n, skipped, None",
         "        try:",
         *body,
         *("            " + line[4:] for line in merged),
         "        except EventError:",
-        "            return n, skipped",
+        "            return n, skipped, None",
         "        u.events += 1",
         "        u.touched_ms = now",
         "        TOUCH(i)",
         "        n += 1",
-        "    return n, skipped",
+        "    return n, skipped, None",
     ]
     shape.lines = lines
     merge_lines: LinesMerger = shape.compile("merge_lines")

@@ -514,11 +514,13 @@ class Runner:
         stats = self.stats
         n, end = 0, len(lines)
         while n < end:
-            stop, skipped = merge_lines(lines, n, now_ms)
+            stop, skipped, event = merge_lines(lines, n, now_ms)
             stats.unmatched += skipped
             stats.routed += stop - n - skipped
             self._hits[0] += stop - n - skipped
-            if stop < end:
+            if event is not None:  # a key not cached: parsed already
+                stats.routed += self._route(event, chunk.source, lines[stop], None, stop, now_ms)
+            elif stop < end:
                 reject = chunk.rejects.get(stop)
                 one = Chunk(chunk.source, [lines[stop]], rejects={0: reject} if reject else {})
                 self._handle_each(one, None, now_ms)
