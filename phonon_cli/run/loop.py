@@ -208,6 +208,15 @@ Fenced_ = Callable[[list[Update]], "tuple[list[Update], list[Update]]"]
 """``Batcher.on_fenced``: releases of the refused batch -> (releases to send, acquires)."""
 
 
+class _Ticks:
+    """When each periodic task of the loop is next due (monotonic seconds)."""
+
+    def __init__(self, now: float) -> None:
+        self.purge = now + defaults.PURGE_INTERVAL_S
+        self.commit = now + defaults.COMMIT_INTERVAL_S
+        self.progress = now + defaults.PROGRESS_INTERVAL_S
+
+
 class FlushRequest(Protocol):
     def matches(self, resource: str) -> bool: ...
 
@@ -311,10 +320,7 @@ class Runner:
         for source in self.sources:
             source.start(self.queue)
         open_sources = len(self.sources)
-        now = time.monotonic()
-        next_purge = now + defaults.PURGE_INTERVAL_S
-        next_commit = now + defaults.COMMIT_INTERVAL_S
-        next_progress = now + defaults.PROGRESS_INTERVAL_S
+        ticks = _Ticks(time.monotonic())
         stop_by: float | None = None
         try:
             while open_sources and self.signals < 2:
@@ -326,46 +332,56 @@ class Runner:
                     stop_by = time.monotonic() + defaults.STOP_GRACE_S
                 if stop_by is not None and time.monotonic() >= stop_by:
                     break
-                try:
-                    chunk = self.queue.get(timeout=self.options.batch_max_age_s)
-                except queue.Empty:
-                    chunk = None
-                if chunk is not None:
-                    if chunk.end:
-                        open_sources -= 1
-                    else:
-                        self._handle(chunk)
-                if self.control is not None:
-                    for request in self.control.poll():
-                        self._expire_requested(request)
-                now = time.monotonic()
-                if now >= next_purge:
-                    if self.process.fenced:  # the heartbeat found out first
-                        self.batcher.send()
-                        if self.process.fenced:
-                            end_sessions([], acquire=self._start_over([])[1])
-                    self.cache.purge()
-                    self._publish()
-                    self._beat()
-                    next_purge = now + defaults.PURGE_INTERVAL_S
-                if self.batcher.due(now) or now >= next_commit:
-                    self.batcher.send()
-                    if now >= next_commit:
-                        self._commit()  # right after a flush: nothing is in flight
-                        next_commit = now + defaults.COMMIT_INTERVAL_S
-                if self.process.output_closed and self.signals < 2:
-                    log.info("the output's reader went away: stopping, keeping the rest in redis")
-                    self.request_stop()
-                    self.request_stop()  # as a second signal: deposit the rest, no execute
-                if self._progress is not None and now >= next_progress:
-                    self._progress(self._progress_line())
-                    next_progress = now + defaults.PROGRESS_INTERVAL_S
+                open_sources -= self._next_chunk()
+                self._tick(ticks, time.monotonic())
             self._drain()
             self._commit()
         finally:
             self.dead.close()
             self._publish()
         return self.stats
+
+    def _next_chunk(self) -> int:
+        """Handle the next chunk (waiting up to a batch's age for it), then the flush
+        requests that came meanwhile; 1 if the chunk said its source ended, else 0."""
+        try:
+            chunk = self.queue.get(timeout=self.options.batch_max_age_s)
+        except queue.Empty:
+            chunk = None
+        ended = 0
+        if chunk is not None:
+            if chunk.end:
+                ended = 1
+            else:
+                self._handle(chunk)
+        if self.control is not None:
+            for request in self.control.poll():
+                self._expire_requested(request)
+        return ended
+
+    def _tick(self, ticks: _Ticks, now: float) -> None:
+        """What is due between chunks: purge and publish, send, commit, progress."""
+        if now >= ticks.purge:
+            if self.process.fenced:  # the heartbeat found out first
+                self.batcher.send()
+                if self.process.fenced:
+                    end_sessions([], acquire=self._start_over([])[1])
+            self.cache.purge()
+            self._publish()
+            self._beat()
+            ticks.purge = now + defaults.PURGE_INTERVAL_S
+        if self.batcher.due(now) or now >= ticks.commit:
+            self.batcher.send()
+            if now >= ticks.commit:
+                self._commit()
+                ticks.commit = now + defaults.COMMIT_INTERVAL_S
+        if self.process.output_closed and self.signals < 2:
+            log.info("the output's reader went away: stopping, keeping the rest in redis")
+            self.request_stop()
+            self.request_stop()  # as a second signal: deposit the rest, no execute
+        if self._progress is not None and now >= ticks.progress:
+            self._progress(self._progress_line())
+            ticks.progress = now + defaults.PROGRESS_INTERVAL_S
 
     def _start_over(self, release: list[Update]) -> tuple[list[Update], list[Update]]:
         """After being fenced: a new id; of ``release`` (a refused batch's) and the
