@@ -381,7 +381,8 @@ class FileSource(ThreadedSource):
         current: dict[str, str] = self.process.client.hgetall(self._owners_key)  # type: ignore[assignment]
         owners = {p: o for p, o in current.items() if o in live}
         owners.update({p: me for p in self._owned})
-        mine = set(assign([p for p, _ in parts], sorted(live), owners).get(me, []))
+        plan = assign([p for p, _ in parts], sorted(live), owners)
+        mine = set(plan.get(me, []))
         for name in [n for n in self._owned if n not in mine and not self._owned[n].held]:
             self._revoke(name)
         done = True
@@ -393,27 +394,25 @@ class FileSource(ThreadedSource):
                 self._owned[name].held = False
                 done = done and self._owned[name].reader.at_end
         if done and not self.follow:
-            done = not self._silent_owners(owners, mine)
+            done = not self._silent_owners([m for m, ps in plan.items() if ps and m != me])
         self._publish()
         return done
 
-    def _silent_owners(self, owners: dict[str, str], mine: set[str]) -> list[str]:
-        """Members owning a partition that is not ours that have not beaten since this
-        worker began to wait for them.
+    def _silent_owners(self, others: list[str]) -> list[str]:
+        """Of the other members with partitions assigned, those that have not beaten
+        since this worker began to wait for them.
 
         Without ``--follow`` a worker ends once the partitions assigned to it are
         read; the others are their owners'. But a worker killed a moment ago still
         counts as alive until its alive key expires (three of its heartbeats), and
-        keeps its partitions meanwhile: a worker restarted at once would end having
-        read nothing, and nobody would read the rest (the events the killed one held
-        only in memory among them). So before ending it hears from every other
-        owner: a live one beats within its interval (the value of its alive key
-        changes), a dead one's key expires and its partitions come to us. This
-        costs a run's end at most one heartbeat of another owner, and nothing when
-        no other worker owns a partition.
+        keeps its partitions meanwhile, or is even handed one it never took: a
+        worker restarted at once would end having read nothing, and nobody would
+        read the rest (the events the killed one held only in memory among them).
+        So before ending it hears from every other member with partitions: a live
+        one beats within its interval (the value of its alive key changes), a dead
+        one's key expires and its partitions come to us. This costs a run's end at
+        most one heartbeat of another member, and nothing when it is alone.
         """
-        me = self.process.id
-        others = sorted({o for p, o in owners.items() if p not in mine and o != me})
         if not others:
             return []
         pipe = self.process.client.pipeline(transaction=False)
