@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -56,16 +57,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of the endpoint, parsed by prometheus_client's own parser."""
+def fetch(url: str) -> tuple[int, str]:
+    """The endpoint's status and body; status 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
     except OSError:
-        return {}
+        return 0, ""
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the endpoint, parsed by prometheus_client's own parser."""
     return {
         (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
+        for family in text_string_to_metric_families(fetch(url)[1])
         for s in family.samples
     }
 
@@ -155,6 +162,64 @@ def test_metrics_by_source_route_sink_and_batch_during_a_run(
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert b"keys executed 30," in err, err
+
+
+LINES_TOML = """\
+[[routes]]
+update = "phonon_cli.sinks.jsonl:Lines"
+id = "{a}"
+doc = { n = "{n}" }
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_move_during_a_run_and_healthz_answers(
+    tmp_path: Path, redis_url: str, helpers: object, workers: str
+) -> None:
+    port = free_port()
+    read, write = os.pipe()
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    proc = subprocess.Popen(
+        [
+            *helpers.phonon_command(redis_url, f"m{port}"),  # type: ignore[attr-defined]
+            "run",
+            "-c",
+            str(cfg),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--workers",
+            workers,
+        ],  # fmt: skip
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read)
+    base = f"http://127.0.0.1:{port}"
+    wait_for = helpers.wait_for  # type: ignore[attr-defined]
+    os.write(write, b"".join(b'{"a": %d, "n": 1}\n' % (i % 50) for i in range(300)))
+    wait_for(
+        lambda: value(scrape(f"{base}/metrics"), "phonon_events_read_total") == 300,
+        timeout_s=30,
+        what="the counter to reach 300",
+    )
+    assert fetch(f"{base}/healthz") == (200, "ok\n")
+    os.write(write, b'{"a": 1, "n": 1}\nnot json\n')
+    wait_for(
+        lambda: value(scrape(f"{base}/metrics"), "phonon_dead_lettered_total") == 1,
+        timeout_s=30,
+        what="the dead letter counted",
+    )
+    samples = scrape(f"{base}/metrics")
+    assert value(samples, "phonon_events_read_total") == 302
+    assert value(samples, "phonon_quarantined_keys") == 0  # read from the store
+    entries = value(samples, "phonon_cache_entries")  # a key may be cached in every worker
+    assert entries is not None and 50 <= entries <= 50 * int(workers)
+    os.close(write)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert fetch(f"{base}/metrics")[0] == 0  # closed with the run
 
 
 def test_workers_histograms_and_counters_add_up_sample_by_sample() -> None:
