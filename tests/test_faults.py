@@ -713,18 +713,29 @@ def test_a_fenced_stream_worker_counts_its_old_consumers_entries_once(
         client.delete(key)
 
 
+@pytest.mark.parametrize(
+    ("seed", "points", "where"),
+    [
+        pytest.param(30, WRITES, "@loop", id="writes"),
+        pytest.param(61, ANYWHERE, "", id="anywhere"),
+    ],
+)
 def test_kill_9_at_random_points_on_a_stream_counts_every_entry_once(
-    redis_url, namespace, tmp_path, client
+    redis_url, namespace, tmp_path, client, seed, points, where
 ) -> None:
     """A ``redis-stream:`` worker with a tiny cache is killed just before or after
     one of its writes, round after round; each next worker claims the dead
     consumers' pending entries, many of them deposited or written already but not
     acknowledged (a hot key holds the acknowledgements back), and skips them on the
     keys whose marks cover them. After a last run and a flush, every entry is
-    counted once and nothing is pending."""
+    counted once and nothing is pending. In the "anywhere" variant a kill can also
+    land while a worker recovers a dead one (``in-recovery``) or writes what it
+    adopted, so a claimer often dies holding entries it skipped: they are claimed
+    again by the next one and checked against the marks of every consumer they went
+    through (``stream-lineage``), not only the claimer's, which never covered them."""
     import random
 
-    rng = random.Random(30)
+    rng = random.Random(seed)
     cfg, db = config(tmp_path)
     key = f"{namespace}-stream"
     keys = ["hot" if i % 2 else f"k{rng.randrange(30)}" for i in range(2000)]
@@ -735,8 +746,12 @@ def test_kill_9_at_random_points_on_a_stream_counts_every_entry_once(
     args = ("--source", f"redis-stream:{key}", "--max-entries", "5")
     try:
         for _ in range(max(3, KILL_ROUNDS // 2)):
-            point = rng.choice(["before-execute", "after-execute"])
-            fault = f"{point}@loop:kill:{rng.randint(1, 2)}"  # a run writes in few batches
+            # Each round starts once the last killed one counts as dead: its pending
+            # entries are then claimed (and chains of claimers form) in every round,
+            # rather than a round ending at once with nothing it may claim yet.
+            testkit.wait_for(lambda: not alive_ids(client, namespace), what="the killed one dead")
+            point = rng.choice(points)
+            fault = f"{point}{where}:kill:{rng.randint(1, 2)}"  # a run writes in few batches
             code, err = finish(start(redis_url, namespace, cfg, *args, env={"PHONON_FAULT": fault}))
             assert code in (0, -signal.SIGKILL), err
         testkit.wait_for(lambda: not alive_ids(client, namespace), what="every killed one dead")
