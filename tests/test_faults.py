@@ -502,7 +502,10 @@ def test_kill_9_at_random_points_on_a_file_source_counts_every_event_once(
         with topic.open("ab") as f:
             f.write(b"".join(orjson.dumps(e) + b"\n" for e in events[start_at : start_at + step]))
         # The first few writes (or recovery passes) of a run: most runs reach them.
-        fault = f"{rng.choice(points)}:kill:{rng.randint(1, 3)}"
+        point, nth = rng.choice(points), rng.randint(1, 3)
+        if point == "in-recovery" and not killed:
+            point, nth = "before-execute", 1  # nothing to recover before a first kill
+        fault = f"{point}:kill:{nth}"
         code, err = finish(start(redis_url, namespace, cfg, *args, env={"PHONON_FAULT": fault}))
         assert code in (0, -signal.SIGKILL), err
         killed += code == -signal.SIGKILL
