@@ -522,19 +522,9 @@ def test_kill_9_at_random_points_on_a_file_source_counts_every_event_once(
     assert exec_keys(client, namespace) == []
 
 
-TWO_ROUTES = """
-[cache]
-soft_session = "1h"
-hard_session = "1h"
-
-[[routes]]
-update = "phonon_cli.sinks.sql:Counter"
-id = "{{k}}"
-collection = "totals"
-database = "sqlite:///{db}"
-spec = {{ k = "{{k}}" }}
-doc = {{ c = 1 }}
-
+TWO_ROUTES = (
+    CONFIG
+    + """
 [[routes]]
 update = "phonon_cli.sinks.sql:Counter"
 id = "{{g}}"
@@ -543,6 +533,8 @@ database = "sqlite:///{db}"
 spec = {{ g = "{{g}}" }}
 doc = {{ c = 1 }}
 """
+)
+"""CONFIG's route on ``k`` and a second on ``g``: one event, two keys."""
 
 
 def test_kill_9_on_a_file_source_counts_an_event_of_several_keys_once_on_each(

@@ -57,6 +57,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_serving(
+    helpers: object, url: str, namespace: str, cfg: Path, port: int, workers: str, *args: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """``phonon run --metrics 127.0.0.1:PORT --workers N`` reading stdin from a pipe:
+    the run and the pipe's write end (closing it ends the run)."""
+    read, write = os.pipe()
+    proc = subprocess.Popen(
+        [
+            *helpers.phonon_command(url, namespace),  # type: ignore[attr-defined]
+            "run",
+            "-c",
+            str(cfg),
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--workers",
+            workers,
+            *args,
+        ],
+        stdin=read,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    os.close(read)
+    return proc, write
+
+
 def fetch(url: str) -> tuple[int, str]:
     """The endpoint's status and body; status 0 when nothing answers."""
     try:
@@ -91,27 +117,10 @@ def test_metrics_by_source_route_sink_and_batch_during_a_run(
     cfg = tmp_path / "phonon.toml"
     cfg.write_text(CONFIG.replace("OUT", str(out)).replace("DB", str(db)))
     port = free_port()
-    read, write = os.pipe()
-    proc = subprocess.Popen(
-        [
-            *helpers.phonon_command(redis_url, namespace),  # type: ignore[attr-defined]
-            "run",
-            "-c",
-            str(cfg),
-            "--metrics",
-            f"127.0.0.1:{port}",
-            "--workers",
-            workers,
-            "--soft-session",
-            "1s",
-            "--dead-letter",
-            str(tmp_path / "dead.jsonl"),
-        ],  # fmt: skip
-        stdin=read,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    os.close(read)
+    proc, write = start_serving(
+        helpers, redis_url, namespace, cfg, port, workers,
+        "--soft-session", "1s", "--dead-letter", str(tmp_path / "dead.jsonl"),
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}/metrics"
     wait_for = helpers.wait_for  # type: ignore[attr-defined]
     try:
@@ -177,25 +186,9 @@ def test_metrics_move_during_a_run_and_healthz_answers(
     tmp_path: Path, redis_url: str, helpers: object, workers: str
 ) -> None:
     port = free_port()
-    read, write = os.pipe()
     cfg = tmp_path / "lines.toml"
     cfg.write_text(LINES_TOML)
-    proc = subprocess.Popen(
-        [
-            *helpers.phonon_command(redis_url, f"m{port}"),  # type: ignore[attr-defined]
-            "run",
-            "-c",
-            str(cfg),
-            "--metrics",
-            f"127.0.0.1:{port}",
-            "--workers",
-            workers,
-        ],  # fmt: skip
-        stdin=read,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    os.close(read)
+    proc, write = start_serving(helpers, redis_url, f"m{port}", cfg, port, workers)
     base = f"http://127.0.0.1:{port}"
     wait_for = helpers.wait_for  # type: ignore[attr-defined]
     os.write(write, b"".join(b'{"a": %d, "n": 1}\n' % (i % 50) for i in range(300)))
