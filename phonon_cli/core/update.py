@@ -44,6 +44,12 @@ def class_name(cls: type) -> str:
 Failures = list[tuple["Update", BaseException]]
 
 
+def resource_name(collection: str | None, id_: object) -> str:
+    """The shared resource of a key: ``collection:id``, or the id alone. The one
+    spelling: ``Update.resource`` and the run loop's replay check both use it."""
+    return str(id_) if collection is None else f"{collection}:{id_}"
+
+
 class Update:
     """Subclass it: override ``merge`` and ``execute`` (and ``state``/``clear`` if you
     keep attributes of your own). The framework decides when to cache and when to
@@ -213,8 +219,7 @@ class Update:
     def resource(self) -> str:
         """The shared resource this update aggregates: ``collection:id``, or the id.
         Spelled when asked (twice per session), not kept: a string per cached key."""
-        collection = self.collection
-        return str(self._id) if collection is None else f"{collection}:{self._id}"
+        return resource_name(self.collection, self._id)
 
     @property
     def ref(self) -> Reference:

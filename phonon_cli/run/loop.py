@@ -34,7 +34,7 @@ from .. import defaults
 from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.reference import Mode
-from ..core.update import Update, end_sessions
+from ..core.update import Update, end_sessions, resource_name
 from ..exceptions import EventError, Fenced
 from ..poison import spec_problem
 from ..routing.codegen import LinesMerger, Merger
@@ -288,14 +288,14 @@ class Runner:
         self._highest: dict[str, int] = {}
         """Per replayable partition read, its highest mark when reading (re)started."""
         self._counted: dict[int, set[str]] = {}
+        """In the chunk being handled, offset -> the resources that counted that
+        replayed event already while others did not (``_skip_counted``)."""
         self._pname: str | None = None
         """The name the marks of the chunk being handled go by (None: no marks)."""
         self._ids: list[str] | None = None
         """The chunk's stream entry ids (its marks), or None (its offsets are)."""
         self._first = 0
         """The chunk's first offset."""
-        """In the chunk being handled, offset -> the resources that counted that
-        replayed event already while others did not (``_skip_counted``)."""
         self._by_name = {s.name: s for s in self.sources}
 
     # -- signals ----------------------------------------------------------------------
@@ -778,9 +778,8 @@ def _marked(part: tuple[Source, str]) -> str | None:
 
 
 def _resource(entry: Routed) -> str:
-    """The resource a routed event's update holds (as ``Update`` names it)."""
-    route, id_ = entry[0], entry[1]
-    return str(id_) if route.collection is None else f"{route.collection}:{id_}"
+    """The resource a routed event's update holds."""
+    return resource_name(entry[0].collection, entry[1])
 
 
 def _replayable(source: Source) -> bool:
