@@ -409,6 +409,9 @@ def test_a_survivor_killed_writing_what_it_adopted_holds_up_no_recovery(
     assert code == -signal.SIGKILL, err
     code, err = finish(start(redis_url, namespace, cfg, *args))
     assert code == 0, err
+    # The killed survivor's sets are its own exec keys now: flush -c recovers them
+    # once it counts as dead (three heartbeats), not after the lock's 60 s.
+    testkit.wait_for(lambda: not alive_ids(client, namespace), what="the killed count as dead")
     flushed = subprocess.run(
         [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
         capture_output=True,
