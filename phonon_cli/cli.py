@@ -586,10 +586,17 @@ def serve_metrics(
 ) -> MetricsServer:
     from .ops.status import Status
     from .run.metrics import MetricsServer, StoreFigures
+    from .store.connection import clone
 
     assert metered.addr is not None
     settings, client = _connect(ctx, config)
-    store = StoreFigures(Status(client, settings.namespace, ""), metered.sources, quarantined_here)
+    # Its own connections, which give up at once: a scrape while the store is away
+    # answers with the run's counters rather than wait on it (or on the run loop's
+    # retries), leaving out the figures only the store has.
+    store_client = clone(client, timeout_s=defaults.METRICS_STORE_TIMEOUT_S)
+    click.get_current_context().call_on_close(store_client.close)
+    status = Status(store_client, settings.namespace, "")
+    store = StoreFigures(status, metered.sources, quarantined_here)
     try:
         return MetricsServer(metered.addr, families, healthy, store)
     except ConfigError as e:

