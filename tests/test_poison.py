@@ -228,3 +228,47 @@ def test_a_custom_merge_past_int64_is_quarantined_and_the_rest_written(
     }
     assert str(2**64) in record["payload"]  # the whole aggregate, kept as it was
     assert client.exists(keys.nodes, keys.partials) == 0
+
+
+def test_retrying_an_aggregate_past_int64_is_refused_and_it_stays_quarantined(
+    redis_url, namespace, tmp_path, helpers, client
+) -> None:
+    """A custom ``merge`` summed past int64, and the aggregate was quarantined with its
+    number written out whole. ``phonon quarantine retry`` put it back as a partial
+    that reads as JSON with a float (2**64 became 1.8446744073709552e+19: exit 0, the
+    number no longer exact). Now retry refuses it, naming the key and why, exits 1,
+    and keeps the record as it was; a record whose numbers fit goes back exact."""
+    out = tmp_path / "out.jsonl"
+    out.touch()
+    cfg = tmp_path / "custom.toml"
+    cfg.write_text(
+        '[[routes]]\nupdate = "widgets:WidgetUpdate"\nid = "{k}"\ncollection = "t"\n'
+        'doc = { n = "{n}" }\n'
+    )
+    events = [{"k": "big", "n": 2**62}] * 4 + [{"k": "ok", "n": 1}] * 3
+    lines = b"".join(orjson.dumps(e) + b"\n" for e in events)
+    env = {**os.environ, "PHONON_TEST_OUT": str(out), "PYTHONPATH": str(helpers.helpers_dir)}
+    base = [*helpers.phonon_command(redis_url, namespace)]
+    proc = subprocess.run([*base, "run", "-c", str(cfg)], input=lines, capture_output=True, env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    big = Keys(namespace).resource("t:big")
+    (before,) = client.lrange(big.quarantine, 0, -1)
+    # A second record, of another key, whose numbers fit: 2**63 - 1 is int64's largest.
+    fits = orjson.loads(before)
+    fits["payload"] = orjson.dumps({"doc": {"n": 2**63 - 1}, "state": {}}).decode()
+    fits["recipe"] = orjson.dumps({**orjson.loads(fits["recipe"]), "id": "fits"}).decode()
+    ok = Keys(namespace).resource("t:fits")
+    client.rpush(ok.quarantine, orjson.dumps(fits).decode())
+
+    retry = subprocess.run([*base, "quarantine", "retry"], capture_output=True, env=env, text=True)
+    assert retry.returncode == 1, retry.stderr
+    assert "t:big stays quarantined" in retry.stderr, retry.stderr
+    assert str(2**64) in retry.stderr and "int64" in retry.stderr, retry.stderr
+    assert client.lrange(big.quarantine, 0, -1) == [before]  # kept as it was
+    assert client.exists(big.partials, big.meta) == 0  # nothing put back
+    # the one that fits went back, its number exact
+    assert client.exists(ok.quarantine) == 0
+    flush = subprocess.run([*base, "flush", "-c", str(cfg), "t:fits"], capture_output=True, env=env)
+    assert flush.returncode == 0, flush.stderr.decode()
+    written = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(w["resource"], w["doc"]) for w in written][-1] == ("t:fits", {"n": 2**63 - 1})

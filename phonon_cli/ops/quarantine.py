@@ -18,6 +18,8 @@ Like ``status``, reading registers no process and walks keys with ``SCAN``.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -44,6 +46,8 @@ class Record:
     error: str
     at_ms: int | None
     process: str | None
+    text: str = field(default="", repr=False)
+    """The record as stored (what ``retry`` names to hold one back)."""
 
     @classmethod
     def parse(cls, resource: str, text: str) -> Record:
@@ -60,6 +64,30 @@ class Record:
             str(get("error") or ""),
             get("at_ms"),
             get("process"),
+            text,
+        )
+
+    def inexact(self) -> str | None:
+        """Why its partial cannot go back as it is, or None when it can.
+
+        A JSON partial is read back with orjson, which holds an integer past 64 bits
+        only as a float: a number a custom ``merge`` pushed past int64 (kept whole in
+        the record, ``core.quarantine.safe_payload``) would come back rounded, and be
+        written so. Sums are checked by the script that puts them back.
+        """
+        if self.kind != "json":
+            return None
+        try:
+            value = json.loads(self.payload)
+        except ValueError:
+            return "its partial is not JSON"
+        bad = _not_exact(value)
+        if bad is None:
+            return None
+        return (
+            f"its partial holds {bad}, which no partial holds exactly (JSON partials are "
+            "read as int64 and finite floats; it would come back as a float): fix the "
+            "record (phonon quarantine export) or drop it"
         )
 
     @property
@@ -86,6 +114,28 @@ class Record:
             "at_ms": self.at_ms,
             "process": self.process,
         }
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _not_exact(value: Any) -> str | None:
+    """The first number in ``value`` a partial cannot hold exactly (an integer past
+    int64, a float that is not finite), as text; None if there is none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if INT64_MIN <= value <= INT64_MAX else str(value)
+    if isinstance(value, float):
+        return None if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            bad = _not_exact(item)
+            if bad is not None:
+                return bad
+    return None
 
 
 @dataclass
@@ -178,18 +228,23 @@ def retry(
     clock: Clock = now_ms,
 ) -> Retried:
     """Put quarantined aggregates back as their resources' cached partials, each in
-    one script (no record is both back and still quarantined, nor in neither)."""
+    one script (no record is both back and still quarantined, nor in neither).
+
+    A record whose partial would not come back exact (``Record.inexact``) is held
+    back, named in ``kept`` with why; so is one the script finds Redis cannot sum.
+    """
     result = Retried()
     for q in list(scan(client, keys, match)):
         rk = keys.resource(q.resource)
+        held = {r.text: why for r in q.records if (why := r.inexact()) is not None}
         moved, kept, reason = scripts.UNQUARANTINE(
-            keys=[rk.meta, rk.partials, rk.quarantine], args=[clock()], client=client
+            keys=[rk.meta, rk.partials, rk.quarantine], args=[clock(), *held], client=client
         )
         if moved:
             result.resources.append(q.resource)
             result.moved += int(moved)
         if kept:
-            result.kept[q.resource] = str(reason)
+            result.kept[q.resource] = str(reason) or next(iter(held.values()), "")
     return result
 
 

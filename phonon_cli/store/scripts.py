@@ -624,16 +624,21 @@ return 1
 UNQUARANTINE_LUA = """
 -- Put a resource's quarantined aggregates back as its cached partial, for the
 -- next holder, a survivor or ``phonon flush -c`` to execute (``phonon quarantine
--- retry``). A record that still cannot be summed in (deposit_refused) stays.
+-- retry``). A record that still cannot be summed in (deposit_refused) stays, and
+-- so does one the caller holds back (a number no partial can hold exactly).
 -- KEYS[1] meta, KEYS[2] partials, KEYS[3] quarantine (list of JSON records)
--- ARGV[1] now (epoch ms)
--- Returns {records moved, records kept, why the last kept one was refused}
+-- ARGV[1] now (epoch ms), then the records (as stored) to keep where they are
+-- Returns {records moved, records kept, why the last one refused here was}
 local meta, partials, quarantine = KEYS[1], KEYS[2], KEYS[3]
 local kept, moved, reason = {}, 0, ''
+local held = {}
+for i = 2, #ARGV do held[ARGV[i]] = true end
 for _, text in ipairs(redis.call('LRANGE', quarantine, 0, -1)) do
-  local r = cjson.decode(text)
-  local refused = deposit_refused(partials, r.kind, r.payload)
-  if refused then
+  local r = (not held[text]) and cjson.decode(text)
+  local refused = r and deposit_refused(partials, r.kind, r.payload)
+  if not r then
+    kept[#kept + 1] = text
+  elseif refused then
     kept[#kept + 1] = text
     reason = refused
   else
