@@ -418,8 +418,11 @@ def run(
     end = RunEnd(ctx, config, dead_letter, summary_json)
     metered = Metered(metrics_addr, [(group, s) for s in sources if s != "-"])
     if workers > 1 and worker_report_fd is None:
-        run_workers(ctx, config, workers, "-" in sources, end, stats_interval, metered)
-        return
+        worker_report_fd = run_workers(
+            ctx, config, workers, "-" in sources, end, stats_interval, metered
+        )
+        if worker_report_fd is None:  # the parent, its workers done
+            return
     options = RunOptions(
         max_entries=max_entries or config.cache.max_entries,
         soft_session_s=soft_session if soft_session is not None else config.cache.soft_session_s,
@@ -611,8 +614,12 @@ def run_workers(
     end: RunEnd,
     stats_interval: float | None,
     metered: Metered,
-) -> None:
-    """``run --workers N``: start N workers with this command line, print their summary."""
+) -> int | None:
+    """``run --workers N``: start N workers, print their summary.
+
+    Returns None in this parent; in a worker (forked from it, ``Supervisor.start``)
+    the descriptor of its report pipe, for ``run`` to go on as that worker.
+    """
     import time
 
     from .run.loop import RunStats
@@ -630,14 +637,11 @@ def run_workers(
         assert show is not None
         show(RunStats.added_up(figures, started).progress(figures["entries"]))
 
-    supervisor = Supervisor(
-        [sys.executable, "-m", "phonon_cli", *sys.argv[1:]],
-        workers,
-        feed_stdin,
-        progress=progress if show else None,
-    )
+    supervisor = Supervisor(workers, feed_stdin, progress=progress if show else None)
     supervisor.install_signal_handlers()
-    supervisor.start()
+    report_fd = supervisor.start()
+    if report_fd is not None:
+        return report_fd
     metrics = None
     if metered.addr:
         from .run.metrics import added_up
@@ -657,6 +661,7 @@ def run_workers(
             metrics.close()
     stats = RunStats.added_up(outcome.figures, started)
     end.report(stats, workers, outcome.problems, outcome.exit_code, ctx.redraws(stats_interval))
+    return None
 
 
 # -- status and flush ---------------------------------------------------------------------

@@ -263,7 +263,7 @@ def test_a_worker_that_exited_keeps_its_counters_but_not_its_gauges() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     try:
-        supervisor = Supervisor(["phonon"], 2, feed_stdin=False)
+        supervisor = Supervisor(2, feed_stdin=False)
         supervisor.workers = [
             Worker(0, alive, -1, figures={"entries": 3, "events_read": 10}, metrics=families),
             Worker(1, gone, -1, figures={"entries": 4, "events_read": 20}, metrics=families),

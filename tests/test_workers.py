@@ -115,6 +115,59 @@ def test_three_workers_on_stdin_share_it_and_give_exact_totals(run: Run) -> None
     assert summary.endswith("3 workers")
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def pipes(pid: int) -> dict[int, str]:
+    """The process's open descriptors that are pipes: fd -> ``pipe:[inode]``."""
+    out = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if target.startswith("pipe:"):
+            out[int(fd.name)] = target
+    return out
+
+
+def test_each_workers_stdin_is_open_in_no_other_worker(run: Run) -> None:
+    """A worker that held a sibling's stdin pipe open would keep that sibling from
+    seeing the end of its input until it exits itself."""
+    proc = run.start("--workers", "3", stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    run.helpers.wait_for(lambda: len(run.members()) == 3, timeout_s=30, what="three workers")
+    workers = children(proc.pid)
+    assert len(workers) == 3
+    held = {pid: pipes(pid) for pid in workers}
+    for pid in workers:
+        stdin = held[pid][0]
+        others = [p for p in workers if p != pid and stdin in held[p].values()]
+        assert others == [], f"worker {pid}'s stdin ({stdin}) is open in {others}"
+    _, err = proc.communicate(run.events(1000), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert run.totals() == (run.expected, run.count)
+
+
+def cpu_seconds(run: Run, *args: str) -> float:
+    """User and system CPU of ``phonon run ARGS`` on an empty stdin, its workers included."""
+    proc = run.start(*args, stdin=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
+    return usage.ru_utime + usage.ru_stime
+
+
+def test_workers_start_without_importing_phonon_again(run: Run) -> None:
+    """The workers are forked from the parent once it has imported what they run: three
+    workers cost little more CPU than one process to start (each importing phonon again
+    costs about as much as the whole single-process start)."""
+    one = min(cpu_seconds(run, "--workers", "1") for _ in range(2))
+    three = min(cpu_seconds(run, "--workers", "3") for _ in range(2))
+    assert three < 1.8 * one, f"--workers 3 took {three:.2f}s of CPU to start, one {one:.2f}s"
+
+
 def test_three_workers_on_a_file_topic_split_its_partitions(run: Run) -> None:
     topic = run.tmp / "topic"
     for p in range(6):
