@@ -791,7 +791,8 @@ def flush(
     Running workers expire their matching cache entries (executing as last holder,
     else caching the partial in Redis for the others). Partials no live worker
     holds are executed here with -c CONFIG, and listed on stdout without it.
-    Exit 1 if a worker did not answer --wait in time or an execute failed.
+    Exit 1 if a worker did not answer --wait in time or stopped answering (killed, or
+    paused past its TTL), or an execute failed.
     """
     from .ops.flush import flush as flush_now
     from .store.keys import Keys

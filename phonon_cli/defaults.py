@@ -49,7 +49,8 @@ RECOVERY_LOCK_TTL_S = 60
 
 SUCCESSOR_TTL_MS = 3_600_000
 """How long a process that started over under a new id is found from its old one
-(``Keys.successor``): longer than any ``flush --wait`` waits."""
+(``Keys.successor``), and one that survivors declared dead is known as such
+(``Keys.declared_dead_once``): longer than any ``flush --wait`` waits."""
 
 APPLIED_RETENTION_S = 7 * 24 * 3600.0
 """Seconds a SQL sink remembers an execution id (``phonon_applied``): a set of

@@ -322,3 +322,64 @@ def test_flush_wait_follows_a_worker_that_started_over(make_process, client, ans
     answer.ack(2)
     answers = wait_for_acks(client, w.keys, ticket, timeout_s=5)
     assert (answers.acked, answers.gone, answers.silent) == ({old: 2}, [], [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_survivor", [False, True])
+def test_flush_wait_says_a_paused_worker_stopped_answering_not_that_it_exited(
+    redis_url, namespace, config, db, tmp_path, helpers, client, with_survivor
+) -> None:
+    """A worker paused (SIGSTOP) while ``flush --wait`` waits for it outlives its alive
+    key. flush said it "exited meanwhile" and exited 0, as for a worker that stopped
+    cleanly and expired everything on its way out, though its cache was never
+    flushed. It must say the worker stopped answering and counts as dead, and exit
+    1; with a survivor, which declares it dead and recovers it (possibly between two
+    of flush's polls), just the same. Resumed, the worker starts over and its events
+    are written once."""
+    w = Worker(redis_url, namespace, config, tmp_path, helpers)
+    survivor = (
+        Worker(redis_url, namespace, config, tmp_path / "..", helpers) if with_survivor else None
+    )
+    try:
+        wid = w.send(events("w", {"a": 2, "b": 1}), helpers)
+        helpers.wait_for(
+            lambda: (
+                sum(p["flushable"] for p in status(redis_url, namespace)["processes"])
+                == 1 + with_survivor
+            ),
+            what="every worker listening",
+        )
+        w.proc.send_signal(signal.SIGSTOP)
+        code, _, err = cli(redis_url, namespace, "flush", "--all", "--wait", "--timeout", "20")
+        assert code == 1, err
+        assert "exited meanwhile" not in err, err
+        assert "stopped answering" in err and wid in err and str(w.proc.pid) in err, err
+        assert f"{int(with_survivor)} worker(s) expired" in err, err
+    finally:
+        w.proc.send_signal(signal.SIGCONT)
+        w.finish()
+        if survivor is not None:
+            survivor.finish()
+    assert totals(db, "widgets") == {"a": 2, "b": 1}
+
+
+def test_flush_wait_tells_a_worker_recovered_as_dead_from_one_that_exited(
+    make_process, client
+) -> None:
+    """Between two of flush's polls a survivor may declare a silent worker dead and
+    forget it whole (hash and all), as a worker that exits forgets itself: the mark
+    the survivor leaves still says it died. One that stopped cleanly is gone."""
+    from phonon_cli.ops.flush import FlushRequest, Ticket, wait_for_acks
+
+    silent = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    leaving = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    survivor = make_process(start_heartbeat=False, heartbeat_interval=3600)
+    survivor.register(Counter)
+    ticket = Ticket(FlushRequest("r2", all=True), waiting=[silent.id, leaving.id], deaf=[])
+    client.delete(silent.keys.alive(silent.id))  # paused past its TTL
+    assert survivor.recover() == 1
+    assert not client.exists(silent.keys.process(silent.id))  # forgotten whole
+    leaving.stop()
+    answers = wait_for_acks(client, silent.keys, ticket, timeout_s=5)
+    assert answers.gone == [leaving.id]
+    assert [p["id"] for p in answers.dead] == [silent.id]

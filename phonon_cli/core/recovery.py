@@ -221,8 +221,12 @@ def recovery_lock(client: redis.Redis, keys: Keys) -> RecoveryLock | None:
 
 def unregister(process: Process, pid: str) -> None:
     """Forget process ``pid``: its registry entry, figures, held set, alive key and
-    replies (on a cluster, a SCAN finds its per-slot replies)."""
+    replies (on a cluster, a SCAN finds its per-slot replies). Another process's is
+    forgotten because it was declared dead, and that is written down for a while
+    (``Keys.declared_dead_once``)."""
     pipe = process.client.pipeline(transaction=False)
+    if pid != process.id:  # before its hash goes: a flush --wait reads one or the other
+        pipe.set(process.keys.declared_dead_once(pid), 1, px=defaults.SUCCESSOR_TTL_MS)
     for key in (
         process.keys.held(pid),
         process.keys.process(pid),

@@ -204,9 +204,13 @@ class Answers:
     acked: dict[str, int]
     """Process id -> entries it expired."""
     gone: list[str]
-    """Exited (or died) before answering."""
+    """Exited before answering (expiring everything on its way out)."""
     silent: list[dict[str, Any]]
     """Still alive, never answered: id, host and pid of each."""
+    dead: list[dict[str, Any]] = field(default_factory=list)
+    """Stopped answering and count as dead (killed, or paused past their TTL; declared
+    dead by a survivor, or not yet): id, host and pid of each. Their caches were not
+    flushed."""
 
     @property
     def expired(self) -> int:
@@ -240,13 +244,20 @@ def wait_for_acks(
 
     A worker declared dead meanwhile (paused past its TTL) that started over under
     a new id is not gone: it is followed to that id (``Keys.successor``), and its
-    answer counts under either id.
+    answer counts under either id. One whose alive key expired and that has not
+    started over stopped answering (``Answers.dead``): killed, or still paused.
+    That is told from a worker that exited on its own (``Answers.gone``, which
+    unregisters itself: hash and all) by its process hash, there until a survivor
+    unregisters it, and then by the mark that survivor leaves
+    (``Keys.declared_dead_once``), set before the hash is deleted.
     """
     ack_key = keys.flush_acks(ticket.request.id)
     pending = set(ticket.waiting)
     first: dict[str, str] = {pid: pid for pid in pending}
     """Every id met (old and new) -> the id the ticket named."""
+    who = _identities(client, keys, pending)
     gone: list[str] = []
+    dead: list[str] = []
     acked: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -256,35 +267,58 @@ def wait_for_acks(
         for pid in ordered:
             pipe.exists(keys.alive(pid))
             pipe.get(keys.successor(pid))
+            pipe.exists(keys.process(pid), keys.declared_dead_once(pid))
         got, *replies = pipe.execute()
         answered = {first[pid]: int(n) for pid, n in got.items() if pid in first}
         for pid in ordered:
             if first[pid] in answered:
                 acked[first[pid]] = answered[first[pid]]
                 pending.discard(pid)
-        for pid, is_alive, successor in zip(ordered, replies[::2], replies[1::2], strict=True):
+        for pid, is_alive, successor, died in zip(
+            ordered, replies[::3], replies[1::3], replies[2::3], strict=True
+        ):
             if pid not in pending or is_alive:
                 continue
             pending.discard(pid)
             if successor:
                 first[successor] = first[pid]
                 pending.add(successor)
+                who.update(_identities(client, keys, [successor]))
             else:
-                gone.append(first[pid])
+                (dead if died else gone).append(pid)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(poll_s)
-    silent = []
     if pending:
-        pipe = client.pipeline(transaction=False)
-        ordered = sorted(pending)
-        for pid in ordered:
-            pipe.hmget(keys.process(pid), "host", "pid")
-        for pid, (host, os_pid) in zip(ordered, pipe.execute(), strict=True):
-            silent.append({"id": pid, "host": host, "pid": os_pid})
+        who.update(_identities(client, keys, pending))
     else:
         client.delete(ack_key)
-    return Answers(acked, sorted(gone), silent)
+    return Answers(
+        acked,
+        sorted(first[pid] for pid in gone),
+        [who[pid] for pid in sorted(pending)],
+        [who[pid] for pid in sorted(dead)],
+    )
+
+
+def _identities(client: redis.Redis, keys: Keys, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Process id -> its id, host and pid (None where its hash is gone): one round trip."""
+    ordered = sorted(ids)
+    pipe = client.pipeline(transaction=False)
+    for pid in ordered:
+        pipe.hmget(keys.process(pid), "host", "pid")
+    replies = pipe.execute() if ordered else []
+    return {
+        pid: {"id": pid, "host": host, "pid": os_pid}
+        for pid, (host, os_pid) in zip(ordered, replies, strict=True)
+    }
+
+
+def describe(processes: Sequence[dict[str, Any]]) -> str:
+    """``ID (host H, pid P), ...``, as flush names processes."""
+    return ", ".join(
+        f"{p['id']} (host {p['host'] or '?'}, pid {p['pid'] or '?'})" for p in processes
+    )
 
 
 def orphans(status: Status, match: Callable[[str], bool]) -> Iterable[str]:
@@ -395,11 +429,19 @@ def flush(
         say(
             f"{len(answers.acked)} worker(s) expired {answers.expired:,} entries"
             + (f"; {len(answers.gone)} exited meanwhile" if answers.gone else "")
+            + (f"; {len(answers.dead)} stopped answering" if answers.dead else "")
         )
+        if answers.dead:
+            problems.append(
+                f"{len(answers.dead)} worker(s) stopped answering: {describe(answers.dead)}; "
+                "its alive key expired before it answered (killed, or paused past its TTL), "
+                "so it counts as dead: what it held in redis goes to a survivor (or to "
+                "flush -c), what it held only in memory was not flushed"
+            )
         if answers.silent:
             problems.append(
                 f"{len(answers.silent)} worker(s) did not answer within {wait_s:g}s: "
-                + ", ".join(f"{s['id']} (host {s['host']}, pid {s['pid']})" for s in answers.silent)
+                + describe(answers.silent)
             )
     if executor is None:
         listed = list(orphans(Status(client, keys.namespace, ""), match))

@@ -139,6 +139,12 @@ class Keys:
         old id waits for the new one."""
         return f"{self._procs}:process:{process_id}:successor"
 
+    def declared_dead_once(self, process_id: str) -> str:
+        """String, expiring: set when a survivor unregisters a process it declared dead
+        (``recovery.unregister``), so that a ``flush --wait`` that was waiting for it
+        can tell it stopped answering from a process that exited on its own."""
+        return f"{self._procs}:process:{process_id}:declared-dead"
+
     def held(self, process_id: str) -> str:
         """Set of resources a process holds (or is executing): what recovery must visit."""
         return f"{self._procs}:process:{process_id}:held"

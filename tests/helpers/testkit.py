@@ -23,10 +23,16 @@ helpers_dir = TESTS / "helpers"
 
 
 def namespace_keys(client: redis.Redis, namespace: str) -> list[str]:
-    """Every key left in the namespace, but its store id: a marker kept for good
-    (``Keys.store_id``), not state left behind."""
-    marker = Keys(namespace).store_id
-    return sorted(k for k in client.scan_iter(match=f"{namespace}:*", count=1000) if k != marker)
+    """Every key left in the namespace, but its store id, a marker kept for good
+    (``Keys.store_id``), and the marks of processes declared dead, which expire on
+    their own (``Keys.declared_dead_once``): markers, not state left behind."""
+    keys = Keys(namespace)
+
+    def marker(key: str) -> bool:
+        dead = key.startswith(keys.process("")) and key.endswith(":declared-dead")
+        return dead or key == keys.store_id
+
+    return sorted(k for k in client.scan_iter(match=f"{namespace}:*", count=1000) if not marker(k))
 
 
 def wait_for(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "") -> object:
