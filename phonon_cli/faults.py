@@ -1,17 +1,18 @@
 """Fault points for tests: make a real worker stop or die at a chosen moment.
 
 ``PHONON_FAULT=POINT:ACTION[:N][,...]`` fires ACTION the N-th time (default the
-first) the worker reaches POINT. Actions: ``stop`` (SIGSTOP itself, like a long
-GC pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and
-``drop`` (raise a ConnectionError, as a dropped connection would). Points:
-``before-execute`` (partials taken, nothing written yet), ``after-execute``
-(written, the taken partials not yet forgotten in Redis), ``in-recovery``
-(holding the recovery lock, nothing recovered yet) and ``lost-reply`` (a
-pipeline ran in Redis and its reply is about to be returned). A point named
-``POINT@loop`` counts only what the main thread (the run loop) reaches while the
-process is not recovering (``recovering``: taking or holding the recovery lock,
-then writing what it adopted): a test can then kill a worker mid-write many times
-without ever killing it while it recovers.
+first) the worker reaches POINT. Actions: ``stop`` (SIGSTOP itself, like a long GC
+pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and ``drop``
+(raise a ConnectionError, as a dropped connection would). Points: ``before-execute``
+(partials taken, nothing written yet), ``after-execute`` (written, the taken
+partials not yet forgotten in Redis), ``in-recovery`` (holding the recovery lock,
+nothing recovered yet), ``lost-reply`` (a pipeline ran in Redis and its reply is
+about to be returned) and ``before-claim`` (a stream reader holding the claim lock,
+about to claim a dead consumer's pending entries). A point named ``POINT@loop``
+counts only what the main thread (the run loop) reaches while the process is not
+recovering (``recovering``: taking or holding the recovery lock, then writing what
+it adopted): a test can then kill a worker mid-write many times without ever killing
+it while it recovers.
 Unset, each point costs one truth test per batch.
 """
 
@@ -67,4 +68,9 @@ def point(name: str) -> None:
         import redis
 
         raise redis.ConnectionError(f"fault injected at {name}")
-    os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+    # To this thread, not the process: a signal sent to the process is taken by its
+    # main thread, and this one (a source's reading thread, say) could run on for a
+    # moment, past the point, before the whole process stops or dies.
+    signal.pthread_kill(
+        threading.get_ident(), signal.SIGSTOP if action == "stop" else signal.SIGKILL
+    )

@@ -661,6 +661,75 @@ def test_a_fenced_stream_worker_counts_its_old_consumers_entries_once(
         client.delete(key)
 
 
+def test_a_claimer_paused_before_claiming_takes_nothing_another_claimed_since(
+    redis_url, namespace, tmp_path, client, helpers
+) -> None:
+    """A ``redis-stream:`` worker is killed holding its entries pending, uncounted.
+    A survivor stops (SIGSTOP, like a long GC pause) just before it claims them,
+    past its dead timeout; a second survivor claims them, counts most of them (its
+    deposits and writes mark them under its own consumer) and acknowledges none
+    yet (a hot key holds them back). The first resumes: it must not take back what
+    the second claimed since, or those entries are counted again under a consumer
+    whose marks never covered them. (It did: every entry counted twice.)"""
+    cfg, db = config(tmp_path)
+    key = f"{namespace}-stream"
+    keys = [f"k{(i * 7) % 30}" if i % 2 else "hot" for i in range(400)]
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.xadd(key, {"data": orjson.dumps({"k": k})})
+    pipe.execute()
+    source = f"redis-stream:{key}"
+    args = ("--source", source, "--follow", "--max-entries", "5")
+    try:
+        # It holds every key in memory: nothing it read is counted, or marked, yet.
+        killed = start(redis_url, namespace, cfg, "--source", source, "--follow")
+        helpers.wait_for(
+            lambda: sum(helpers.events_read(client, namespace).values()) >= 400, what="all read"
+        )
+        killed.kill()
+        finish(killed)
+        assert client.xpending(key, "phonon")["pending"] == 400
+        paused = start(redis_url, namespace, cfg, *args, env={"PHONON_FAULT": "before-claim:stop"})
+        helpers.wait_for(lambda: stopped(paused), what="the claimer stopped before claiming")
+        old = worker_id(client, namespace, paused)
+        survivor = start(redis_url, namespace, cfg, *args)
+        try:
+            seen = [Keys(namespace).resource(f"totals:{k}").seen for k in set(keys)]
+            helpers.wait_for(
+                lambda: (
+                    client.zscore(Keys(namespace).processes, old) is None
+                    and (me := worker_id(client, namespace, survivor)) is not None
+                    and sum(client.hexists(s, f"{source}|{me}~1") for s in seen) >= 10
+                ),
+                timeout_s=20,
+                what="the paused claimer declared dead, the survivor counting what it claimed",
+            )
+            assert client.xpending(key, "phonon")["pending"] == 400  # none acknowledged
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        helpers.wait_for(
+            lambda: "fenced" in paused.log.read_text(errors="replace"),  # type: ignore[attr-defined]
+            what="the claimer fenced",
+        )
+
+        def settled() -> bool:
+            """None pending on a dead process's consumer."""
+            consumers = client.xinfo_consumers(key, "phonon")
+            owners = {c["name"].partition("~")[0] for c in consumers if c["pending"]}
+            return owners <= alive_ids(client, namespace)
+
+        helpers.wait_for(settled, timeout_s=20, what="nothing pending on a dead consumer")
+        for worker in (paused, survivor):
+            worker.send_signal(signal.SIGTERM)
+        for worker in (paused, survivor):
+            code, err = finish(worker)
+            assert code == 0, err
+        assert client.xpending(key, "phonon")["pending"] == 0
+        assert table(db) == Counter(keys)
+    finally:
+        client.delete(key)
+
+
 @pytest.mark.parametrize(
     ("seed", "points", "where"),
     [

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis
 
+from .. import faults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
 from ..store.lock import Lock
 from .base import Chunk, Group, Reject, ThreadedSource, bytes_client, put_or_tick, too_long
@@ -350,6 +351,7 @@ class StreamSource(ThreadedSource):
                     pipe.pexpire(self._lineage_key, MARKS_TTL_MS)
                     pipe.execute()
                 ids: list[Any] = [p["message_id"] for p in pending]
+                faults.point("before-claim")
                 claimed: Any = client.xclaim(
                     self.key, self.group, target, min_idle_time=0, message_ids=ids
                 )
