@@ -614,3 +614,50 @@ def test_a_key_released_and_taken_again_in_one_batch_stays_in_the_held_set(
     finally:
         p.stop()
     assert namespace_keys(redis_cluster, cluster_namespace) == []
+
+
+def test_kill_9_on_a_stream_counts_every_entry_once_on_a_cluster(
+    redis_cluster, cluster_namespace, config, db, tmp_path, helpers
+) -> None:
+    """As test_faults' stream kill -9 test, on three masters: each next worker claims
+    the killed ones' pending entries. The claim (listed and claimed in one script)
+    holds the stream's key only; the lineage and the registry live in other slots,
+    so the lineage is written just before and the fence is not checked there."""
+    rng = random.Random(11)
+    data, expected = make_events(keys=30, count=1500, seed=11)
+    stream = f"{cluster_namespace}-stream"
+    keys, c = Keys(cluster_namespace), redis_cluster.client()
+    assert c.keyslot(stream) != c.keyslot(keys.processes)
+    for line in data.splitlines():
+        c.xadd(stream, {"data": line})
+    # -v: each run says what it claimed (INFO)
+    command = [*worker_command(redis_cluster, cluster_namespace, helpers), "-v", "run", "-c"]
+    command += [str(config), "--source", f"redis-stream:{stream}", "--max-entries", "5"]
+
+    def all_dead() -> bool:
+        return not any(c.exists(keys.alive(p)) for p in c.zrange(keys.processes, 0, -1))
+
+    killed = claimed = 0
+    try:
+        for _ in range(4):
+            helpers.wait_for(all_dead, what="the killed one dead")
+            point = rng.choice(["before-execute", "after-execute"])
+            fault = f"{point}@loop:kill:{rng.randint(1, 2)}"
+            run = subprocess.run(
+                command, capture_output=True, timeout=120, env={**os.environ, "PHONON_FAULT": fault}
+            )
+            assert run.returncode in (0, -signal.SIGKILL), run.stderr.decode()
+            killed += run.returncode == -signal.SIGKILL
+            claimed += b"claimed" in run.stderr
+        assert killed >= 2 and claimed >= 1, (killed, claimed)
+        helpers.wait_for(all_dead, what="every killed worker dead")
+        run = subprocess.run(command, capture_output=True, timeout=120)
+        assert run.returncode == 0, run.stderr.decode()
+        flush = [*worker_command(redis_cluster, cluster_namespace, helpers), "flush", "--all"]
+        flushed = subprocess.run([*flush, "-c", str(config)], capture_output=True, timeout=60)
+        assert flushed.returncode == 0, flushed.stderr.decode()
+        assert c.xpending(stream, "phonon")["pending"] == 0
+        assert totals(db) == expected
+    finally:
+        c.delete(stream)
+        c.close()

@@ -724,6 +724,12 @@ def test_a_claimer_paused_before_claiming_takes_nothing_another_claimed_since(
         for worker in (paused, survivor):
             code, err = finish(worker)
             assert code == 0, err
+        flushed = subprocess.run(
+            [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert flushed.returncode == 0, flushed.stderr
         assert client.xpending(key, "phonon")["pending"] == 0
         assert table(db) == Counter(keys)
     finally:

@@ -9,9 +9,11 @@ stream key) so the loop's watermark maps back to entry ids.
 A dead worker's pending entries are claimed by a live one. Not with XAUTOCLAIM
 by idle time: a live worker legitimately keeps entries pending for a whole
 cache session (minutes), so "idle" cannot tell slow from dead. Instead a
-survivor lists the pending entries of each consumer whose process is dead
-(XPENDING per consumer) and XCLAIMs them, under a lock so that two survivors
-never claim the same entries, then deletes the emptied consumer.
+survivor lists the pending entries of each consumer whose process is dead and
+claims them in one script (``scripts.CLAIM_LUA``: XCLAIM takes an entry from
+whoever holds it, so a claimer stalled between listing and claiming would take
+back entries another claimed and counted since), under a lock so that survivors
+seldom race for them, then deletes the emptied consumer.
 
 Exactly once across a kill or a fence. A dead consumer's pending entries may
 have been counted already: deposited or written, but not yet acknowledged
@@ -54,7 +56,9 @@ import redis
 
 from .. import faults
 from ..exceptions import AlreadyLocked, LockNotOwned, SourceError
+from ..store.connection import is_cluster
 from ..store.lock import Lock
+from ..store.scripts import CLAIM, FENCED_ERROR
 from .base import Chunk, Group, Reject, ThreadedSource, bytes_client, put_or_tick, too_long
 
 if TYPE_CHECKING:
@@ -336,29 +340,13 @@ class StreamSource(ThreadedSource):
             return none
         try:
             for consumer in dead:
-                pending = client.xpending_range(
-                    self.key, self.group, min="-", max="+", count=READ_COUNT, consumername=consumer
-                )
-                if not pending:
-                    client.xgroup_delconsumer(self.key, self.group, consumer)
+                target = self._claims.get(consumer) or f"{self._me}~{len(self._claims) + 1}"
+                faults.point("before-claim")
+                found = self._claim_from(client, consumer, target)
+                if found is None:  # nothing pending: the consumer is deleted
                     self._members.forget([consumer])
                     continue
-                target = self._claims.get(consumer)
-                if target is None:
-                    target = self._claims[consumer] = f"{self._me}~{len(self._claims) + 1}"
-                    pipe = self.process.client.pipeline(transaction=False)
-                    pipe.hset(self._lineage_key, target, consumer)  # before any is ours
-                    pipe.pexpire(self._lineage_key, MARKS_TTL_MS)
-                    pipe.execute()
-                ids: list[Any] = [p["message_id"] for p in pending]
-                faults.point("before-claim")
-                claimed: Any = client.xclaim(
-                    self.key, self.group, target, min_idle_time=0, message_ids=ids
-                )
-                found = [(i, f) for i, f in claimed if f is not None]
-                gone = set(ids) - {i for i, _ in found}
-                if gone:  # deleted from the stream while pending: nothing left to count
-                    client.xack(self.key, self.group, *gone)
+                self._claims[consumer] = target
                 log.info(
                     "%s: claimed %d pending entries of dead consumer %s",
                     self.name,
@@ -367,11 +355,50 @@ class StreamSource(ThreadedSource):
                 )
                 return found, (target, self._lineage(consumer))
             return none
+        except redis.ResponseError as e:
+            if FENCED_ERROR not in str(e):
+                raise
+            log.info("%s: declared dead while claiming; claims again under its new id", self.name)
+            return none
         finally:
             try:
                 lock.release()
             except LockNotOwned:
                 pass
+
+    def _claim_from(self, client: redis.Redis, consumer: str, target: str) -> list[Entry] | None:
+        """Claim up to ``READ_COUNT`` entries pending on dead ``consumer`` into our
+        ``target``, listed and claimed in one step (scripts.CLAIM_LUA); None if it had
+        none (it is deleted).
+
+        On one server the step also checks that we are still registered (FENCED
+        otherwise) and records where ``target``'s entries come from (the lineage).
+        On a Redis Cluster the stream, the lineage and the registry are in three
+        slots, and the step holds the stream's key only. The lineage is written
+        just before it: a line recorded for a claim that then finds nothing is
+        never read. Without the fence check it is still sound: the step takes only
+        what is pending on the dead consumer at that instant, which no other
+        claimer has taken, and nobody reads as a dead consumer (its process never
+        registers again under that id). A claimer declared dead between the two
+        steps claims into a consumer of a dead process, from which the next claimer
+        takes them, checked against the line through it; its own run loop drops
+        what it read under the old id.
+        """
+        keys = [self.key]
+        if is_cluster(client):
+            if self._claims.get(consumer) != target:
+                pipe = self.process.client.pipeline(transaction=False)
+                pipe.hset(self._lineage_key, target, consumer)  # before any is ours
+                pipe.pexpire(self._lineage_key, MARKS_TTL_MS)
+                pipe.execute()
+        else:
+            keys += [self._lineage_key, self.process.keys.processes]
+        assert self._me is not None
+        args: list[str | int] = [self.group, consumer, target, READ_COUNT, self._me, MARKS_TTL_MS]
+        reply: Any = CLAIM(keys=keys, args=args, client=client)
+        if not reply[0]:
+            return None
+        return [(e[0], dict(zip(e[1][::2], e[1][1::2], strict=True))) for e in reply[1:]]
 
     def _lineage(self, consumer: str) -> tuple[str, ...]:
         """``consumer``, then the consumers its entries were claimed from, in turn."""

@@ -690,6 +690,56 @@ end
 return 0
 """
 
+CLAIM_LUA = """
+-- Claim a dead consumer's pending entries into one of the caller's consumers.
+-- Listing them and claiming them are this one step: XCLAIM takes an entry from
+-- whoever holds it, so a claimer that listed them, then stalled (a GC pause, a
+-- frozen VM) while another claimed and counted them, would take them back and
+-- have them counted again. Here only entries still pending on the dead consumer
+-- at this instant are taken; one claimed from it since is pending elsewhere.
+-- KEYS[1] the stream, KEYS[2] its lineage (hash: a consumer entries were claimed
+--   into -> the one they came from), KEYS[3] the process registry (fencing: see
+--   FENCE). On a Redis Cluster only KEYS[1]: the others are in other slots, and
+--   the caller writes the lineage before (see stream.StreamSource._claim_from).
+-- ARGV[1] the group, ARGV[2] the dead consumer, ARGV[3] the caller's consumer to
+--   claim into, ARGV[4] at most so many entries, ARGV[5] the caller's process id,
+--   ARGV[6] the lineage's TTL (ms)
+-- Returns {0} when the dead consumer has nothing pending (it is deleted), else
+--   {n listed, entry, ...} with each claimed entry as XCLAIM answers it: {id,
+--   {field, value, ...}}. An entry deleted from the stream while pending is
+--   acknowledged (nothing is left to count) and left out. The FENCED error
+--   (nothing claimed) if the caller was declared dead.
+local stream, group, dead, into = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+if KEYS[3] and not redis.call('ZSCORE', KEYS[3], ARGV[5]) then
+  return redis.error_reply(FENCED .. ARGV[5])
+end
+local pending = redis.call('XPENDING', stream, group, '-', '+', tonumber(ARGV[4]), dead)
+if #pending == 0 then
+  redis.call('XGROUP', 'DELCONSUMER', stream, group, dead)
+  return {0}
+end
+if KEYS[2] then
+  redis.call('HSET', KEYS[2], into, dead)
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+local ids = {}
+for i, p in ipairs(pending) do ids[i] = p[1] end
+local out, found = {#pending}, {}
+for _, entry in ipairs(redis.call('XCLAIM', stream, group, into, 0, unpack(ids))) do
+  if type(entry) == 'table' and type(entry[2]) == 'table' then
+    out[#out + 1] = entry
+    found[entry[1]] = true
+  end
+end
+-- Redis 6.2 keeps a deleted entry pending (its XCLAIM answer is nil); 7 drops it.
+local gone = {}
+for _, id in ipairs(ids) do
+  if not found[id] then gone[#gone + 1] = id end
+end
+if #gone > 0 then redis.call('XACK', stream, group, unpack(gone)) end
+return out
+"""
+
 FENCE_LUA = """
 -- Fencing. A process is alive while its alive key exists. Once that key has
 -- expired a survivor may declare it dead (DECLARE_DEAD: out of the registry, in
@@ -783,6 +833,7 @@ LOCK_TAKE_OVER = Script(None, LOCK_TAKE_OVER_LUA.encode())  # type: ignore[arg-t
 HEARTBEAT = Script(None, HEARTBEAT_LUA.encode())  # type: ignore[arg-type]
 DECLARE_DEAD = Script(None, DECLARE_DEAD_LUA.encode())  # type: ignore[arg-type]
 FENCE_HELD = Script(None, FENCE_HELD_LUA.encode())  # type: ignore[arg-type]
+CLAIM = Script(None, (FENCE_LUA + CLAIM_LUA).encode())  # type: ignore[arg-type]
 
 ALL = (
     ACQUIRE,
@@ -795,6 +846,7 @@ ALL = (
     HEARTBEAT,
     DECLARE_DEAD,
     FENCE_HELD,
+    CLAIM,
 )
 
 FENCED_ERROR = "PHONON_FENCED"
