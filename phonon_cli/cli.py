@@ -768,7 +768,9 @@ def status(ctx: Context, as_json: bool, watch: float | None, limit: int | None) 
     default=30.0,
     show_default=True,
     metavar="SECONDS",
-    help="How long --wait waits; then exit 1 naming the silent.",
+    help="How long --wait waits, and -c waits for sets other workers are writing "
+    "(a worker killed with kill -9 holds its sets until it counts as dead); then exit 1 "
+    "naming them.",
 )
 @click.option(
     "-c",
@@ -790,7 +792,9 @@ def flush(
 
     Running workers expire their matching cache entries (executing as last holder,
     else caching the partial in Redis for the others). Partials no live worker
-    holds are executed here with -c CONFIG, and listed on stdout without it.
+    holds are executed here with -c CONFIG, and listed on stdout without it; -c also
+    waits (up to --timeout) for sets a worker took out to write: written by it, or,
+    once it counts as dead (killed), recovered and written here.
     Exit 1 if a worker did not answer --wait in time or stopped answering (killed, or
     paused past its TTL), or an execute failed.
     """
@@ -818,6 +822,7 @@ def flush(
             all_,
             wait_s=timeout if wait else None,
             executor=executor if config is not None else None,
+            held_timeout_s=timeout,
             config_name=str(config_path),
             say=say,
             show=click.echo,

@@ -790,3 +790,43 @@ def test_kill_9_at_random_points_on_a_stream_counts_every_entry_once(
         assert table(db) == Counter(keys)
     finally:
         client.delete(key)
+
+
+def test_flush_c_right_after_a_kill_waits_for_the_killed_to_count_as_dead(
+    redis_url, namespace, tmp_path, client
+) -> None:
+    """A worker is killed (kill -9) holding the sets of its last five keys, taken out
+    to write: they are its own exec keys, which only its recovery may take, and it
+    counts as alive until its alive key expires (three heartbeats). ``flush -c`` run
+    at once printed "executed 0" and exited 0 while the five waited. Now, given no
+    time (``--timeout 0``), it lists them, names their holder and says until when it
+    counts as alive, and exits 1; by default it waits for the holder to count as
+    dead, recovers it, and writes all five once."""
+    cfg, db = config(tmp_path)
+    topic = tmp_path / "topic.jsonl"
+    topic.write_bytes(lines(range(5)))
+    args = ("--source", f"file:{topic}", "--max-entries", "5")
+    slow = ["--heartbeat-interval", "2"]  # alive for 6 s after the kill: time to look
+    log = tmp_path / "killed.log"
+    cmd = [*phonon_command(redis_url, namespace), *slow, "run", "-c", str(cfg), *args]
+    with open(log, "wb") as err:
+        env = {**os.environ, "PHONON_FAULT": "before-execute:kill:1"}
+        killed = subprocess.run(cmd, stdin=subprocess.DEVNULL, stderr=err, env=env, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, log.read_text()
+    assert len([k for k in exec_keys(client, namespace) if not k.endswith(":recipe")]) == 5
+    (holder,) = alive_ids(client, namespace)
+
+    flush = [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)]
+    at_once = subprocess.run([*flush, "--timeout", "0"], capture_output=True, text=True)
+    assert at_once.returncode == 1, at_once.stderr
+    assert sorted(at_once.stdout.split()) == [f"totals:k{i}" for i in range(5)]
+    assert "5 set(s) listed above" in at_once.stderr, at_once.stderr
+    assert holder in at_once.stderr and "counts as alive" in at_once.stderr, at_once.stderr
+    assert table(db) == Counter()
+
+    waited = subprocess.run(flush, capture_output=True, text=True, timeout=60)
+    assert waited.returncode == 0, waited.stderr
+    assert "waiting up to 30s" in waited.stderr, waited.stderr
+    assert table(db) == Counter({f"k{i}": 1 for i in range(5)})
+    assert exec_keys(client, namespace) == []
+    assert not alive_ids(client, namespace)

@@ -149,9 +149,9 @@ def take_stranded(process: Process) -> list[tuple[Update, Taken]]:
     ]
     by_owner: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for key in mine:
-        resource = process.keys.resource_of(key)
-        if resource is not None:
-            by_owner[key.rsplit(":", 2)[-2]].append((resource, key, f"{key}:recipe"))
+        resource, owner = process.keys.resource_of(key), Keys.executing_owner(key)
+        if resource is not None and owner is not None:
+            by_owner[owner].append((resource, key, f"{key}:recipe"))
     adopted: list[tuple[Update, Taken]] = []
     for owner, entries in by_owner.items():
         adopted += _recover_entries(process, owner, entries, [True] * len(entries))[1]

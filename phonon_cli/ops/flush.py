@@ -38,6 +38,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -61,6 +62,9 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 
 ACK_POLL_S = 0.05
 """Seconds between reads of the acks hash while ``flush --wait`` waits."""
+
+HELD_POLL_S = 0.1
+"""Seconds between looks at the sets other processes hold while ``flush -c`` waits."""
 
 _REQUEST_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
@@ -330,6 +334,94 @@ def orphans(status: Status, match: Callable[[str], bool]) -> Iterable[str]:
 
 
 @dataclass
+class Holder:
+    """A process that counts as alive and holds exec sets ``flush -c`` would write:
+    sets it took out to write, which only it (or, once it counts as dead, recovery)
+    may write."""
+
+    id: str
+    sets: list[tuple[str, str]]
+    """(resource, exec key) of each set."""
+    host: str | None = None
+    pid: str | None = None
+    silent_s: float | None = None
+    """Seconds since its last heartbeat (None: not known)."""
+    alive_for_s: float | None = None
+    """Seconds before its alive key expires unless it beats again (None: not known)."""
+
+    def describe(self) -> str:
+        """``process ID (host H, pid P, N sets), last heard from ... ago, counts as alive ...``"""
+        heard = "" if self.silent_s is None else f", last heard from {self.silent_s:.1f}s ago"
+        until = "counts as alive"
+        if self.alive_for_s is not None:
+            at = datetime.now(timezone.utc) + timedelta(seconds=self.alive_for_s)
+            until += (
+                f" for {self.alive_for_s:.1f}s more (until {at:%Y-%m-%d %H:%M:%S} UTC) "
+                "unless it beats again"
+            )
+        return (
+            f"process {self.id} (host {self.host or '?'}, pid {self.pid or '?'}, "
+            f"{len(self.sets)} set(s)){heard}, {until}"
+        )
+
+
+def held_by_the_living(process: Process, match: Callable[[str], bool]) -> list[Holder]:
+    """Exec sets of matching resources that other processes took out to write and that
+    they still count as alive to do: one SCAN of the namespace's exec keys.
+
+    A live worker holds such a set only while it writes it (a few milliseconds, or
+    its retries while the database is down); one killed with kill -9 holds it until
+    it counts as dead (three heartbeats), when recovery adopts and writes it. A set
+    whose owner already counts as dead is recovery's, and ``claim_matching`` sees to it.
+    """
+    by_owner: dict[str, list[tuple[str, str]]] = {}
+    pattern = process.keys.executing_pattern("*")
+    for key in process.client.scan_iter(match=pattern, count=1000):
+        owner, resource = Keys.executing_owner(key), process.keys.resource_of(key)
+        if owner is None or resource is None or owner == process.id or not match(resource):
+            continue
+        by_owner.setdefault(owner, []).append((resource, key))
+    alive = process.live_processes(by_owner)
+    return [
+        Holder(owner, sorted(sets)) for owner, sets in sorted(by_owner.items()) if owner in alive
+    ]
+
+
+def _still_held(process: Process, holders: list[Holder]) -> tuple[list[Holder], bool]:
+    """The holders with the sets they still hold (one round trip), and whether any
+    of them no longer counts as alive (then recovery can take its sets)."""
+    pipe = process.client.pipeline(transaction=False)
+    for holder in holders:
+        pipe.exists(process.keys.alive(holder.id))
+        for _, key in holder.sets:
+            pipe.exists(key)
+    replies = iter(pipe.execute())
+    out: list[Holder] = []
+    died = False
+    for holder in holders:
+        alive = next(replies)
+        sets = [s for s in holder.sets if next(replies)]
+        died = died or (not alive and bool(sets))
+        if sets and alive:
+            out.append(Holder(holder.id, sets))
+    return out, died
+
+
+def _identify(process: Process, holders: list[Holder]) -> None:
+    """Fill in each holder's host, pid, silence and time left alive (one round trip)."""
+    pipe = process.client.pipeline(transaction=False)
+    for holder in holders:
+        pipe.hmget(process.keys.process(holder.id), "host", "pid", "last_heartbeat_ms")
+        pipe.pttl(process.keys.alive(holder.id))
+    replies = pipe.execute()
+    now = process.clock()
+    for holder, (host, pid, beat), ttl_ms in zip(holders, replies[::2], replies[1::2], strict=True):
+        holder.host, holder.pid = host, pid
+        holder.silent_s = None if beat is None else max(0, now - int(float(beat))) / 1000
+        holder.alive_for_s = None if ttl_ms is None or ttl_ms < 0 else ttl_ms / 1000
+
+
+@dataclass
 class Claimed:
     executed: int = 0
     left: list[str] = field(default_factory=list)
@@ -341,6 +433,22 @@ class Claimed:
     blocked: str | None = None
     """Why recovery could not run: who holds its lock, and until when."""
     quarantined: int = 0
+    held: list[Holder] = field(default_factory=list)
+    """Processes that count as alive holding matching sets taken out to write, still
+    there when ``flush -c`` stopped waiting for them."""
+
+    def then(self, later: Claimed) -> Claimed:
+        """This pass and a later one together: what each did, and what waits after
+        the later."""
+        return Claimed(
+            self.executed + later.executed,
+            self.left + later.left,
+            self.failures + later.failures,
+            later.waiting,
+            later.blocked,
+            self.quarantined + later.quarantined,
+            later.held,
+        )
 
 
 def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
@@ -391,6 +499,43 @@ def claim_matching(process: Process, match: Callable[[str], bool]) -> Claimed:
     return result
 
 
+def claim_waiting(
+    process: Process,
+    match: Callable[[str], bool],
+    timeout_s: float,
+    say: Callable[[str], None],
+    poll_s: float = HELD_POLL_S,
+) -> Claimed:
+    """``claim_matching``, then wait up to ``timeout_s`` for the matching sets other
+    processes took out to write (``held_by_the_living``): each is either written by
+    its owner, which then forgets it, or its owner counts as dead (killed: its alive
+    key expired), and recovery, run again at once, adopts and writes it. What still
+    waits after ``timeout_s`` is in ``Claimed.held``, its owners described.
+
+    Without this, ``flush -c`` run right after a kill -9 found the killed worker's
+    sets held by a process that still counted as alive, wrote nothing, and said
+    "executed 0" with an exit code of 0.
+    """
+    claimed = claim_matching(process, match)
+    held = held_by_the_living(process, match)
+    if held and timeout_s > 0:
+        sets = sum(len(h.sets) for h in held)
+        say(
+            f"{sets:,} set(s) are being written by {len(held)} other process(es); waiting up "
+            f"to {timeout_s:g}s for them to be written, or for their holders to count as dead"
+        )
+    deadline = time.monotonic() + timeout_s
+    while held and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        held, died = _still_held(process, held)
+        if died:
+            claimed = claimed.then(claim_matching(process, match))
+            held = held_by_the_living(process, match)
+    _identify(process, held)
+    claimed.held = held
+    return claimed
+
+
 # -- the whole command ----------------------------------------------------------------
 
 
@@ -402,6 +547,7 @@ def flush(
     *,
     wait_s: float | None,
     executor: Callable[[], Process] | None,
+    held_timeout_s: float = 0.0,
     config_name: str = "the config",
     say: Callable[[str], None],
     show: Callable[[str], None],
@@ -410,6 +556,9 @@ def flush(
     orphans: execute them with ``executor()`` (a process knowing the config's
     classes, stopped here) or, without one, list them. Returns the problems that
     make the command fail (silent workers, failed executes).
+
+    With an executor, sets other processes took out to write are waited for up to
+    ``held_timeout_s`` (``claim_waiting``).
 
     ``say`` gets the progress lines as they happen, so a user watching a long
     ``--wait`` sees the request go out before the answers come back; ``show`` gets
@@ -455,7 +604,7 @@ def flush(
         return problems
     process = executor()
     try:
-        claimed = claim_matching(process, match)
+        claimed = claim_waiting(process, match, held_timeout_s, say)
     finally:
         process.stop()
     return problems + _report_claimed(claimed, config_name, say, show)
@@ -482,6 +631,18 @@ def _report_claimed(
     if claimed.failures:
         problems.append(
             f"{claimed.failures} orphaned partial(s) could not be written; they are kept in redis"
+        )
+    if claimed.held:
+        for holder in claimed.held:
+            for resource, _ in holder.sets:
+                show(resource)
+        sets = sum(len(h.sets) for h in claimed.held)
+        problems.append(
+            f"{sets:,} set(s) listed above were taken out to write by a process that "
+            "still counts as alive, so only it may write them: "
+            + "; ".join(h.describe() for h in claimed.held)
+            + ". If it was killed, they are recovered once it counts as dead: run this "
+            "again then, or with a --timeout that lasts past it"
         )
     if claimed.waiting:
         for resource in claimed.waiting:

@@ -108,6 +108,15 @@ class Keys:
     def is_recipe(key: str) -> bool:
         return key.endswith(":recipe")
 
+    @staticmethod
+    def executing_owner(key: str) -> str | None:
+        """The process that took the set in an exec key (``ResourceKeys.executing``),
+        or None for any other key (its recipe key included)."""
+        parts = key.rsplit(":", 3)
+        if len(parts) == 4 and parts[1] == "exec" and parts[3].isdigit():
+            return parts[2]
+        return None
+
     def process(self, process_id: str) -> str:
         """Hash: host, pid, started_ms, last heartbeat and the figures status shows."""
         return f"{self._procs}:process:{process_id}"
