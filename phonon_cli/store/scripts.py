@@ -282,10 +282,10 @@ for i = 0, (#KEYS - head) / 3 - 1 do
 end
 local again = replayed(replies)
 if again then return again end
-local out = {}
+local out, held = {}, {}
 for i = 0, (#KEYS - head) / 3 - 1 do
   local nodes, meta, partials = KEYS[head+i*3+1], KEYS[head+i*3+2], KEYS[head+i*3+3]
-  if head == 3 then redis.call('SADD', KEYS[2], ARGV[6 + i * 2]) end
+  held[i + 1] = ARGV[6 + i * 2]
   redis.call('HSET', nodes, pid, now)
   local taken = {}
   if ARGV[5 + i * 2] == '1' then
@@ -302,6 +302,7 @@ for i = 0, (#KEYS - head) / 3 - 1 do
   end
   out[i + 1] = taken
 end
+if head == 3 then each_chunk('SADD', KEYS[2], held) end
 return remember(replies, out)
 """
 
@@ -363,7 +364,7 @@ end
 local replies = replies_key(head)
 local again = replayed(replies)
 if again then return again end
-local out = {}
+local out, leaving = {}, {}
 for i = 0, (#KEYS - head) / 6 - 1 do
   local k = head + i * 6
   local nodes, meta, partials = KEYS[k+1], KEYS[k+2], KEYS[k+3]
@@ -378,7 +379,7 @@ for i = 0, (#KEYS - head) / 6 - 1 do
   if mode == 'orphan' then
     left = redis.call('HLEN', nodes)
   else
-    if head >= 3 then redis.call('SREM', KEYS[2], ARGV[a+4]) end
+    leaving[#leaving + 1] = ARGV[a+4]
     redis.call('HDEL', nodes, pid)
     left = redis.call('HLEN', nodes)
   end
@@ -392,7 +393,11 @@ for i = 0, (#KEYS - head) / 6 - 1 do
     elseif t == 'hash' then
       items = redis.call('HGETALL', partials)
     end
-    local stored = redis.call('HGET', meta, 'recipe') or recipe
+    -- the recipe kept in meta, read only where it is needed (a redis.call each)
+    local stored = recipe
+    if t ~= 'none' or mode == 'orphan' or (marks ~= '' and payload ~= '') then
+      stored = redis.call('HGET', meta, 'recipe') or recipe
+    end
     if mode == 'orphan' then
       recipe = stored
     end
@@ -462,6 +467,7 @@ for i = 0, (#KEYS - head) / 6 - 1 do
     if not refused then out[i + 1] = {0} end
   end
 end
+if head >= 3 then each_chunk('SREM', KEYS[2], leaving) end
 return remember(replies, out)
 """
 
@@ -802,6 +808,15 @@ local function record_marks(seen, highest, marks)
     end
   end
   if seen then redis.call('PEXPIRE', seen, 604800000) end
+end
+
+-- One command for many members (SADD/SREM of the held set, per batch rather than
+-- per resource: a redis.call costs about as much as the work it does), in chunks
+-- that Lua's unpack can take.
+local function each_chunk(command, key, members)
+  for first = 1, #members, 1000 do
+    redis.call(command, key, unpack(members, first, math.min(first + 999, #members)))
+  end
 end
 
 -- A batched script's reply is its per-resource answers as one JSON array, one bulk
