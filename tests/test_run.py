@@ -434,3 +434,57 @@ def test_several_routes_feed_from_one_event(redis_url, namespace, tmp_path) -> N
         want[(e["target_post_id"], e["event_type"])] += 1
     assert per_target == want
     assert f"events read {len(evs)}, routed {len(evs)}," in r.stderr.decode()
+
+
+def test_a_batch_is_sent_without_waiting_for_its_reply(tmp_path: Path) -> None:
+    """The run loop hands Redis a batch and goes on with the next events: ``send``
+    returns with Redis stopped (SIGSTOP, 2 s), and the next ``wait`` reads the
+    reply and writes what the batch took. Before, ``send`` waited the 2 s."""
+    import threading
+    import time
+
+    from phonon_cli.core.process import Process
+    from phonon_cli.run.loop import Batcher
+    from phonon_cli.sinks.sql import Counter as SqlCounter
+    from phonon_cli.store.connection import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "home")
+    process = Process(redis_url=server.ensure_running(), namespace="inflight")
+    try:
+        db = tmp_path / "w.db"
+        updates = [
+            SqlCounter(
+                process,
+                f"k{i}",
+                database=f"sqlite:///{db}",
+                collection="w",
+                spec={"k": i},
+                doc={"n": i + 1},
+                acquire=False,
+            )
+            for i in range(20)
+        ]
+        batcher = Batcher(process, max_keys=1000, max_age_s=60)
+        for u in updates:
+            batcher.add_acquire(u)
+        batcher.send()
+        batcher.wait()
+        batcher.add_release(updates)
+        pid = int((server.home / "redis.pid").read_text())
+        os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(2.0, os.kill, (pid, signal.SIGCONT))
+        resume.start()
+        try:
+            started = time.monotonic()
+            batcher.send()
+            sent_s = time.monotonic() - started
+        finally:
+            resume.join()
+            os.kill(pid, signal.SIGCONT)
+        assert sent_s < 1.0, f"send waited {sent_s:.1f}s for a stopped Redis"
+        batcher.wait()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*), sum(n) FROM w").fetchone() == (20, 210)
+    finally:
+        process.stop()
+        server.stop()

@@ -136,7 +136,16 @@ def _queue_acquire(
 def release_many(
     process: Process, releases: Sequence[Release], acquire: Sequence[str] = ()
 ) -> list[Taken | None]:
-    """Leave many resources (and take others) in one round trip.
+    """Leave many resources (and take others) in one round trip: ``send_release_many``,
+    waited for."""
+    return send_release_many(process, releases, acquire)()
+
+
+def send_release_many(
+    process: Process, releases: Sequence[Release], acquire: Sequence[str] = ()
+) -> Callable[[], list[Taken | None]]:
+    """Leave many resources (and take others) in one round trip, written now; the
+    function returned reads the reply (``scripts.send``).
 
     Each is left atomically with its deposit (the invariant). ``acquire`` names
     resources to take references on in the same round trip, after the
@@ -153,7 +162,7 @@ def release_many(
             (every script of the pipeline checks, and the check cannot pass again).
     """
     if not releases and not acquire:
-        return []
+        return lambda: []
     now = process.clock()
     pid = process.id
     resource_keys = []
@@ -179,8 +188,13 @@ def release_many(
             _queue_acquire(pipe, process, acquire, [False] * len(acquire), now, ids[len(chunks) :])
 
     op = "release" if releases else "acquire"
-    results = scripts.run(process.client, build, process.store_timeout_s, op=op)
-    replies = [reply for result in results[: len(chunks)] for reply in scripts.answers(result)]
+    pending = scripts.send(process.client, build, process.store_timeout_s, op=op)
+    return lambda: _taken(process, releases, pending()[: len(chunks)])
+
+
+def _taken(process: Process, releases: Sequence[Release], results: list[Any]) -> list[Taken | None]:
+    """What RELEASE answered, per release (see ``release_many``)."""
+    replies = [reply for result in results for reply in scripts.answers(result)]
     refused = [
         Poisoned(rel.resource, rel.kind, rel.recipe, rel.payload, str(r[1]), rel.exec_keys)
         for rel, r in zip(releases, replies)

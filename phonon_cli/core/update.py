@@ -26,6 +26,7 @@ from .reference import (
     finish,
     put_back,
     release_many,
+    send_release_many,
 )
 
 if TYPE_CHECKING:
@@ -451,12 +452,49 @@ def end_sessions(
     return executed
 
 
+def send_end_sessions(
+    updates: Sequence[Update], mode: Mode | None = None, acquire: Sequence[Update] = ()
+) -> Callable[[], list[bool]]:
+    """``end_sessions`` in two steps, for updates (and acquires) of one process: the
+    batch is written to Redis now; the function returned reads its reply, then
+    executes what was taken (True where executed). The run loop handles the next
+    events in between, while Redis runs the batch. Call it before sending the next
+    batch: one batch in flight at a time keeps each key's leaving and taking again
+    in order."""
+    if not updates:
+        if not acquire:
+            return lambda: []
+        taking = send_release_many(acquire[0].process, [], [u.resource for u in acquire])
+
+        def taken() -> list[bool]:
+            taking()
+            return []
+
+        return taken
+    process = updates[0].process
+    releases, unfit = _releases(process, updates, mode)
+    pending = send_release_many(process, releases, [u.resource for u in acquire])
+    return lambda: _after_release(process, updates, releases, unfit, pending())
+
+
 def _end_sessions(
     updates: Sequence[Update], mode: Mode | None, acquire: Sequence[str]
 ) -> list[bool]:
     process = updates[0].process
     releases, unfit = _releases(process, updates, mode)
-    taken = release_many(process, releases, acquire)
+    return _after_release(
+        process, updates, releases, unfit, release_many(process, releases, acquire)
+    )
+
+
+def _after_release(
+    process: Process,
+    updates: Sequence[Update],
+    releases: list[Release],
+    unfit: int,
+    taken: list[Taken | None],
+) -> list[bool]:
+    """Merge what each release took, and execute (``_end_sessions``)."""
     ready = []
     for update, release, got in zip(updates, releases, taken):
         if got is None:

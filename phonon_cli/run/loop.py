@@ -34,7 +34,7 @@ from .. import defaults
 from ..core.cache import LruCache
 from ..core.process import Process
 from ..core.reference import Mode
-from ..core.update import Update, end_sessions, resource_name
+from ..core.update import Update, end_sessions, resource_name, send_end_sessions
 from ..exceptions import EventError, Fenced
 from ..poison import spec_problem
 from ..routing.codegen import LinesMerger, Merger
@@ -163,6 +163,10 @@ class Batcher:
         self.first_at: float | None = None
         self.mode: Mode | None = None
         """None: execute as last holder; "cache": deposit everything (fast shutdown)."""
+        self.in_flight: tuple[Callable[[], list[bool]], list[Update], Mode | None] | None = None
+        """The batch sent whose reply is not read yet: its reply reader, releases, mode."""
+        self.sent_at = 0.0
+        """When it was sent (monotonic)."""
 
     def __len__(self) -> int:
         return len(self.acquire) + len(self.release)
@@ -185,22 +189,51 @@ class Batcher:
         return self.first_at is not None and now - self.first_at >= self.max_age_s
 
     def send(self, mode: Mode | None = None) -> None:
-        """Send the batch. A key acquired and released within it needs no reference."""
+        """Send the batch, once the one in flight is answered (``wait``); its own reply
+        is read by the next ``send`` or ``wait``, so that the run loop handles the
+        next events while Redis runs it. A key acquired and released within it
+        needs no reference."""
+        self.wait()
         if not len(self):
             return
         leaving = {id(u) for u in self.release}
         acquire = [u for u in self.acquire if id(u) not in leaving]
         release = self.release
         self.acquire, self.release, self.first_at = [], [], None
+        mode = mode or self.mode
         try:
-            end_sessions(release, mode=mode or self.mode, acquire=acquire)
+            self.in_flight = (send_end_sessions(release, mode, acquire), release, mode)
+            self.sent_at = time.monotonic()
+        except Fenced:  # refused before the batch was sent (a quarantine)
+            if self.on_fenced is None:
+                raise
+            self._resend(release, mode)
+
+    def wait(self) -> None:
+        """Read the reply of the batch in flight, and execute what it took."""
+        if self.in_flight is None:
+            return
+        reply, release, mode = self.in_flight
+        self.in_flight = None
+        try:
+            reply()
         except Fenced:
             if self.on_fenced is None:
                 raise
-            # Nothing of the batch was applied (see release_many): send it again,
-            # under the new id, with a reference on every key still cached.
-            kept, acquire = self.on_fenced(release)
-            end_sessions(kept, mode=mode or self.mode, acquire=acquire)
+            self._resend(release, mode)
+            return
+        Watermarks.sent(release)
+
+    def _resend(self, release: list[Update], mode: Mode | None) -> None:
+        """After Redis refused a batch because this process was declared dead."""
+        assert self.on_fenced is not None
+        # Nothing of the batch was applied (see release_many): send it again, under
+        # the new id, with what left the cache since, and a reference on every key
+        # still cached (the acquires queued since among them).
+        release += self.release
+        self.acquire, self.release, self.first_at = [], [], None
+        kept, acquire = self.on_fenced(release)
+        end_sessions(kept, mode=mode, acquire=acquire)
         Watermarks.sent(release)
 
 
@@ -364,12 +397,18 @@ class Runner:
         if now >= ticks.purge:
             if self.process.fenced:  # the heartbeat found out first
                 self.batcher.send()
+                self.batcher.wait()
                 if self.process.fenced:
                     end_sessions([], acquire=self._start_over([])[1])
             self.cache.purge()
             self._publish()
             self._beat()
             ticks.purge = now + defaults.PURGE_INTERVAL_S
+        if (
+            self.batcher.in_flight is not None
+            and now - self.batcher.sent_at >= self.batcher.max_age_s
+        ):
+            self.batcher.wait()  # its executes within a batch's age, events or not
         if self.batcher.due(now) or now >= ticks.commit:
             self.batcher.send()
             if now >= ticks.commit:
@@ -426,12 +465,14 @@ class Runner:
             self.batcher.mode = "cache"
             self.cache.expire_all()
         self.batcher.send()
+        self.batcher.wait()
 
     def _expire_requested(self, request: FlushRequest) -> None:
         """Expire the cached keys a ``phonon flush`` names, send them, then say so."""
         keys = [k for k, u in self.cache.items() if request.matches(u.resource)]
         self.cache.expire_many(keys)
         self.batcher.send()
+        self.batcher.wait()
         request.ack(len(keys))
 
     def _commit(self) -> None:
@@ -442,8 +483,9 @@ class Runner:
         remembers the first offset per partition it holds (``marks``); the
         watermark is the smallest still cached, else how far we have read
         (``offsets.Watermarks``: O(what left since), not O(entries)). Called
-        after a batch was sent, so nothing is in flight.
+        after the batch in flight is answered.
         """
+        self.batcher.wait()
         for part, read_to in self._read_to.items():
             low = self.watermarks.low(part)
             source, partition = part

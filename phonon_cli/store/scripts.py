@@ -961,6 +961,71 @@ def run(
             pause_s = min(pause_s * 2, 2.0)
 
 
+def send(
+    client: redis.Redis,
+    build: Callable[[Pipeline], object],
+    timeout_s: float = 0.0,
+    op: str = "other",
+) -> Callable[[], list[Any]]:
+    """``run`` in two steps: the pipeline is written now, and the function returned
+    reads its replies (as ``run`` returns them). The caller does other work while
+    Redis runs the batch: the run loop handles the next events.
+
+    Call the function before sending anything that must follow the batch: a
+    pipeline on another connection may run before this one. Whatever goes wrong
+    (a dropped connection, scripts flushed) is handled as ``run`` does, by sending
+    the whole pipeline again through ``run``: its scripts recognise a batch they
+    already ran (see FENCE_LUA), so a batch is never applied twice.
+
+    On a cluster the pipeline is run at once (one round trip per node already).
+    """
+    if is_cluster(client):
+        done = run(client, build, timeout_s, op)
+        return lambda: done
+    pipe = client.pipeline(transaction=False)
+    build(pipe)
+    commands = [args for args, _ in pipe.command_stack]
+    pool = client.connection_pool
+    started = time.perf_counter()
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
+    except (ConnectionError, TimeoutError):
+        conn.disconnect()  # type: ignore[no-untyped-call]
+        pool.release(conn)
+        done = run(client, build, timeout_s, op)
+        return lambda: done
+
+    def replies() -> list[Any]:
+        answers: list[Any] = []
+        try:
+            for args in commands:
+                try:
+                    answer = client.parse_response(conn, args[0])  # type: ignore[no-untyped-call]
+                    answers.append(answer)
+                except ResponseError as e:
+                    answers.append(e)
+            faults.point("lost-reply")
+        except (ConnectionError, TimeoutError) as e:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            log.warning("store unreachable (%s); sending the batch again", e)
+            return run(client, build, timeout_s, op)
+        finally:
+            pool.release(conn)
+            telemetry.STORE_BATCH_SECONDS.labels(op).observe(time.perf_counter() - started)
+        errors = [a for a in answers if isinstance(a, ResponseError)]
+        if any(isinstance(a, NoScriptError) for a in errors):
+            return run(client, build, timeout_s, op)  # run loads them first
+        for error in errors:
+            if FENCED_ERROR in str(error):
+                raise Fenced(str(error)) from None
+        if errors:
+            raise errors[0]
+        return answers
+
+    return replies
+
+
 def _run_once(client: redis.Redis, build: Callable[[Pipeline], object]) -> list[Any]:
     # If the scripts were flushed, none of the EVALSHAs ran; the other commands
     # are idempotent, so loading the scripts and running it all again is safe. On
