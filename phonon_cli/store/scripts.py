@@ -987,7 +987,11 @@ def send(
     commands = [args for args, _ in pipe.command_stack]
     pool = client.connection_pool
     started = time.perf_counter()
-    conn = pool.get_connection()
+    try:
+        conn = pool.get_connection()  # connects: may fail as the store is away
+    except (ConnectionError, TimeoutError):
+        done = run(client, build, timeout_s, op)  # retried, with backoff
+        return lambda: done
     try:
         conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
     except (ConnectionError, TimeoutError):
