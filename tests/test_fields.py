@@ -524,6 +524,22 @@ def test_generated_merge_equals_the_strategies_merge(events: list[dict[str, Any]
     assert {k: encoded(d) for k, d in docs.items()} == {k: encoded(d) for k, d in reference.items()}
 
 
+def test_a_top_cut_keeps_the_smaller_text_of_tied_scores() -> None:
+    """The generated merge cuts a top back to its cap with one sort, largest first:
+    for a tie across the cut it must keep the smaller text, as ``by_rank`` does
+    (the hypothesis test above rarely draws such a tie at the cut)."""
+    fields = (Field("best", "top", 1),)
+    merge = merge_event_for(fields)
+    for scores in ([(5, '"b"'), (5, '"a"'), (1, '"c"')], [(5, '"a"'), (5, '"b"'), (5, '"c"')]):
+        doc: dict[str, Any] = {}
+        for item in scores:
+            merge(doc, (item,))
+        want = event_slots(fields, (scores[0],))
+        for item in scores[1:]:
+            want = {"top/1:best": merge_slot("top/1:best", want["top/1:best"], [item])}
+        assert encoded(doc) == encoded(want) == {"top/1:best": '[["5","\\"a\\""]]'}
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [(1, 1), (3, 20), (20, 3), (250, 250), (300, 400), (600, 5), (5, 600), (700, 2000)],

@@ -154,10 +154,14 @@ def merge_code(fields: Sequence[Field], env: dict[str, Any]) -> tuple[list[str],
         if strategy.summed:  # the sum replaces x<i> once checked
             env[f"M{i}"] = f"the sum of {slot!r} would leave the 64-bit range"
             check += [
-                f"    if x{i} is not None and {slot!r} in doc:",
-                f"        x{i} = doc[{slot!r}] + x{i}",
-                f"        if not MIN <= x{i} < END and bad_number(x{i}):",
-                f"            raise EventError(M{i} + ' (' + short(x{i}) + ')')",
+                f"    if x{i} is not None:",
+                "        try:",
+                f"            x{i} = doc[{slot!r}] + x{i}",
+                "        except KeyError:",
+                "            pass",
+                "        else:",
+                f"            if not MIN <= x{i} < END and bad_number(x{i}):",
+                f"                raise EventError(M{i} + ' (' + short(x{i}) + ')')",
             ]
         add = strategy.add_code(f.slots(), f.n)
         apply += [f"    if x{i} is not None:", f"        x = x{i}", *(f"        {a}" for a in add)]

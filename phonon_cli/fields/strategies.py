@@ -182,8 +182,21 @@ class _Number(Strategy):
 
 
 def _counted(slot: str) -> list[str]:
-    """Lines adding one to a count slot (dict operators: no method call per event)."""
-    return [f"if {slot!r} in doc: doc[{slot!r}] += 1", f"else: doc[{slot!r}] = 1"]
+    """Lines adding one to a count slot (dict operators: no method call per event).
+
+    The slot is looked up once, a missing one found by ``KeyError`` (free in
+    Python 3.11 when not raised; raised at most once per slot and key): the
+    same holds for every ``add_code``."""
+    return [f"try: doc[{slot!r}] += 1", f"except KeyError: doc[{slot!r}] = 1"]
+
+
+def _kept_if(slot: str, op: str) -> list[str]:
+    """Lines keeping ``x`` in the slot if the slot is missing or ``x {op} slot``."""
+    return [
+        "try:",
+        f"    if x {op} doc[{slot!r}]: doc[{slot!r}] = x",
+        f"except KeyError: doc[{slot!r}] = x",
+    ]
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -232,7 +245,7 @@ class Min(_Number):
     name, op = "min", "min"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"if {slots[0]!r} not in doc or x < doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
+        return _kept_if(slots[0], "<")
 
     def merger(self, n: int) -> Merge:
         return _smaller
@@ -242,7 +255,7 @@ class Max(_Number):
     name, op = "max", "max"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"if {slots[0]!r} not in doc or x > doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
+        return _kept_if(slots[0], ">")
 
     def merger(self, n: int) -> Merge:
         return _larger
@@ -330,7 +343,7 @@ class First(_Timed):
     name, op = "first", "first"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"if {slots[0]!r} not in doc or x < doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
+        return _kept_if(slots[0], "<")
 
     def merger(self, n: int) -> Merge:
         return _smaller
@@ -342,7 +355,7 @@ class Last(_Timed):
     name, op = "last", "last"
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
-        return [f"if {slots[0]!r} not in doc or x > doc[{slots[0]!r}]: doc[{slots[0]!r}] = x"]
+        return _kept_if(slots[0], ">")
 
     def merger(self, n: int) -> Merge:
         return _larger
@@ -356,7 +369,7 @@ class Set(Strategy):
 
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
         s = slots[0]
-        return [f"if {s!r} in doc: doc[{s!r}].add(x)", f"else: doc[{s!r}] = {{x}}"]
+        return [f"try: doc[{s!r}].add(x)", f"except KeyError: doc[{s!r}] = {{x}}"]
 
     uses_text = True
 
@@ -413,9 +426,9 @@ class _Ranked(Strategy):
     def add_code(self, slots: tuple[str, ...], n: int) -> list[str]:
         s = slots[0]
         lines = [
-            f"if {s!r} not in doc: doc[{s!r}] = [x]",
+            f"try: c = doc[{s!r}]",
+            f"except KeyError: doc[{s!r}] = [x]",
             "else:",
-            f"    c = doc[{s!r}]",
             "    c.append(x)",
         ]
         if n:  # cut back to the cap once twice over it: sorted in place, as ``ordered``
@@ -511,7 +524,14 @@ class Top(_Ranked):
         return items[:n] if n else items
 
     def cut_code(self, n: int) -> list[str]:
-        return ["BY_RANK(c)", f"del c[{n}:]"]
+        # One sort in C, largest first (equal scores: the larger text first). Which n
+        # are kept differs from ``by_rank``'s only for a tie across the cut: then
+        # by_rank settles it. The order of the kept items does not matter here.
+        return [
+            "c.sort(reverse=True)",
+            f"if c[{n - 1}][0] == c[{n}][0]: BY_RANK(c)",
+            f"del c[{n}:]",
+        ]
 
     def result(self, f: Field, slots: Slots) -> Any:
         return [[k, orjson.loads(t)] for k, t in self.ordered(slots[f.slots()[0]], f.n)]
@@ -539,9 +559,9 @@ class DistinctCount(Strategy):
         # and test_distinct_count_keeps_texts_then_registers hold the two to the same.
         s = slots[0]
         return [
-            f"if {s!r} not in doc: doc[{s!r}] = {{x}}",
+            f"try: c = doc[{s!r}]",
+            f"except KeyError: doc[{s!r}] = {{x}}",
             "else:",
-            f"    c = doc[{s!r}]",
             "    if c.__class__ is set:",
             "        c.add(x)",
             f"        if len(c) > {hll.TEXTS_MAX}: doc[{s!r}] = HLL_REGISTERS(c)",
