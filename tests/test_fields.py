@@ -617,6 +617,18 @@ def test_a_leaving_key_hashes_its_texts_once(workers: list[Any]) -> None:
     u.end_session()
 
 
+def test_hll_text_remembered_only_while_the_registers_are_unchanged() -> None:
+    """``hll.encode`` remembers a text for the very registers it was made of: the
+    same dict encoded again after gaining a register or a rank gets a new text."""
+    registers = {3: 2, 700: 5}
+    first = hll.encode(registers)
+    assert hll.encode(registers) is first
+    registers[700] = 6  # a rank raised: same count of registers
+    assert hll.encode(registers) == hll.encode(dict(registers)) == "s00302" + "2bc06"
+    registers[9] = 1  # a register gained
+    assert hll.encode(registers) == "s00302" + "00901" + "2bc06"
+
+
 def test_hll_text_forms() -> None:
     """Sparse while it is shorter, dense after; decode reads both; the Lua has the
     same threshold as the Python."""

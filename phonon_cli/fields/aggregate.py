@@ -12,12 +12,12 @@ from ..exceptions import EventError
 from ..poison import INT64_END, INT64_MIN, bad_number, short
 from . import hll
 from .strategies import (
+    ENCODERS,
     MERGERS,
     Field,
     Slots,
     by_rank,
     decode_slot,
-    encode_slot,
     fields_of,
     merge_into,
 )
@@ -76,7 +76,8 @@ class FieldsUpdate(Update):
         for slot, value in doc.items():
             if value.__class__ is set and slot.startswith("hll:"):
                 doc[slot] = hll.registers(value)
-        return "".join([f"{slot}\t{encode_slot(slot, v)}\n" for slot, v in doc.items()])
+        encoders = ENCODERS
+        return "".join([f"{slot}\t{encoders[slot](v)}\n" for slot, v in doc.items()])
 
     def absorb(self, kind: str, items: Sequence[str]) -> None:
         if kind == "json":

@@ -135,14 +135,39 @@ HEX_RANK = {text: r for r, text in enumerate(RANK_HEX)}
 
 
 def encode(registers: Registers) -> str:
-    """The registers as text: sparse while few are set, else dense (module docstring)."""
-    if len(registers) <= SPARSE_MAX:
+    """The registers as text: sparse while few are set, else dense (module docstring).
+
+    A key's registers are encoded twice as it leaves: for Redis (its payload),
+    then for SQL (``NAME__hll``). The last texts made are remembered with the
+    registers they are of and a stamp of them, their count and the sum of their
+    ranks: registers only ever gain an index or raise a rank, so any change
+    since changes the stamp."""
+    stamp = (len(registers), sum(registers.values()))
+    made = _ENCODED.get(id(registers))
+    if made is not None and made[0] is registers and made[1] == stamp:
+        return made[2]
+    if stamp[0] <= SPARSE_MAX:
         index, rank = INDEX_HEX, RANK_HEX
-        return "s" + "".join([index[i] + rank[r] for i, r in sorted(registers.items())])
-    dense = bytearray(REGISTERS)
-    for i, r in registers.items():
-        dense[i] = r
-    return dense.hex()
+        text = "s" + "".join([index[i] + rank[registers[i]] for i in sorted(registers)])
+    else:
+        dense = bytearray(REGISTERS)
+        for i, r in registers.items():
+            dense[i] = r
+        text = dense.hex()
+    global _held
+    if _held + stamp[0] > HELD_MAX:
+        _ENCODED.clear()
+        _held = 0
+    _ENCODED[id(registers)] = (registers, stamp, text)  # holding them: the id stays theirs
+    _held += stamp[0]
+    return text
+
+
+HELD_MAX = 1 << 15
+"""The most registers (of all the texts) ``encode`` remembers, a few MB at most:
+thousands of leaving keys' worth at a few dozen values each."""
+_ENCODED: dict[int, tuple[Registers, tuple[int, int], str]] = {}
+_held = 0
 
 
 def decode(text: str) -> Registers:

@@ -130,6 +130,14 @@ class Strategy:
         """The state as deposited in Redis (no tab or newline, as RELEASE requires)."""
         return repr(state)
 
+    def encoder(self, n: int) -> Callable[[Any], str]:
+        """``encode`` with the cap bound: one call per slot as a key leaves (``repr``
+        itself for a number: no Python frame)."""
+        if type(self).encode is Strategy.encode:
+            return repr
+        encode = self.encode
+        return lambda state: encode(state, n)
+
     def decode(self, text: str) -> Any:
         return _parse_number(text)
 
@@ -708,10 +716,22 @@ def merge_into(doc: Slots, slots: Slots) -> None:
             doc[slot] = RULES[slot][0].copy(value)
 
 
+class _Encoders(dict[str, Callable[[Any], str]]):
+    """Slot name -> its ``Strategy.encoder``, made on first sight of the slot."""
+
+    def __missing__(self, slot: str) -> Callable[[Any], str]:
+        strategy, n = rule(slot)
+        encode = self[slot] = strategy.encoder(n)
+        return encode
+
+
+ENCODERS = _Encoders()
+"""A leaving key's path (``FieldsUpdate.payload``): ``ENCODERS[slot](value)``."""
+
+
 def encode_slot(slot: str, value: Any) -> str:
     """A slot's value as deposited in Redis."""
-    strategy, n = rule(slot)
-    return strategy.encode(value, n)
+    return ENCODERS[slot](value)
 
 
 def decode_slot(slot: str, text: str) -> Any:
