@@ -8,11 +8,12 @@ pause or a frozen VM: a test sends SIGCONT), ``kill`` (SIGKILL itself) and ``dro
 partials not yet forgotten in Redis), ``in-recovery`` (holding the recovery lock,
 nothing recovered yet), ``lost-reply`` (a pipeline ran in Redis and its reply is
 about to be returned) and ``before-claim`` (a stream reader holding the claim lock,
-about to claim a dead consumer's pending entries). A point named ``POINT@loop``
-counts only what the main thread (the run loop) reaches while the process is not
-recovering (``recovering``: taking or holding the recovery lock, then writing what
-it adopted): a test can then kill a worker mid-write many times without ever killing
-it while it recovers.
+about to claim a dead consumer's pending entries), ``before-orphans`` (a recovery
+that let go of the recovery lock, about to write what it adopted and claim the
+orphans it found). A point named ``POINT@loop`` counts only what the main thread
+(the run loop) reaches while the process is not recovering (``recovering``: taking
+or holding the recovery lock, then writing what it adopted): a test can then kill a
+worker mid-write many times without ever killing it while it recovers.
 Unset, each point costs one truth test per batch.
 """
 

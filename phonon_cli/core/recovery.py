@@ -60,7 +60,9 @@ def recover(process: Process) -> int:
     so nothing it does from then on can land. Then for each: remove it from
     every nodelist it was on and adopt the partials it had taken to execute.
     Only then, with the lock released, are the adopted sets executed and what
-    is left with no live holder claimed, where this process knows the class.
+    is left with no live holder claimed, where this process knows the class;
+    the dead are forgotten (``unregister``) last, so that a survivor that dies
+    before that leaves them to the next, orphans and all.
 
     Writing waits on a sink (and may be where a worker is killed): under the
     lock, a survivor killed while writing would stop every recovery for the
@@ -107,17 +109,24 @@ def _recover(process: Process, candidates: list[str]) -> int:
             got, left = take_over(process, pid)
             ready += got
             orphans += left
-            unregister(process, pid)
         ready += take_stranded(process)
     finally:
         try:
             lock.release()
         except LockNotOwned:
             log.warning("recovery took longer than its lock; another survivor may have helped")
+    faults.point("before-orphans")
     if ready:
         execute_taken(process, ready)
     if orphans:
         claim_orphans(process, sorted(set(orphans)))
+    # Only now: the orphans were found in this pass's memory only. Forgotten
+    # before, a survivor killed (or fenced) before claiming them left them with
+    # no holder and no dead process to find them from, until ``flush -c``.
+    # Declared dead still, the dead are recovered again by the next survivor,
+    # and take_over finds them again (idempotent; each orphan is taken once).
+    for pid in dead:
+        unregister(process, pid)
     return len(dead)
 
 
