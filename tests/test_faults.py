@@ -451,6 +451,54 @@ def test_a_worker_restarted_at_once_reads_what_the_killed_one_held(
     assert table(db) == Counter({f"k{i}": 1 for i in range(5)})
 
 
+def test_a_stream_worker_restarted_at_once_claims_what_the_killed_one_held(
+    redis_url, namespace, tmp_path, client
+) -> None:
+    """A ``redis-stream:`` worker is killed holding its entries only in memory
+    (pending, unacknowledged), and a worker is started at once, without
+    ``--follow``, while the killed one still counts as alive. The new worker must
+    not end having claimed nothing: it waits to hear from the consumer's owner,
+    which expires, claims its pending entries and counts them. (It ended at once,
+    exit 0, "events read 0", the entries left pending for another run.)"""
+    cfg, db = config(tmp_path)
+    key = f"{namespace}-stream"
+    for line in lines(range(5)).splitlines():
+        client.xadd(key, {"data": line})
+    source = ("--source", f"redis-stream:{key}")
+    # Beats every second: it counts as alive for 3 s after the kill.
+    held = [*phonon_command(redis_url, namespace), "--heartbeat-interval", "1"]
+    log = tmp_path / "held.log"
+    try:
+        with open(log, "wb") as err:
+            cmd = [*held, "run", "-c", str(cfg), *source, "--follow"]
+            holder = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=err)
+        try:
+            testkit.wait_for(
+                lambda: sum(testkit.events_read(client, namespace).values()) == 5,
+                what="all read",
+            )
+        finally:
+            holder.kill()
+            holder.wait()
+        assert alive_ids(client, namespace), "the killed worker must still count as alive"
+        assert client.xpending(key, "phonon")["pending"] == 5
+        code, err = finish(start(redis_url, namespace, cfg, *source))
+        assert code == 0, err
+        assert "events read 5" in err
+        # What it could only deposit (the dead one was still on the keys' nodelists)
+        # is written once the dead one is recovered.
+        flushed = subprocess.run(
+            [*phonon_command(redis_url, namespace), "flush", "--all", "-c", str(cfg)],
+            capture_output=True,
+            timeout=60,
+        )
+        assert flushed.returncode == 0, flushed.stderr
+        assert client.xpending(key, "phonon")["pending"] == 0
+        assert table(db) == Counter({f"k{i}": 1 for i in range(5)})
+    finally:
+        client.delete(key)
+
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 KILL_ROUNDS = 20 if CI else 4
 """Rounds of kill -9 and restart: the full count in CI, a short version in ``make test``."""

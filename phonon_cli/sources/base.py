@@ -172,6 +172,10 @@ class Group:
         self.key = key
         self.dead: set[str] = set()
         """Members seen at the last refresh whose process is dead."""
+        self._first_beats: dict[str, str] = {}
+        """Other members' heartbeat when this worker first waited for them before
+        ending (``silent``)."""
+        self._waited = False
 
     def refresh(self, join: bool = True, prune: bool = True) -> set[str]:
         """Rejoin (unless ``join`` is False) and return the live members (us included).
@@ -192,6 +196,39 @@ class Group:
         if prune and self.dead:
             self.forget(self.dead)
         return live | ({me} if join else set())
+
+    def silent(self, others: Sequence[str], source: str, what: str) -> list[str]:
+        """Of ``others`` (members whose work a worker without ``--follow`` would
+        leave undone by ending: ``what`` they hold, for the log), those that have not
+        beaten since this worker began to wait for them.
+
+        A worker killed a moment ago still counts as alive until its alive key
+        expires (three of its heartbeats), and keeps what it held meanwhile (file
+        partitions, a stream consumer's pending entries): a worker restarted at once
+        would end having read nothing, and nobody would count the rest (what the
+        killed one held only in memory among it). So before ending it hears from
+        each: a live one beats within its interval (the value of its alive key
+        changes), a dead one's key expires and what it held comes to us. This costs
+        a run's end at most one heartbeat of another member, and nothing when it is
+        alone.
+        """
+        if not others:
+            return []
+        pipe = self.process.client.pipeline(transaction=False)
+        for owner in others:
+            pipe.get(self.process.keys.alive(owner))  # its last heartbeat, epoch ms
+        silent = []
+        for owner, beat in zip(others, pipe.execute()):
+            # No alive key any more: it expired since the group was read, so what it
+            # held is ours at the next tick (not done yet either).
+            if beat is None or self._first_beats.setdefault(owner, beat) == beat:
+                silent.append(owner)
+        if silent and not self._waited:
+            log.info(
+                "%s: before ending, waiting to hear from %s %s", source, what, ", ".join(silent)
+            )
+        self._waited = self._waited or bool(silent)
+        return silent
 
     def forget(self, ids: Iterable[str]) -> None:
         ids = list(ids)

@@ -271,10 +271,6 @@ class FileSource(ThreadedSource):
         self._me: str | None = None
         """The process id the reading thread reads under (``_started_as``)."""
         self._mutex = threading.Lock()  # _owned is shared with commit() on the main thread
-        self._first_beats: dict[str, str] = {}
-        """Other partition owners' heartbeat when this worker first waited for them
-        before ending (``_silent_owners``)."""
-        self._waited = False
 
     # -- the Source protocol --------------------------------------------------------
 
@@ -394,44 +390,10 @@ class FileSource(ThreadedSource):
                 self._owned[name].held = False
                 done = done and self._owned[name].reader.at_end
         if done and not self.follow:
-            done = not self._silent_owners([m for m, ps in plan.items() if ps and m != me])
+            others = [m for m, ps in plan.items() if ps and m != me]
+            done = not self._group.silent(others, self.name, "partition owner(s)")
         self._publish()
         return done
-
-    def _silent_owners(self, others: list[str]) -> list[str]:
-        """Of the other members with partitions assigned, those that have not beaten
-        since this worker began to wait for them.
-
-        Without ``--follow`` a worker ends once the partitions assigned to it are
-        read; the others are their owners'. But a worker killed a moment ago still
-        counts as alive until its alive key expires (three of its heartbeats), and
-        keeps its partitions meanwhile, or is even handed one it never took: a
-        worker restarted at once would end having read nothing, and nobody would
-        read the rest (the events the killed one held only in memory among them).
-        So before ending it hears from every other member with partitions: a live
-        one beats within its interval (the value of its alive key changes), a dead
-        one's key expires and its partitions come to us. This costs a run's end at
-        most one heartbeat of another member, and nothing when it is alone.
-        """
-        if not others:
-            return []
-        pipe = self.process.client.pipeline(transaction=False)
-        for owner in others:
-            pipe.get(self.process.keys.alive(owner))  # its last heartbeat, epoch ms
-        silent = []
-        for owner, beat in zip(others, pipe.execute()):
-            # No alive key any more: it expired since the group was read, so its
-            # partitions are ours at the next tick (not done yet either).
-            if beat is None or self._first_beats.setdefault(owner, beat) == beat:
-                silent.append(owner)
-        if silent and not self._waited:
-            log.info(
-                "%s: before ending, waiting to hear from partition owner(s) %s",
-                self.name,
-                ", ".join(silent),
-            )
-        self._waited = self._waited or bool(silent)
-        return silent
 
     def _take(self, name: str, path: Path) -> None:
         key = self.process.keys.source_lock(self.group, self.name, name)

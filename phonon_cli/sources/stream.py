@@ -226,10 +226,16 @@ class StreamSource(ThreadedSource):
     def _at_end(self, out: queue.Queue[Chunk], client: redis.Redis, tick_s: float) -> bool:
         """Without ``--follow``, once nothing new is left: whether nothing is left to
         claim either (else claim a batch, or wait while another holds the claim lock:
-        a claimer that died claiming holds it for no longer than the dead timeout)."""
+        a claimer that died claiming holds it for no longer than the dead timeout),
+        nor pending on another member not heard from since (``Group.silent``): one
+        killed a moment ago counts as alive for three of its heartbeats, and its
+        entries are ours to claim once it is dead."""
         claimed, names = self._claim(client)
         if not claimed:
-            if not self._claim_busy:
+            holders = self._holders()
+            if not self._claim_busy and not self._members.silent(
+                holders, self.name, "the owner(s) of pending entries"
+            ):
                 return True
             self._stop.wait(tick_s)
         self._emit(out, claimed, tick_s, names)
@@ -407,6 +413,15 @@ class StreamSource(ThreadedSource):
         while line[-1] in parents and parents[line[-1]] not in line:
             line.append(parents[line[-1]])
         return tuple(line)
+
+    def _holders(self) -> list[str]:
+        """The other processes with entries pending on a consumer of theirs."""
+        try:
+            consumers = self.process.client.xinfo_consumers(self.key, self.group)
+        except redis.ResponseError:  # no group yet
+            return []
+        owners = {c["name"].partition("~")[0] for c in consumers if c["pending"]}
+        return sorted(owners - {self._me})
 
     def _dead_consumers(self) -> list[str]:
         """The group's consumers whose process (the id their name starts with) is dead."""
