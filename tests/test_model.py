@@ -41,7 +41,13 @@ from hypothesis.stateful import (
 from phonon_cli import faults
 from phonon_cli.core import recovery
 from phonon_cli.core.process import Process
-from phonon_cli.core.reference import Release, Taken, acquire_many, release_many
+from phonon_cli.core.reference import (
+    Release,
+    Taken,
+    acquire_many,
+    release_many,
+    send_release_many,
+)
 from phonon_cli.core.update import Update, execute_taken
 from phonon_cli.exceptions import Fenced
 from phonon_cli.ops.status import Status, render
@@ -225,6 +231,31 @@ class Fencing(RuleBasedStateMachine):
     def leave_more(self, pick: int) -> None:
         """The same, twice as likely: ending sessions is where sets are taken."""
         self.leave(pick, "end", False)
+
+    @precondition(lambda self: self.holding())
+    @rule(pick=st.integers(0, 99), lost_reply=st.booleans())
+    def leave_alone(self, pick: int, lost_reply: bool) -> None:
+        """The run loop's way: the sole holder's release first (RELEASE_ALONE), which
+        leaves the key only if nobody else holds it and no partial waits; else the
+        key is left untouched and goes the full way."""
+        slots = self.holding()
+        slot = slots[pick % len(slots)]
+        key = sorted(slot.memory)[pick % len(slot.memory)]
+        u = slot.memory[key]
+        faults.plan("lost-reply:drop" if lost_reply else "")
+        try:
+            _, (left,) = send_release_many(slot.process, [], alone=[u.resource])()
+        finally:
+            faults.plan("")
+        m = self.model
+        alone = not (m.holders[key] - {slot.process.id}) and not m.deposited.get(key, 0)
+        assert left == alone
+        if not left:
+            self.leave_key(slot, key, "end", False)
+            return
+        del slot.memory[key]
+        m.holders[key].discard(slot.process.id)
+        slot.taken.append((u, Taken(u.kind, "", [], ("", "")), u.doc["c"]))
 
     @precondition(lambda self: any(s.dead and s.memory for s in self.slots))
     @rule(pick=st.integers(0, 99), mode=st.sampled_from(["end", "cache"]))

@@ -488,3 +488,70 @@ def test_a_batch_is_sent_without_waiting_for_its_reply(tmp_path: Path) -> None:
     finally:
         process.stop()
         server.stop()
+
+
+def test_a_sole_holder_leaves_its_keys_in_two_redis_calls_each_and_the_rest_the_full_way(
+    tmp_path: Path,
+) -> None:
+    """Keys only this worker holds, with nothing deposited, leave the sole holder's way
+    (RELEASE_ALONE: two redis.calls a key inside the script, where RELEASE made six)
+    and are written; in the same batch a key another worker holds is deposited for it,
+    and a key with a partial waiting is taken and written with it: exact totals.
+    On main the 100 lone keys cost 6 calls each (SREM, HDEL, HLEN, TYPE, HGET, DEL)."""
+    import redis as redis_py
+
+    from phonon_cli.core.process import Process
+    from phonon_cli.core.update import end_sessions
+    from phonon_cli.run.loop import Batcher
+    from phonon_cli.sinks.sql import Counter as SqlCounter
+    from phonon_cli.store.connection import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "home")
+    url = server.ensure_running()
+    mine = Process(redis_url=url, namespace="alone")
+    other = Process(redis_url=url, namespace="alone")
+    db = tmp_path / "w.db"
+
+    def counter(p: Process, key: str, n: int) -> SqlCounter:
+        return SqlCounter(
+            p,
+            key,
+            database=f"sqlite:///{db}",
+            collection="w",
+            spec={"k": key},
+            doc={"n": n},
+            acquire=False,
+        )
+
+    try:
+        lone = [counter(mine, f"lone{i}", 1) for i in range(100)]
+        shared, waiting = counter(mine, "shared", 10), counter(mine, "waiting", 100)
+        batcher = Batcher(mine, max_keys=1000, max_age_s=60)
+        for u in [*lone, shared, waiting]:
+            batcher.add_acquire(u)
+        batcher.send()
+        batcher.wait()
+        held = counter(other, "shared", 1000)
+        left = counter(other, "waiting", 10000)
+        end_sessions([], acquire=[held, left])
+        end_sessions([left], mode="cache")  # a partial waits for the last holder
+        monitor = redis_py.Redis(unix_socket_path=str(server.socket_path))
+        monitor.config_resetstat()
+        batcher.add_release(lone)
+        batcher.send()
+        batcher.wait()
+        stats = monitor.info("commandstats")
+        calls = sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha",))
+        assert calls <= 2 * len(lone) + 20, stats  # (and a heartbeat or two)
+        batcher.add_release([shared, waiting])
+        batcher.send()
+        batcher.wait()
+        end_sessions([held])  # the last holder of "shared" takes what mine deposited
+        with sqlite3.connect(db) as conn:
+            rows = dict(conn.execute("SELECT k, n FROM w"))
+        assert rows == {**{f"lone{i}": 1 for i in range(100)}, "shared": 1010, "waiting": 10100}
+        monitor.close()
+    finally:
+        mine.stop()
+        other.stop()
+        server.stop()

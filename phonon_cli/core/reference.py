@@ -138,14 +138,28 @@ def release_many(
 ) -> list[Taken | None]:
     """Leave many resources (and take others) in one round trip: ``send_release_many``,
     waited for."""
-    return send_release_many(process, releases, acquire)()
+    return send_release_many(process, releases, acquire)()[0]
+
+
+Reply = Callable[[], "tuple[list[Taken | None], list[bool]]"]
+"""Reads a batch's reply (``send_release_many``): what each release took, and
+whether each resource tried ``alone`` was left."""
 
 
 def send_release_many(
-    process: Process, releases: Sequence[Release], acquire: Sequence[str] = ()
-) -> Callable[[], list[Taken | None]]:
+    process: Process,
+    releases: Sequence[Release],
+    acquire: Sequence[str] = (),
+    alone: Sequence[str] = (),
+) -> Reply:
     """Leave many resources (and take others) in one round trip, written now; the
     function returned reads the reply (``scripts.send``).
+
+    ``alone`` names resources to leave first the sole holder's way
+    (``scripts.RELEASE_ALONE``: mode "end", no marks, not on a cluster): each is
+    left, with nothing to take, if nobody else holds it and no partial waits;
+    any other is left untouched, for a ``release_many`` of its own. None of them
+    may be among ``releases`` or ``acquire``.
 
     Each is left atomically with its deposit (the invariant). ``acquire`` names
     resources to take references on in the same round trip, after the
@@ -161,8 +175,8 @@ def send_release_many(
         Fenced: this process was declared dead; nothing at all was applied
             (every script of the pipeline checks, and the check cannot pass again).
     """
-    if not releases and not acquire:
-        return lambda: []
+    if not releases and not acquire and not alone:
+        return lambda: ([], [])
     now = process.clock()
     pid = process.id
     resource_keys = []
@@ -173,23 +187,54 @@ def send_release_many(
         resource_keys.append(rk)
     chunks = range(0, len(releases), defaults.BATCH_MAX_KEYS)
     fence = _own_keys(process, marks=True)
-    ids = process.batch_ids(len(chunks) + _calls(len(acquire)))
+    lone = _calls(len(alone))
+    ids = process.batch_ids(lone + len(chunks) + _calls(len(acquire)))
 
     def build(pipe: Pipeline) -> None:
+        if alone:
+            _queue_alone(pipe, process, alone, now, ids[:lone])
         for call, start in enumerate(chunks):
             keys: list[str] = list(fence)
-            args: list[Any] = [pid, now, *ids[call]]
+            args: list[Any] = [pid, now, *ids[lone + call]]
             end = start + defaults.BATCH_MAX_KEYS
             for rel, rk in zip(releases[start:end], resource_keys[start:end]):
                 keys += [rk.nodes, rk.meta, rk.partials, *rel.exec_keys, rk.seen]
                 args += [rel.mode, rel.kind, rel.recipe, rel.payload, rel.resource, rel.marks]
             scripts.queue(pipe, scripts.RELEASE, keys, args)
         if acquire:
-            _queue_acquire(pipe, process, acquire, [False] * len(acquire), now, ids[len(chunks) :])
+            _queue_acquire(
+                pipe, process, acquire, [False] * len(acquire), now, ids[lone + len(chunks) :]
+            )
 
-    op = "release" if releases else "acquire"
+    op = "release" if releases or alone else "acquire"
     pending = scripts.send(process.client, build, process.store_timeout_s, op=op)
-    return lambda: _taken(process, releases, pending()[: len(chunks)])
+
+    def reply() -> tuple[list[Taken | None], list[bool]]:
+        results = pending()
+        left = [flag == "1" for result in results[:lone] for flag in scripts.answers(result)]
+        return _taken(process, releases, results[lone : lone + len(chunks)]), left
+
+    return reply
+
+
+def _queue_alone(
+    pipe: Pipeline,
+    process: Process,
+    resources: Sequence[str],
+    now: int,
+    ids: Sequence[tuple[str, str]],
+) -> None:
+    """RELEASE_ALONE calls for ``resources`` (see ``send_release_many``)."""
+    pid = process.id
+    fence = _own_keys(process, marks=False)
+    holding = process.keys.holding
+    for call, start in enumerate(range(0, len(resources), defaults.BATCH_MAX_KEYS)):
+        keys: list[str] = list(fence)
+        args: list[Any] = [pid, now, *ids[call]]
+        for resource in resources[start : start + defaults.BATCH_MAX_KEYS]:
+            keys += holding(resource)
+            args.append(resource)
+        scripts.queue(pipe, scripts.RELEASE_ALONE, keys, args)
 
 
 def _taken(process: Process, releases: Sequence[Release], results: list[Any]) -> list[Taken | None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import time
@@ -14,7 +15,7 @@ import orjson
 from .. import defaults, faults, telemetry
 from ..exceptions import EventError, Fenced, OutputClosed, SerializationError
 from ..poison import add_sums
-from ..store.connection import public_url
+from ..store.connection import is_cluster, public_url
 from . import quarantine
 from .reference import (
     Kind,
@@ -453,28 +454,60 @@ def end_sessions(
 
 
 def send_end_sessions(
-    updates: Sequence[Update], mode: Mode | None = None, acquire: Sequence[Update] = ()
-) -> Callable[[], list[bool]]:
+    updates: Sequence[Update],
+    mode: Mode | None = None,
+    acquire: Sequence[Update] = (),
+    alone: list[int] | None = None,
+) -> Callable[[], list[Update]]:
     """``end_sessions`` in two steps, for updates (and acquires) of one process: the
     batch is written to Redis now; the function returned reads its reply, then
-    executes what was taken (True where executed). The run loop handles the next
-    events in between, while Redis runs the batch. Call it before sending the next
-    batch: one batch in flight at a time keeps each key's leaving and taking again
-    in order."""
-    if not updates:
-        if not acquire:
-            return lambda: []
-        taking = send_release_many(acquire[0].process, [], [u.resource for u in acquire])
+    executes what was taken. The run loop handles the next events in between,
+    while Redis runs the batch. Call it before sending the next batch: one batch
+    in flight at a time keeps each key's leaving and taking again in order.
 
-        def taken() -> list[bool]:
-            taking()
-            return []
+    ``alone`` ([tried, not left], counts to add to; None: not at all): each
+    update that can is first tried the sole holder's way (``RELEASE_ALONE``:
+    not forced, no marks, not acquired again nor twice in the batch, not on a
+    cluster). The function returns those that were not left that way (others
+    hold them, or partials wait): end their sessions with ``end_sessions``.
 
-        return taken
-    process = updates[0].process
-    releases, unfit = _releases(process, updates, mode)
-    pending = send_release_many(process, releases, [u.resource for u in acquire])
-    return lambda: _after_release(process, updates, releases, unfit, pending())
+    Raises (the function):
+        Fenced: nothing of the batch was applied.
+    """
+    names = [u.resource for u in acquire]
+    first = updates[0] if updates else acquire[0] if acquire else None
+    if first is None:
+        return lambda: []
+    process = first.process
+    rest: list[int] = list(range(len(updates)))
+    trying: list[int] = []
+    if alone is not None and mode is None and updates and not is_cluster(process.client):
+        resources = [u.resource for u in updates]
+        busy = set(names)
+        if len(set(resources)) < len(resources):  # twice in the batch: the full way
+            busy.update(r for r, n in collections.Counter(resources).items() if n > 1)
+        rest, trying = [], []
+        for i, u in enumerate(updates):
+            fits = not u._force and u.highest is None and resources[i] not in busy
+            (trying if fits else rest).append(i)
+    full = [updates[i] for i in rest]
+    releases, unfit = _releases(process, full, mode) if full else ([], 0)
+    pending = send_release_many(process, releases, names, [updates[i].resource for i in trying])
+
+    def reply() -> list[Update]:
+        taken, left = pending()
+        done = [updates[i] for i, ok in zip(trying, left) if ok]
+        missed = [updates[i] for i, ok in zip(trying, left) if not ok]
+        if alone is not None:
+            alone[0] += len(trying)
+            alone[1] += len(missed)
+        got: list[Taken | None] = [*taken, *(Taken(u.kind, "", [], ("", "")) for u in done)]
+        rels: list[Release | None] = [*releases, *([None] * len(done))]
+        if full or done:
+            _after_release(process, [*full, *done], rels, unfit, got)
+        return missed
+
+    return reply
 
 
 def _end_sessions(
@@ -490,11 +523,12 @@ def _end_sessions(
 def _after_release(
     process: Process,
     updates: Sequence[Update],
-    releases: list[Release],
+    releases: Sequence[Release | None],
     unfit: int,
-    taken: list[Taken | None],
+    taken: Sequence[Taken | None],
 ) -> list[bool]:
-    """Merge what each release took, and execute (``_end_sessions``)."""
+    """Merge what each release took, and execute (``_end_sessions``). A release of
+    None left its resource alone (``send_end_sessions``): it took nothing."""
     ready = []
     for update, release, got in zip(updates, releases, taken):
         if got is None:
@@ -504,6 +538,7 @@ def _after_release(
         except Exception as e:  # noqa: BLE001 - a bad partial must not lose the others
             log.error("%s: cannot merge cached partials (%s); left in redis", update.resource, e)
             update.error = e
+            assert release is not None  # one that left alone took nothing to merge
             back = [
                 *put_back(update.resource, got),
                 Release(update.resource, "cache", update.kind, release.recipe, release.payload),

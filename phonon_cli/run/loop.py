@@ -163,8 +163,12 @@ class Batcher:
         self.first_at: float | None = None
         self.mode: Mode | None = None
         """None: execute as last holder; "cache": deposit everything (fast shutdown)."""
-        self.in_flight: tuple[Callable[[], list[bool]], list[Update], Mode | None] | None = None
+        self.in_flight: tuple[Callable[[], list[Update]], list[Update], Mode | None] | None = None
         """The batch sent whose reply is not read yet: its reply reader, releases, mode."""
+        self.alone = [0, 0]
+        """Of the last batch's releases tried the sole holder's way, how many, and how
+        many were not left so (``send_end_sessions``)."""
+        self._batches = 0
         self.sent_at = 0.0
         """When it was sent (monotonic)."""
 
@@ -202,7 +206,8 @@ class Batcher:
         self.acquire, self.release, self.first_at = [], [], None
         mode = mode or self.mode
         try:
-            self.in_flight = (send_end_sessions(release, mode, acquire), release, mode)
+            reply = send_end_sessions(release, mode, acquire, self._alone())
+            self.in_flight = (reply, release, mode)
             self.sent_at = time.monotonic()
         except Fenced:  # refused before the batch was sent (a quarantine)
             if self.on_fenced is None:
@@ -216,13 +221,31 @@ class Batcher:
         reply, release, mode = self.in_flight
         self.in_flight = None
         try:
-            reply()
+            missed = reply()
         except Fenced:
             if self.on_fenced is None:
                 raise
             self._resend(release, mode)
             return
+        if missed:  # others hold them, or left partials: the full way
+            try:
+                end_sessions(missed, mode=mode)
+            except Fenced:
+                if self.on_fenced is None:
+                    raise
+                self._resend(missed, mode)  # the rest of the batch was applied
         Watermarks.sent(release)
+
+    def _alone(self) -> list[int] | None:
+        """Whether to try this batch's releases the sole holder's way first: while
+        it leaves most of them (a worker alone on its keys); else once in 16
+        batches, to notice when it would again. Fresh counts, or None."""
+        tried, missed = self.alone
+        self._batches += 1
+        if tried and 2 * missed > tried and self._batches % 16:
+            return None
+        self.alone = [0, 0]
+        return self.alone
 
     def _resend(self, release: list[Update], mode: Mode | None) -> None:
         """After Redis refused a batch because this process was declared dead."""

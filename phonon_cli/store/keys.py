@@ -88,6 +88,12 @@ class Keys:
             base=base,
         )
 
+    def holding(self, resource: str) -> tuple[str, str, str]:
+        """``resource(resource)``'s nodes, meta and partials, and nothing else: the
+        sole holder's release (``scripts.RELEASE_ALONE``) needs only these, per key."""
+        base = f"{self.namespace}:ref:{{{resource}}}"
+        return f"{base}:nodes", f"{base}:meta", f"{base}:partials"
+
     def resource_of(self, key: str) -> str | None:
         """The resource named by one of its keys, or None for any other key."""
         prefix = f"{self.namespace}:ref:{{"

@@ -471,6 +471,52 @@ if head >= 3 then each_chunk('SREM', KEYS[2], leaving) end
 return remember(replies, out)
 """
 
+RELEASE_ALONE_LUA = """
+-- The sole holder's way out (the run loop's fast path): leave each resource that
+-- nobody else holds and that holds no partial, in one step, depositing and taking
+-- nothing; leave every other untouched, for RELEASE. What this caller leaves so
+-- was only ever in its memory: it writes it with no execution id (RELEASE would
+-- have taken an empty set, kept nothing in Redis and answered the same). Only for
+-- releases with no marks to record (sources that replay nothing) and not forced.
+-- It needs three keys and one argument per resource, where RELEASE needs six and
+-- six, and two redis.calls where RELEASE makes four: each costs Redis more than
+-- the work it does.
+-- KEYS[1] the process registry (fencing: see FENCE), KEYS[2] the caller's held set,
+--   KEYS[3] its replies (lost replies: see FENCE), then 3 per resource: nodes, meta,
+--   partials
+-- ARGV[1] process id, ARGV[2] now (epoch ms, unused), ARGV[3] slot, ARGV[4] batch
+--   id, then 1 per resource: its name (for the held set)
+-- Returns a JSON string of one character per resource: "1" left (alone, nothing
+--   to take), "0" nothing done. Not on a Redis Cluster (whether a resource leaves
+--   the held set is known only here; there FENCE_HELD keeps it).
+local pid = ARGV[1]
+if not redis.call('ZSCORE', KEYS[1], pid) then
+  return redis.error_reply(FENCED .. pid)
+end
+local again = replayed(KEYS[3])
+if again then return again end
+local flags, gone, leaving = {}, {}, {}
+for i = 0, (#KEYS - 3) / 3 - 1 do
+  local k = 3 + i * 3
+  local holders = redis.call('HKEYS', KEYS[k+1])
+  if (#holders == 0 or (#holders == 1 and holders[1] == pid))
+      and redis.call('EXISTS', KEYS[k+3]) == 0 then
+    gone[#gone + 1] = KEYS[k+1]
+    gone[#gone + 1] = KEYS[k+2]
+    leaving[#leaving + 1] = ARGV[5 + i]
+    flags[i + 1] = '1'
+  else
+    flags[i + 1] = '0'
+  end
+end
+-- (deleted after the loop, a thousand a call: nothing here writes them again)
+for first = 1, #gone, 1000 do
+  redis.call('DEL', unpack(gone, first, math.min(first + 999, #gone)))
+end
+each_chunk('SREM', KEYS[2], leaving)
+return remember(KEYS[3], table.concat(flags))
+"""
+
 QUARANTINE_LUA = """
 -- Set aside aggregates that can never be merged or written, in the same step that
 -- forgets what they were taken from: never both quarantined and still waiting.
@@ -839,6 +885,7 @@ FENCE_HELD_LUA = FENCE_LUA + FENCE_HELD_LUA
 
 ACQUIRE = Script(None, ACQUIRE_LUA.encode())  # type: ignore[arg-type]
 RELEASE = Script(None, RELEASE_LUA.encode())  # type: ignore[arg-type]
+RELEASE_ALONE = Script(None, (FENCE_LUA + RELEASE_ALONE_LUA).encode())  # type: ignore[arg-type]
 RECOVER = Script(None, RECOVER_LUA.encode())  # type: ignore[arg-type]
 QUARANTINE = Script(None, (FENCE_LUA + QUARANTINE_LUA).encode())  # type: ignore[arg-type]
 UNQUARANTINE = Script(None, (MERGE_LUA + UNQUARANTINE_LUA).encode())  # type: ignore[arg-type]
@@ -862,6 +909,7 @@ ALL = (
     DECLARE_DEAD,
     FENCE_HELD,
     CLAIM,
+    RELEASE_ALONE,
 )
 
 FENCED_ERROR = "PHONON_FENCED"
@@ -892,6 +940,8 @@ def answers(reply: Any) -> list[Any]:
     FENCE_LUA's ``remember``). An empty answer reads as ``{}``, which is falsy."""
     if isinstance(reply, (str, bytes)):
         decoded = orjson.loads(reply)
+        if isinstance(decoded, str):  # RELEASE_ALONE: a character per resource
+            return list(decoded)
         return decoded if isinstance(decoded, list) else []
     return list(reply)
 
